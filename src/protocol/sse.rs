@@ -1,0 +1,1 @@
+//! Server-Sent Events encoding (filled in with the SSE transport).

@@ -1,0 +1,325 @@
+//! The server side of one WebSocket connection as a state machine: bytes in, events out.
+//!
+//! [`WsConn::handle_input`] takes whatever the socket produced (any split, any number of
+//! frames), unmasks in place, reassembles fragmented messages, validates UTF-8 and limits, and
+//! calls back with each complete [`WsEvent`]. Partial frames are copied into a small carry-over
+//! buffer that is freed again once empty, so an idle connection holds no read buffer at all.
+
+use crate::protocol::error::WsError;
+use crate::protocol::ws::frame::{apply_mask, parse_header, OpCode};
+
+/// One complete inbound event. Borrowed data is valid only during the callback.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WsEvent<'a> {
+    /// A complete text message, already checked to be UTF-8.
+    Text(&'a [u8]),
+    /// A complete binary message.
+    Binary(&'a [u8]),
+    /// A ping: the driver answers with a pong carrying the same payload.
+    Ping(&'a [u8]),
+    /// A pong (ignored beyond counting as activity).
+    Pong,
+    /// The peer started or answered the closing handshake. The code is 1005 when absent.
+    Close { code: u16, reason: &'a str },
+}
+
+/// Per-connection WebSocket state.
+#[derive(Debug, Default)]
+pub struct WsConn {
+    /// Bytes of an incomplete frame carried over from the previous read. Empty (and without an
+    /// allocation) whenever the last read ended on a frame boundary.
+    carry: Vec<u8>,
+    /// A fragmented message being reassembled: its opcode and payload so far.
+    partial: Option<(OpCode, Vec<u8>)>,
+    /// Set once a close frame was received; later input is ignored.
+    closed: bool,
+}
+
+/// Limits a [`WsConn`] enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct WsLimits {
+    /// Largest single frame payload accepted.
+    pub max_frame: usize,
+    /// Largest reassembled message accepted.
+    pub max_message: usize,
+}
+
+impl WsConn {
+    /// A fresh connection state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes currently held between reads (for memory accounting and tests).
+    pub fn buffered(&self) -> usize {
+        self.carry.capacity() + self.partial.as_ref().map_or(0, |p| p.1.capacity())
+    }
+
+    /// Whether a close frame has been received.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Feeds bytes read from the socket. `input` is used as scratch (unmasked in place).
+    ///
+    /// Calls `on_event` once per complete event, in order. An error means the connection must
+    /// be closed with [`WsError::close_code`]; events before the error were already delivered.
+    pub fn handle_input(
+        &mut self,
+        input: &mut [u8],
+        limits: WsLimits,
+        mut on_event: impl FnMut(WsEvent<'_>),
+    ) -> Result<(), WsError> {
+        if self.closed {
+            return Ok(());
+        }
+        if self.carry.is_empty() {
+            let used = self.process(input, limits, &mut on_event)?;
+            if used < input.len() {
+                self.carry.extend_from_slice(&input[used..]);
+            }
+            return Ok(());
+        }
+        let mut carry = std::mem::take(&mut self.carry);
+        carry.extend_from_slice(input);
+        let used = self.process(&mut carry, limits, &mut on_event);
+        let used = match used {
+            Ok(u) => u,
+            Err(e) => return Err(e),
+        };
+        if used < carry.len() {
+            carry.drain(..used);
+            if carry.capacity() > 4 * carry.len().max(1024) {
+                carry.shrink_to_fit();
+            }
+            self.carry = carry;
+        }
+        Ok(())
+    }
+
+    /// Processes as many whole frames from `buf` as it holds; returns the bytes consumed.
+    fn process(
+        &mut self,
+        buf: &mut [u8],
+        limits: WsLimits,
+        on_event: &mut impl FnMut(WsEvent<'_>),
+    ) -> Result<usize, WsError> {
+        let mut pos = 0;
+        while pos < buf.len() && !self.closed {
+            let Some((hdr, hlen)) = parse_header(&buf[pos..])? else { break };
+            let Some(mask) = hdr.mask else {
+                return Err(WsError::Protocol("client frames must be masked"));
+            };
+            if hdr.payload_len > limits.max_frame as u64 {
+                return Err(WsError::TooBig { size: hdr.payload_len, limit: limits.max_frame });
+            }
+            let len = hdr.payload_len as usize;
+            if buf.len() - pos - hlen < len {
+                break;
+            }
+            let start = pos + hlen;
+            let payload = &mut buf[start..start + len];
+            apply_mask(payload, mask, 0);
+            pos = start + len;
+            self.frame(hdr.fin, hdr.opcode, payload, limits, on_event)?;
+        }
+        Ok(pos)
+    }
+
+    fn frame(
+        &mut self,
+        fin: bool,
+        opcode: OpCode,
+        payload: &[u8],
+        limits: WsLimits,
+        on_event: &mut impl FnMut(WsEvent<'_>),
+    ) -> Result<(), WsError> {
+        match opcode {
+            OpCode::Ping => on_event(WsEvent::Ping(payload)),
+            OpCode::Pong => on_event(WsEvent::Pong),
+            OpCode::Close => {
+                self.closed = true;
+                let (code, reason) = parse_close(payload)?;
+                on_event(WsEvent::Close { code, reason });
+            }
+            OpCode::Text | OpCode::Binary => {
+                if self.partial.is_some() {
+                    return Err(WsError::Protocol("new data frame inside a fragmented message"));
+                }
+                if fin {
+                    deliver(opcode, payload, on_event)?;
+                } else {
+                    self.partial = Some((opcode, payload.to_vec()));
+                }
+            }
+            OpCode::Continuation => {
+                let Some((op, mut data)) = self.partial.take() else {
+                    return Err(WsError::Protocol("continuation frame without a message"));
+                };
+                let size = data.len() + payload.len();
+                if size > limits.max_message {
+                    return Err(WsError::TooBig { size: size as u64, limit: limits.max_message });
+                }
+                data.extend_from_slice(payload);
+                if fin {
+                    deliver(op, &data, on_event)?;
+                } else {
+                    self.partial = Some((op, data));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn deliver(
+    opcode: OpCode,
+    data: &[u8],
+    on_event: &mut impl FnMut(WsEvent<'_>),
+) -> Result<(), WsError> {
+    if opcode == OpCode::Text {
+        if std::str::from_utf8(data).is_err() {
+            return Err(WsError::InvalidUtf8);
+        }
+        on_event(WsEvent::Text(data));
+    } else {
+        on_event(WsEvent::Binary(data));
+    }
+    Ok(())
+}
+
+fn parse_close(payload: &[u8]) -> Result<(u16, &str), WsError> {
+    match payload.len() {
+        0 => Ok((1005, "")),
+        1 => Err(WsError::Protocol("close frame with a 1-byte payload")),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            let valid = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            if !valid {
+                return Err(WsError::Protocol("invalid close code"));
+            }
+            let reason = std::str::from_utf8(&payload[2..]).map_err(|_| WsError::InvalidUtf8)?;
+            Ok((code, reason))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: WsLimits = WsLimits { max_frame: 1 << 16, max_message: 1 << 17 };
+
+    fn masked(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        match payload.len() {
+            0..=125 => v.push(0x80 | payload.len() as u8),
+            126..=0xffff => {
+                v.push(0x80 | 126);
+                v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+            }
+            _ => {
+                v.push(0x80 | 127);
+                v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+            }
+        }
+        v.extend_from_slice(&mask);
+        let mut p = payload.to_vec();
+        apply_mask(&mut p, mask, 0);
+        v.extend_from_slice(&p);
+        v
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Ev {
+        Text(String),
+        Bin(Vec<u8>),
+        Ping(Vec<u8>),
+        Pong,
+        Close(u16, String),
+    }
+
+    fn feed(ws: &mut WsConn, bytes: &[u8]) -> (Vec<Ev>, Result<(), WsError>) {
+        let mut out = Vec::new();
+        let mut b = bytes.to_vec();
+        let r = ws.handle_input(&mut b, LIMITS, |e| {
+            out.push(match e {
+                WsEvent::Text(t) => Ev::Text(String::from_utf8(t.to_vec()).unwrap()),
+                WsEvent::Binary(b) => Ev::Bin(b.to_vec()),
+                WsEvent::Ping(p) => Ev::Ping(p.to_vec()),
+                WsEvent::Pong => Ev::Pong,
+                WsEvent::Close { code, reason } => Ev::Close(code, reason.to_string()),
+            })
+        });
+        (out, r)
+    }
+
+    #[test]
+    fn whole_and_split_frames() {
+        let mut stream = masked(true, 1, b"hello");
+        stream.extend(masked(true, 2, &[1, 2, 3]));
+        stream.extend(masked(true, 9, b"p"));
+        let expect = vec![Ev::Text("hello".into()), Ev::Bin(vec![1, 2, 3]), Ev::Ping(b"p".to_vec())];
+        // Every split point gives the same events.
+        for cut in 0..stream.len() {
+            let mut ws = WsConn::new();
+            let (mut a, r1) = feed(&mut ws, &stream[..cut]);
+            let (b, r2) = feed(&mut ws, &stream[cut..]);
+            r1.unwrap();
+            r2.unwrap();
+            a.extend(b);
+            assert_eq!(a, expect, "cut at {cut}");
+            assert_eq!(ws.buffered(), 0, "carry freed after cut {cut}");
+        }
+    }
+
+    #[test]
+    fn fragmented_with_interleaved_ping() {
+        let mut s = masked(false, 1, b"hel");
+        s.extend(masked(true, 9, b""));
+        s.extend(masked(false, 0, b"lo "));
+        s.extend(masked(true, 0, "wörld".as_bytes()));
+        let (ev, r) = feed(&mut WsConn::new(), &s);
+        r.unwrap();
+        assert_eq!(ev, vec![Ev::Ping(vec![]), Ev::Text("hello wörld".into())]);
+    }
+
+    #[test]
+    fn errors_map_to_close_codes() {
+        let unmasked = [0x81u8, 0x02, b'h', b'i'];
+        assert_eq!(feed(&mut WsConn::new(), &unmasked).1.unwrap_err().close_code().as_u16(), 1002);
+        let bad_utf8 = masked(true, 1, &[0xff, 0xfe]);
+        assert_eq!(feed(&mut WsConn::new(), &bad_utf8).1.unwrap_err().close_code().as_u16(), 1007);
+        let big = masked(true, 2, &vec![0u8; LIMITS.max_frame + 1]);
+        assert_eq!(feed(&mut WsConn::new(), &big[..14]).1.unwrap_err().close_code().as_u16(), 1009);
+        let orphan = masked(true, 0, b"x");
+        assert_eq!(feed(&mut WsConn::new(), &orphan).1.unwrap_err().close_code().as_u16(), 1002);
+        let mut two = masked(false, 1, b"a");
+        two.extend(masked(true, 1, b"b"));
+        assert_eq!(feed(&mut WsConn::new(), &two).1.unwrap_err().close_code().as_u16(), 1002);
+    }
+
+    #[test]
+    fn message_limit_over_fragments() {
+        let chunk = vec![b'a'; 60_000];
+        let mut s = masked(false, 1, &chunk);
+        s.extend(masked(false, 0, &chunk));
+        s.extend(masked(true, 0, &chunk));
+        let (_, r) = feed(&mut WsConn::new(), &s);
+        assert_eq!(r.unwrap_err().close_code().as_u16(), 1009);
+    }
+
+    #[test]
+    fn close_parsing() {
+        let mut p = 1000u16.to_be_bytes().to_vec();
+        p.extend_from_slice(b"bye");
+        let (ev, r) = feed(&mut WsConn::new(), &masked(true, 8, &p));
+        r.unwrap();
+        assert_eq!(ev, vec![Ev::Close(1000, "bye".into())]);
+        let (ev, _) = feed(&mut WsConn::new(), &masked(true, 8, &[]));
+        assert_eq!(ev, vec![Ev::Close(1005, String::new())]);
+        let bad = 999u16.to_be_bytes();
+        assert!(feed(&mut WsConn::new(), &masked(true, 8, &bad)).1.is_err());
+    }
+}
