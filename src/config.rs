@@ -1,1 +1,345 @@
-//! placeholder
+//! Configuration: command-line flags and `CORECAST_*` environment variables, parsed once at
+//! start into a validated, immutable [`Config`]. A bad value is a clear error message and exit
+//! code 2, never a panic.
+//!
+//! Every flag documents its default and trade-off; the README's configuration table is the
+//! user-facing copy of these docs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Raw flags as the user typed them (`RawConfig` → [`Config`] is "parse, don't validate").
+#[derive(Debug, Parser)]
+#[command(
+    name = "corecast",
+    version,
+    about = "Thread-per-core realtime server (WebSocket + SSE) for Postgres-backed apps"
+)]
+pub struct RawConfig {
+    /// Address to listen on (HTTP, WebSocket and SSE share it).
+    #[arg(long, env = "CORECAST_LISTEN", default_value = "127.0.0.1:4000")]
+    pub listen: SocketAddr,
+
+    /// Number of shards (one pinned executor each). Default: one per CPU, one fewer when the
+    /// Postgres ingest core runs (at least 1).
+    #[arg(long, env = "CORECAST_SHARDS")]
+    pub shards: Option<usize>,
+
+    /// CPUs to pin shards to, e.g. `0,2` or `0-3` (default: CPUs 0..shards). The Postgres
+    /// ingest thread takes the next CPU after the shards' when there is one.
+    #[arg(long, env = "CORECAST_CPUS")]
+    pub cpus: Option<String>,
+
+    /// HS256 secret for apikeys and access tokens. Unset: development mode (any apikey is
+    /// accepted; every private join is allowed).
+    #[arg(long, env = "CORECAST_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Postgres URL (also read from `DATABASE_URL`). Enables Postgres changes.
+    #[arg(long, env = "CORECAST_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Publication to stream changes from (created `FOR ALL TABLES` if missing).
+    #[arg(long, env = "CORECAST_PUBLICATION", default_value = "corecast")]
+    pub publication: String,
+
+    /// Logical replication slot (created if missing).
+    #[arg(long, env = "CORECAST_SLOT", default_value = "corecast")]
+    pub slot: String,
+
+    /// Directory for the durable history log.
+    #[arg(long, env = "CORECAST_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Largest WebSocket frame payload accepted (bytes); larger closes with 1009.
+    #[arg(long, env = "CORECAST_MAX_FRAME_BYTES", default_value_t = 1 << 20)]
+    pub max_frame_bytes: usize,
+
+    /// Largest reassembled WebSocket message and REST body accepted (bytes).
+    #[arg(long, env = "CORECAST_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Channels one connection may join at once (more: `ChannelRateLimitReached`).
+    #[arg(
+        long,
+        env = "CORECAST_MAX_CHANNELS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub max_channels_per_connection: usize,
+
+    /// Bytes queued for one connection before it counts as a slow consumer and is closed with
+    /// 1008. Larger tolerates longer stalls per subscriber at the cost of memory under stalls.
+    #[arg(long, env = "CORECAST_MAX_QUEUE_BYTES", default_value_t = 4 << 20)]
+    pub max_queue_bytes: usize,
+
+    /// Joins per second one connection may make (burst of the same size).
+    #[arg(long, env = "CORECAST_JOINS_PER_SECOND", default_value_t = 100)]
+    pub joins_per_second: u32,
+
+    /// Seconds without inbound data after which a WebSocket is closed (Phoenix: 60).
+    #[arg(long, env = "CORECAST_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+
+    /// Presence entries one channel may hold (more tracks are refused).
+    #[arg(long, env = "CORECAST_PRESENCE_MAX_ENTRIES", default_value_t = 20_000)]
+    pub presence_max_entries: usize,
+
+    /// Largest presence state one tracked entry may carry (JSON bytes).
+    #[arg(long, env = "CORECAST_PRESENCE_MAX_BYTES", default_value_t = 4096)]
+    pub presence_max_bytes: usize,
+
+    /// Presence track/untrack calls one connection may make per 30 s.
+    #[arg(long, env = "CORECAST_PRESENCE_CALLS_PER_30S", default_value_t = 10)]
+    pub presence_calls_per_30s: u32,
+
+    /// Window over which presence diffs are coalesced (milliseconds).
+    #[arg(long, env = "CORECAST_PRESENCE_DIFF_MS", default_value_t = 20)]
+    pub presence_diff_ms: u64,
+
+    /// Messages kept per topic in the recent window (resume) and the durable log.
+    #[arg(long, env = "CORECAST_HISTORY_MAX_MESSAGES", default_value_t = 1000)]
+    pub history_max_messages: usize,
+
+    /// Seconds a message stays in the recent window and durable history.
+    #[arg(long, env = "CORECAST_HISTORY_MAX_AGE_SECS", default_value_t = 72 * 3600)]
+    pub history_max_age_secs: u64,
+
+    /// Largest HTTP request head (bytes).
+    #[arg(long, env = "CORECAST_MAX_HEAD_BYTES", default_value_t = 16 << 10)]
+    pub max_head_bytes: usize,
+}
+
+/// Validated configuration, shared read-only by every shard.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub shards: usize,
+    /// CPU for each shard, `cpus[i]` for shard `i`.
+    pub cpus: Vec<usize>,
+    /// CPU for the Postgres ingest thread, if one is free.
+    pub ingest_cpu: Option<usize>,
+    pub jwt_secret: Option<String>,
+    pub database_url: Option<String>,
+    pub publication: String,
+    pub slot: String,
+    pub data_dir: PathBuf,
+    pub limits: Limits,
+}
+
+/// Limits, each documented on the corresponding [`RawConfig`] flag.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_message_bytes: usize,
+    pub max_channels_per_connection: usize,
+    pub max_queue_bytes: usize,
+    pub joins_per_second: u32,
+    pub idle_timeout: Duration,
+    pub presence_max_entries: usize,
+    pub presence_max_bytes: usize,
+    pub presence_calls_per_30s: u32,
+    pub presence_diff: Duration,
+    pub history_max_messages: usize,
+    pub history_max_age: Duration,
+    pub max_head_bytes: usize,
+}
+
+/// A configuration value that parsed but makes no sense.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--shards must be at least 1")]
+    ZeroShards,
+    #[error("--cpus `{0}` is not a CPU list like `0,2` or `0-3`")]
+    BadCpuList(String),
+    #[error("--cpus lists {listed} CPUs but {shards} shards need one each")]
+    TooFewCpus { listed: usize, shards: usize },
+    #[error("--{0} must be greater than 0")]
+    Zero(&'static str),
+    #[error("--max-frame-bytes ({frame}) cannot exceed --max-message-bytes ({message})")]
+    FrameOverMessage { frame: usize, message: usize },
+    #[error("--jwt-secret is empty; unset it for development mode")]
+    EmptySecret,
+    #[error("the database URL is empty")]
+    EmptyDatabaseUrl,
+}
+
+impl RawConfig {
+    /// Validates and derives the final configuration. `available_cpus` is the machine's count.
+    pub fn validate(self, available_cpus: usize) -> Result<Config, ConfigError> {
+        let database_url = self
+            .database_url
+            .or_else(|| std::env::var("DATABASE_URL").ok());
+        if database_url.as_deref().is_some_and(|u| u.trim().is_empty()) {
+            return Err(ConfigError::EmptyDatabaseUrl);
+        }
+        let listed = match &self.cpus {
+            Some(s) => Some(parse_cpu_list(s).ok_or_else(|| ConfigError::BadCpuList(s.clone()))?),
+            None => None,
+        };
+        let default_shards = {
+            let n = listed.as_ref().map_or(available_cpus, Vec::len);
+            if database_url.is_some() {
+                n.saturating_sub(1).max(1)
+            } else {
+                n.max(1)
+            }
+        };
+        let shards = self.shards.unwrap_or(default_shards);
+        if shards == 0 {
+            return Err(ConfigError::ZeroShards);
+        }
+        let (cpus, ingest_cpu) = match listed {
+            Some(l) => {
+                if l.len() < shards {
+                    return Err(ConfigError::TooFewCpus {
+                        listed: l.len(),
+                        shards,
+                    });
+                }
+                let ingest = l.get(shards).copied();
+                (l[..shards].to_vec(), ingest)
+            }
+            None => {
+                let cpus: Vec<usize> = (0..shards).map(|i| i % available_cpus.max(1)).collect();
+                let ingest = (shards < available_cpus).then_some(shards);
+                (cpus, ingest)
+            }
+        };
+        if self.jwt_secret.as_deref() == Some("") {
+            return Err(ConfigError::EmptySecret);
+        }
+        for (name, v) in [
+            ("max-frame-bytes", self.max_frame_bytes),
+            ("max-message-bytes", self.max_message_bytes),
+            (
+                "max-channels-per-connection",
+                self.max_channels_per_connection,
+            ),
+            ("max-queue-bytes", self.max_queue_bytes),
+            ("joins-per-second", self.joins_per_second as usize),
+            ("idle-timeout-secs", self.idle_timeout_secs as usize),
+            ("presence-max-entries", self.presence_max_entries),
+            ("presence-max-bytes", self.presence_max_bytes),
+            (
+                "presence-calls-per-30s",
+                self.presence_calls_per_30s as usize,
+            ),
+            ("history-max-messages", self.history_max_messages),
+            ("max-head-bytes", self.max_head_bytes),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.max_frame_bytes > self.max_message_bytes {
+            return Err(ConfigError::FrameOverMessage {
+                frame: self.max_frame_bytes,
+                message: self.max_message_bytes,
+            });
+        }
+        Ok(Config {
+            listen: self.listen,
+            shards,
+            cpus,
+            ingest_cpu,
+            jwt_secret: self.jwt_secret,
+            database_url,
+            publication: self.publication,
+            slot: self.slot,
+            data_dir: self.data_dir,
+            limits: Limits {
+                max_frame_bytes: self.max_frame_bytes,
+                max_message_bytes: self.max_message_bytes,
+                max_channels_per_connection: self.max_channels_per_connection,
+                max_queue_bytes: self.max_queue_bytes,
+                joins_per_second: self.joins_per_second,
+                idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+                presence_max_entries: self.presence_max_entries,
+                presence_max_bytes: self.presence_max_bytes,
+                presence_calls_per_30s: self.presence_calls_per_30s,
+                presence_diff: Duration::from_millis(self.presence_diff_ms),
+                history_max_messages: self.history_max_messages,
+                history_max_age: Duration::from_secs(self.history_max_age_secs),
+                max_head_bytes: self.max_head_bytes,
+            },
+        })
+    }
+}
+
+/// Parses `0,2,4-6` into `[0, 2, 4, 5, 6]`.
+pub fn parse_cpu_list(s: &str) -> Option<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                if a > b {
+                    return None;
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(args: &[&str]) -> RawConfig {
+        let mut v = vec!["corecast"];
+        v.extend_from_slice(args);
+        RawConfig::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = raw(&[]).validate(4).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:4000");
+        assert_eq!(c.shards, 4);
+        assert_eq!(c.limits.max_channels_per_connection, 100);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn database_takes_a_core() {
+        let c = raw(&["--database-url", "postgres://x"])
+            .validate(4)
+            .unwrap();
+        assert_eq!((c.shards, c.ingest_cpu), (3, Some(3)));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert_eq!(
+            raw(&["--shards", "0"]).validate(2).unwrap_err(),
+            ConfigError::ZeroShards
+        );
+        assert!(matches!(
+            raw(&["--cpus", "a"]).validate(2),
+            Err(ConfigError::BadCpuList(_))
+        ));
+        assert!(matches!(
+            raw(&["--shards", "3", "--cpus", "0,1"]).validate(2),
+            Err(ConfigError::TooFewCpus { .. })
+        ));
+        assert!(matches!(
+            raw(&["--max-frame-bytes", "10", "--max-message-bytes", "5"]).validate(2),
+            Err(ConfigError::FrameOverMessage { .. })
+        ));
+        assert!(RawConfig::try_parse_from(["corecast", "--listen", "nope"]).is_err());
+        assert!(RawConfig::try_parse_from(["corecast", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0,2,4-6"), Some(vec![0, 2, 4, 5, 6]));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list(""), None);
+    }
+}

@@ -1,1 +1,48 @@
-fn main() {}
+//! The `corecast` binary: parse the configuration, set up logging, run the shards.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use corecast::config::RawConfig;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let raw = RawConfig::parse();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cfg = match raw.validate(cpus) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cfg.jwt_secret.is_none() {
+        tracing::warn!(
+            "DEVELOPMENT MODE: no --jwt-secret / CORECAST_JWT_SECRET set. Every apikey is accepted \
+             and every private channel join is allowed. Do not expose this server."
+        );
+    }
+    let shards = cfg.shards;
+    let result = corecast::shard::boot::run(cfg, |addr| {
+        tracing::info!(%addr, shards, "ready");
+        // One machine-readable line on stdout, for scripts and the test harness.
+        println!("corecast listening on http://{addr} with {shards} shards");
+        let _ = std::io::stdout().flush();
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -50,7 +50,10 @@ pub fn write_u64(out: &mut Vec<u8>, v: u64) {
 }
 
 fn itoa_buf(mut v: u64) -> Digits {
-    let mut d = Digits { buf: [0; 20], start: 20 };
+    let mut d = Digits {
+        buf: [0; 20],
+        start: 20,
+    };
     if v == 0 {
         d.start -= 1;
         d.buf[d.start] = b'0';
@@ -92,7 +95,15 @@ mod tests {
 
     #[test]
     fn escapes_like_serde() {
-        for s in ["plain", "q\"uote", "back\\slash", "nl\n\t\r", "\u{1}\u{1f}", "ünï ☃", ""] {
+        for s in [
+            "plain",
+            "q\"uote",
+            "back\\slash",
+            "nl\n\t\r",
+            "\u{1}\u{1f}",
+            "ünï ☃",
+            "",
+        ] {
             assert_eq!(quote(s), serde_json::to_string(s).unwrap());
         }
     }

@@ -1,1 +1,638 @@
-//! placeholder
+//! The runtime: one glommio executor per core, each a [`Shard`] owning the connections it
+//! accepted, its local subscriber registry and the topics it owns.
+//!
+//! This is the only layer that ties the others together: the connection driver
+//! ([`conn`]) turns socket bytes into protocol actions and executes them against the shard's
+//! state; [`mesh`] carries [`mesh::ShardMsg`] between shards; [`boot`] starts everything.
+//!
+//! Data flow of a broadcast: a connection's `Publish` goes to the topic's owner shard (local
+//! call or mesh), which assigns the offset, encodes the message once per wire format in use
+//! ([`crate::channel::broadcast`]) and sends one `Deliver` per listening shard. Each shard
+//! appends the shared `Bytes` to its subscribers' outboxes and marks them dirty; the flusher
+//! task writes each dirty outbox with one vectored `sendmsg`. Under load more frames queue
+//! between flushes, so each send carries more frames: coalescing, never more sends.
+//!
+//! State is `!Send` and per shard: `RefCell`s that are never borrowed across an `.await`.
+
+pub mod boot;
+pub mod conn;
+pub mod mesh;
+pub mod rest;
+pub mod stats;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::unix::io::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Instant;
+
+use bytes::Bytes;
+use slab::Slab;
+
+use crate::auth::Verifier;
+use crate::channel::broadcast::{self, Frames};
+use crate::channel::registry::{ConnId, InterestChange, LocalSub, Registry};
+use crate::channel::topic::OwnedTopic;
+use crate::channel::Format;
+use crate::config::Config;
+use crate::protocol::phoenix::session::{format_uuid, Action, Publish, SessionCtx, Subscription};
+use crate::protocol::phoenix::{Session, Topic, Vsn};
+use crate::protocol::ws::frame::close_frame;
+use crate::protocol::ws::{CloseCode, WsConn};
+use crate::transport::{Flush, Outbox};
+
+use self::mesh::{Origin, ShardMsg};
+use self::stats::ShardStats;
+
+/// Outgoing batch size above which readers on this shard pause until peers catch up.
+const CONGESTED: usize = 1 << 16;
+
+/// What a connection is, once its first request was read.
+#[derive(Debug)]
+pub enum Kind {
+    /// Plain HTTP (REST, health, metrics) or not yet known.
+    Http,
+    /// An upgraded WebSocket with its Phoenix session.
+    Ws(Box<WsState>),
+}
+
+/// Protocol state of a WebSocket connection.
+#[derive(Debug)]
+pub struct WsState {
+    pub ws: WsConn,
+    pub session: Session,
+}
+
+/// Why and how a connection is being closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// Flush what is queued (ending with a close frame, if any), then close.
+    Graceful,
+    /// Close now; the peer stopped reading.
+    Abort,
+}
+
+/// A connection's shard-side state: what fan-out and the flusher need, plus protocol state.
+#[derive(Debug)]
+pub struct Slot {
+    pub generation: u32,
+    pub fd: RawFd,
+    pub outbox: Outbox,
+    /// The connection task's waker, to wake it for writability waits and closes.
+    pub waker: Option<Waker>,
+    /// `sendmsg` hit a full socket buffer; the connection task waits for writability and the
+    /// flusher leaves this connection alone until then.
+    pub blocked: bool,
+    /// In the flusher's dirty list.
+    pub dirty: bool,
+    /// Set when the connection must end; no more frames are queued after that.
+    pub closing: Option<Closing>,
+    pub last_rx: Instant,
+    pub kind: Kind,
+}
+
+/// Wakers waiting for an event, woken all at once.
+#[derive(Debug, Default)]
+pub struct Event {
+    fired: Cell<bool>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Event {
+    /// Fires the event (idempotent) and wakes everyone waiting.
+    pub fn fire(&self) {
+        self.fired.set(true);
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Whether the event has fired.
+    pub fn fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    /// Waits until fired.
+    pub async fn wait(&self) {
+        futures_lite::future::poll_fn(|cx| {
+            if self.fired.get() {
+                std::task::Poll::Ready(())
+            } else {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// One shard.
+pub struct Shard {
+    pub id: usize,
+    pub shards: usize,
+    pub cfg: Arc<Config>,
+    pub ctx: SessionCtx,
+    pub conns: RefCell<Slab<Slot>>,
+    pub registry: RefCell<Registry>,
+    pub owned: RefCell<HashMap<Topic, OwnedTopic, ahash::RandomState>>,
+    /// Connections with frames to flush (slab indexes).
+    dirty: RefCell<Vec<u32>>,
+    flush_waker: RefCell<Option<Waker>>,
+    /// Per peer: messages waiting for that peer's mesh sender task.
+    outgoing: Vec<RefCell<Vec<ShardMsg>>>,
+    outgoing_wakers: Vec<RefCell<Option<Waker>>>,
+    /// Readers waiting for the outgoing queues to drain.
+    uncongested: RefCell<Vec<Waker>>,
+    /// Read buffer shared by every connection of the shard: a read is processed before the
+    /// next `.await`, so no connection needs a buffer of its own.
+    pub scratch: RefCell<Vec<u8>>,
+    pub stats: Arc<[ShardStats]>,
+    pub shutdown: Event,
+    next_generation: Cell<u32>,
+    rng: RefCell<fastrand::Rng>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shard {
+    /// A shard `id` of `cfg.shards`.
+    pub fn new(
+        id: usize,
+        cfg: Arc<Config>,
+        verifier: Arc<Verifier>,
+        stats: Arc<[ShardStats]>,
+    ) -> Self {
+        let l = &cfg.limits;
+        let ctx = SessionCtx {
+            max_channels: l.max_channels_per_connection,
+            joins_per_sec: l.joins_per_second,
+            presence_calls: l.presence_calls_per_30s,
+            presence_window: std::time::Duration::from_secs(30),
+            presence_max_bytes: l.presence_max_bytes,
+            verifier,
+            postgres: cfg.database_url.is_some(),
+        };
+        let shards = cfg.shards;
+        Self {
+            id,
+            shards,
+            ctx,
+            conns: RefCell::new(Slab::new()),
+            registry: RefCell::new(Registry::new()),
+            owned: RefCell::new(HashMap::default()),
+            dirty: RefCell::new(Vec::new()),
+            flush_waker: RefCell::new(None),
+            outgoing: (0..shards).map(|_| RefCell::new(Vec::new())).collect(),
+            outgoing_wakers: (0..shards).map(|_| RefCell::new(None)).collect(),
+            uncongested: RefCell::new(Vec::new()),
+            scratch: RefCell::new(vec![0u8; 64 << 10]),
+            stats,
+            shutdown: Event::default(),
+            next_generation: Cell::new(0),
+            rng: RefCell::new(fastrand::Rng::with_seed(
+                0x5eed
+                    ^ (id as u64)
+                    ^ Instant::now().elapsed().as_nanos() as u64
+                    ^ std::process::id() as u64,
+            )),
+            cfg,
+        }
+    }
+
+    /// This shard's stats.
+    pub fn my_stats(&self) -> &ShardStats {
+        &self.stats[self.id]
+    }
+
+    /// Registers a new connection on `fd`.
+    pub fn register(&self, fd: RawFd) -> ConnId {
+        let generation = self.next_generation.get().wrapping_add(1);
+        self.next_generation.set(generation);
+        let index = self.conns.borrow_mut().insert(Slot {
+            generation,
+            fd,
+            outbox: Outbox::new(),
+            waker: None,
+            blocked: false,
+            dirty: false,
+            closing: None,
+            last_rx: Instant::now(),
+            kind: Kind::Http,
+        }) as u32;
+        ShardStats::gauge(&self.my_stats().connections, 1);
+        ConnId { index, generation }
+    }
+
+    /// Removes a connection and every subscription it had. Call before closing its fd.
+    pub fn unregister(&self, id: ConnId) {
+        let slot = {
+            let mut conns = self.conns.borrow_mut();
+            match conns.get(id.index as usize) {
+                Some(s) if s.generation == id.generation => conns.remove(id.index as usize),
+                _ => return,
+            }
+        };
+        ShardStats::gauge(&self.my_stats().connections, -1);
+        if let Kind::Ws(ws) = slot.kind {
+            ShardStats::gauge(&self.my_stats().websockets, -1);
+            for topic in ws.session.topics() {
+                self.unsubscribe(id, topic);
+            }
+        }
+    }
+
+    /// Runs `f` on the slot of `id`, if it is still that connection.
+    pub fn with_slot<R>(&self, id: ConnId, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
+        let mut conns = self.conns.borrow_mut();
+        match conns.get_mut(id.index as usize) {
+            Some(s) if s.generation == id.generation => Some(f(s)),
+            _ => None,
+        }
+    }
+
+    /// Queues a frame on a connection (dropped if it is closing); enforces the queue limit.
+    pub fn send(&self, id: ConnId, frame: Bytes) {
+        let mut conns = self.conns.borrow_mut();
+        let Some(slot) = conns
+            .get_mut(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+        else {
+            return;
+        };
+        self.enqueue(id.index, slot, frame);
+    }
+
+    /// Queues `frame` on `slot` (index `index`), marking it dirty or cutting a slow consumer.
+    fn enqueue(&self, index: u32, slot: &mut Slot, frame: Bytes) {
+        if slot.closing.is_some() {
+            return;
+        }
+        let queued = slot.outbox.push(frame);
+        if queued > self.cfg.limits.max_queue_bytes {
+            ShardStats::add(&self.my_stats().slow_consumers, 1);
+            slot.outbox.truncate_to_partial();
+            let reason = format!(
+                "slow consumer: more than {} bytes queued",
+                self.cfg.limits.max_queue_bytes
+            );
+            if matches!(slot.kind, Kind::Ws(_)) {
+                slot.outbox.push(close_frame(CloseCode::Policy, &reason));
+            }
+            slot.closing = Some(Closing::Abort);
+            if let Some(w) = slot.waker.take() {
+                w.wake();
+            }
+            return;
+        }
+        if !slot.dirty && !slot.blocked {
+            slot.dirty = true;
+            self.dirty.borrow_mut().push(index);
+            if let Some(w) = self.flush_waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Asks a connection to close: queues a WebSocket close frame (for WebSockets) after
+    /// what is already queued and wakes its task.
+    pub fn close(&self, id: ConnId, code: CloseCode, reason: &str) {
+        let mut conns = self.conns.borrow_mut();
+        let Some(slot) = conns
+            .get_mut(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+        else {
+            return;
+        };
+        close_slot(slot, code, reason);
+    }
+
+    /// Executes a session's actions for connection `id`, in order.
+    pub fn run_actions(&self, id: ConnId, actions: &mut Vec<Action>) {
+        for action in actions.drain(..) {
+            match action {
+                Action::Send(frame) => self.send(id, frame),
+                Action::Subscribe(sub) => self.subscribe(id, *sub),
+                Action::Unsubscribe(topic) => self.unsubscribe(id, &topic),
+                Action::Publish(p) => {
+                    let owner = p.topic.owner(self.shards);
+                    let origin = Some(Origin {
+                        shard: self.id,
+                        conn: id,
+                    });
+                    self.route(
+                        owner,
+                        ShardMsg::Publish {
+                            publish: Box::new(p),
+                            origin,
+                        },
+                    );
+                }
+                Action::Track { .. } | Action::Untrack { .. } => {
+                    // Presence state is kept by the topic's owner (see presence module).
+                }
+                Action::Close(code, reason) => {
+                    if code == CloseCode::InvalidPayload || code == CloseCode::Protocol {
+                        ShardStats::add(&self.my_stats().protocol_errors, 1);
+                    }
+                    self.close(id, code, &reason);
+                }
+            }
+        }
+    }
+
+    fn subscribe(&self, id: ConnId, sub: Subscription) {
+        let format = match sub.vsn {
+            Vsn::V1 => Format::V1,
+            Vsn::V2 => Format::V2,
+        };
+        let local = LocalSub {
+            conn: id,
+            format,
+            presence: sub.presence,
+            join_ref: sub.join_ref.clone(),
+        };
+        let changes = self.registry.borrow_mut().add(&sub.topic, local);
+        ShardStats::gauge(&self.my_stats().subscriptions, 1);
+        ShardStats::add(&self.my_stats().joins, 1);
+        self.interest_changed(&sub.topic, changes);
+    }
+
+    fn unsubscribe(&self, id: ConnId, topic: &Topic) {
+        let changes = self.registry.borrow_mut().remove(topic, id);
+        ShardStats::gauge(&self.my_stats().subscriptions, -1);
+        self.interest_changed(topic, changes);
+    }
+
+    fn interest_changed(&self, topic: &Topic, changes: Vec<InterestChange>) {
+        let owner = topic.owner(self.shards);
+        for c in changes {
+            let (format, present) = match c {
+                InterestChange::Added(f) => (f, true),
+                InterestChange::Removed(f) => (f, false),
+            };
+            self.route(
+                owner,
+                ShardMsg::Interest {
+                    topic: topic.clone(),
+                    from: self.id,
+                    format,
+                    present,
+                },
+            );
+        }
+    }
+
+    /// Sends `msg` to shard `to`: handled right here when that is this shard.
+    pub fn route(&self, to: usize, msg: ShardMsg) {
+        if to == self.id {
+            self.handle(msg);
+            return;
+        }
+        self.outgoing[to].borrow_mut().push(msg);
+        if let Some(w) = self.outgoing_wakers[to].borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Handles one message addressed to this shard.
+    pub fn handle(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Interest {
+                topic,
+                from,
+                format,
+                present,
+            } => {
+                let mut owned = self.owned.borrow_mut();
+                if !present && !owned.contains_key(&topic) {
+                    return;
+                }
+                let t = owned
+                    .entry(topic.clone())
+                    .or_insert_with(|| OwnedTopic::new(self.new_epoch(), self.shards));
+                t.set_interest(from, format, present);
+                if t.is_idle() {
+                    owned.remove(&topic);
+                }
+            }
+            ShardMsg::Publish { publish, origin } => self.sequence(*publish, origin),
+            ShardMsg::Deliver {
+                topic,
+                frames,
+                exclude,
+            } => self.deliver(&topic, &frames, exclude),
+        }
+    }
+
+    /// Owner side: assign the next offset, encode once per format in use, send to every
+    /// listening shard.
+    fn sequence(&self, p: Publish, origin: Option<Origin>) {
+        ShardStats::add(&self.my_stats().published, 1);
+        let (frames, targets) = {
+            let mut owned = self.owned.borrow_mut();
+            let Some(t) = owned.get_mut(&p.topic) else {
+                // Nobody listens: the message has no subscriber to reach (history comes later).
+                return;
+            };
+            let offset = t.next_offset();
+            let formats = t.formats();
+            let id = match &p.id {
+                Some(id) => id.to_string(),
+                None => format_uuid(self.rng.borrow_mut().u128(..)),
+            };
+            let wire = p.topic.wire_name();
+            let msg = broadcast::Message {
+                wire_topic: &wire,
+                event: &p.event,
+                payload: &p.payload,
+                binary_frame: p.binary_frame,
+                id: &id,
+                epoch: t.epoch(),
+                offset,
+            };
+            let frames = Arc::new(broadcast::encode(&msg, formats));
+            let targets: Vec<usize> = t.listening_shards().collect();
+            (frames, targets)
+        };
+        let exclude = if p.exclude_sender { origin } else { None };
+        for shard in targets {
+            self.route(
+                shard,
+                ShardMsg::Deliver {
+                    topic: p.topic.clone(),
+                    frames: frames.clone(),
+                    exclude,
+                },
+            );
+        }
+    }
+
+    /// Queues `frames` to every local subscriber of `topic`.
+    fn deliver(&self, topic: &Topic, frames: &Frames, exclude: Option<Origin>) {
+        let registry = self.registry.borrow();
+        let Some(local) = registry.get(topic) else {
+            return;
+        };
+        let skip = exclude.filter(|o| o.shard == self.id).map(|o| o.conn);
+        let mut conns = self.conns.borrow_mut();
+        let mut n = 0u64;
+        for sub in &local.subs {
+            if Some(sub.conn) == skip {
+                continue;
+            }
+            let Some(frame) = frames.get(sub.format) else {
+                continue;
+            };
+            let Some(slot) = conns.get_mut(sub.conn.index as usize) else {
+                continue;
+            };
+            if slot.generation != sub.conn.generation {
+                continue;
+            }
+            self.enqueue(sub.conn.index, slot, frame.clone());
+            n += 1;
+        }
+        ShardStats::add(&self.my_stats().deliveries, n);
+    }
+
+    fn new_epoch(&self) -> Arc<str> {
+        let r = self.rng.borrow_mut().u64(..);
+        Arc::from(format!("{r:016x}").as_str())
+    }
+
+    /// Whether this shard's outgoing queues are long enough that readers should pause.
+    pub fn congested(&self) -> bool {
+        self.outgoing.iter().any(|q| q.borrow().len() > CONGESTED)
+    }
+
+    /// Waits until the outgoing queues are short again.
+    pub async fn wait_uncongested(&self) {
+        futures_lite::future::poll_fn(|cx| {
+            if !self.congested() {
+                return std::task::Poll::Ready(());
+            }
+            self.uncongested.borrow_mut().push(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    /// The flusher: writes every dirty outbox, many frames per `sendmsg`. Runs forever.
+    pub async fn flush_loop(self: Rc<Self>) {
+        let mut batch: Vec<u32> = Vec::new();
+        loop {
+            futures_lite::future::poll_fn(|cx| {
+                if self.dirty.borrow().is_empty() {
+                    *self.flush_waker.borrow_mut() = Some(cx.waker().clone());
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+            std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
+            let (mut frames, mut sends) = (0u64, 0u64);
+            for (i, &index) in batch.iter().enumerate() {
+                {
+                    let mut conns = self.conns.borrow_mut();
+                    if let Some(slot) = conns.get_mut(index as usize) {
+                        slot.dirty = false;
+                        if !slot.blocked && slot.closing.is_none() {
+                            let (f0, s0) = slot.outbox.counters();
+                            match slot.outbox.flush(slot.fd) {
+                                Ok(Flush::Drained) => {}
+                                Ok(Flush::Blocked) => {
+                                    slot.blocked = true;
+                                    if let Some(w) = slot.waker.take() {
+                                        w.wake();
+                                    }
+                                }
+                                Err(_) => {
+                                    slot.closing = Some(Closing::Abort);
+                                    if let Some(w) = slot.waker.take() {
+                                        w.wake();
+                                    }
+                                }
+                            }
+                            let (f1, s1) = slot.outbox.counters();
+                            frames += f1 - f0;
+                            sends += s1 - s0;
+                        }
+                    }
+                }
+                if i % 64 == 63 {
+                    glommio::yield_if_needed().await;
+                }
+            }
+            batch.clear();
+            let st = self.my_stats();
+            ShardStats::add(&st.frames_sent, frames);
+            ShardStats::add(&st.sends, sends);
+        }
+    }
+
+    /// Sends this shard's outgoing batches to peer `peer`. Runs until the mesh closes.
+    pub async fn mesh_send_loop(
+        self: Rc<Self>,
+        peer: usize,
+        tx: glommio::channels::shared_channel::ConnectedSender<mesh::Batch>,
+    ) {
+        loop {
+            futures_lite::future::poll_fn(|cx| {
+                if self.outgoing[peer].borrow().is_empty() {
+                    *self.outgoing_wakers[peer].borrow_mut() = Some(cx.waker().clone());
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+            let batch = std::mem::take(&mut *self.outgoing[peer].borrow_mut());
+            if tx.send(batch).await.is_err() {
+                return;
+            }
+            if !self.congested() {
+                for w in self.uncongested.borrow_mut().drain(..) {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Handles batches from peer shards. Runs until the mesh closes.
+    pub async fn mesh_recv_loop(
+        self: Rc<Self>,
+        rx: glommio::channels::shared_channel::ConnectedReceiver<mesh::Batch>,
+    ) {
+        while let Some(batch) = rx.recv().await {
+            for (i, msg) in batch.into_iter().enumerate() {
+                self.handle(msg);
+                if i % 256 == 255 {
+                    glommio::yield_if_needed().await;
+                }
+            }
+        }
+    }
+}
+
+/// Marks `slot` as closing gracefully with a close frame (WebSockets) and wakes its task.
+pub fn close_slot(slot: &mut Slot, code: CloseCode, reason: &str) {
+    if slot.closing.is_some() {
+        return;
+    }
+    if matches!(slot.kind, Kind::Ws(_)) {
+        slot.outbox.push(close_frame(code, reason));
+    }
+    slot.closing = Some(Closing::Graceful);
+    if let Some(w) = slot.waker.take() {
+        w.wake();
+    }
+}

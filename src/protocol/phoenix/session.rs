@@ -63,7 +63,11 @@ pub enum Action {
     /// Publish a broadcast on behalf of this connection.
     Publish(Publish),
     /// Track (or update) this connection's presence on a topic under `key`.
-    Track { topic: Topic, key: Arc<str>, meta: Bytes },
+    Track {
+        topic: Topic,
+        key: Arc<str>,
+        meta: Bytes,
+    },
     /// Stop tracking this connection's presence on a topic.
     Untrack { topic: Topic },
     /// Close the WebSocket with this code and reason.
@@ -221,15 +225,25 @@ impl Session {
             Ok(m) => m,
             Err(e) => return out.push(Action::Close(CloseCode::InvalidPayload, e.to_string())),
         };
-        let InPayload::Json(payload) = msg.payload else { return };
+        let InPayload::Json(payload) = msg.payload else {
+            return;
+        };
         let (jr, mr) = (msg.join_ref, msg.msg_ref);
         let topic: &str = &msg.topic;
         let event: &str = &msg.event;
         if topic == "phoenix" {
             if event == "heartbeat" {
-                out.push(Action::Send(message::reply(self.vsn, None, mr, "phoenix", true, b"{}")));
+                out.push(Action::Send(message::reply(
+                    self.vsn, None, mr, "phoenix", true, b"{}",
+                )));
             } else {
-                out.push(Action::Send(message::error_reply(self.vsn, None, mr, topic, "unmatched topic")));
+                out.push(Action::Send(message::error_reply(
+                    self.vsn,
+                    None,
+                    mr,
+                    topic,
+                    "unmatched topic",
+                )));
             }
             return;
         }
@@ -251,8 +265,15 @@ impl Session {
         match event {
             "phx_leave" => {
                 let c = self.channels.remove(idx);
-                out.push(Action::Send(message::reply(self.vsn, jr, mr, topic, true, b"{}")));
-                out.push(Action::Send(message::channel_control(self.vsn, c.join_ref.as_deref(), topic, "phx_close")));
+                out.push(Action::Send(message::reply(
+                    self.vsn, jr, mr, topic, true, b"{}",
+                )));
+                out.push(Action::Send(message::channel_control(
+                    self.vsn,
+                    c.join_ref.as_deref(),
+                    topic,
+                    "phx_close",
+                )));
                 out.push(Action::Unsubscribe(c.topic));
             }
             "broadcast" => self.broadcast_text(idx, jr, mr, payload, out),
@@ -261,7 +282,9 @@ impl Session {
             other => {
                 let reason = format!("unknown event {}", crate::protocol::json::quote(other));
                 if mr.is_some() {
-                    out.push(Action::Send(message::error_reply(self.vsn, jr, mr, topic, &reason)));
+                    out.push(Action::Send(message::error_reply(
+                        self.vsn, jr, mr, topic, &reason,
+                    )));
                 }
             }
         }
@@ -282,7 +305,13 @@ impl Session {
         let mr = (!p.msg_ref.is_empty()).then(|| crate::protocol::json::quote(p.msg_ref));
         let mr = mr.as_deref();
         let Some(idx) = self.channels.iter().position(|c| &*c.wire == p.topic) else {
-            return out.push(Action::Send(message::error_reply(self.vsn, None, mr, p.topic, "unmatched topic")));
+            return out.push(Action::Send(message::error_reply(
+                self.vsn,
+                None,
+                mr,
+                p.topic,
+                "unmatched topic",
+            )));
         };
         let c = &self.channels[idx];
         if !p.join_ref.is_empty() && !ref_matches(c.join_ref.as_deref(), p.join_ref) {
@@ -290,10 +319,20 @@ impl Session {
         }
         let jr = c.join_ref.clone();
         if p.json && serde_json::from_slice::<serde::de::IgnoredAny>(p.payload).is_err() {
-            return out.push(Action::Send(message::error_reply(self.vsn, jr.as_deref(), mr, p.topic, "payload is not valid JSON (encoding 1)")));
+            return out.push(Action::Send(message::error_reply(
+                self.vsn,
+                jr.as_deref(),
+                mr,
+                p.topic,
+                "payload is not valid JSON (encoding 1)",
+            )));
         }
         let persist = parse_persist(p.metadata);
-        let payload = if p.json { Payload::Json(Bytes::copy_from_slice(p.payload)) } else { Payload::Binary(Bytes::copy_from_slice(p.payload)) };
+        let payload = if p.json {
+            Payload::Json(Bytes::copy_from_slice(p.payload))
+        } else {
+            Payload::Binary(Bytes::copy_from_slice(p.payload))
+        };
         out.push(Action::Publish(Publish {
             topic: c.topic.clone(),
             event: Arc::from(p.event),
@@ -304,7 +343,14 @@ impl Session {
             id: None,
         }));
         if c.ack && mr.is_some() {
-            out.push(Action::Send(message::reply(self.vsn, jr.as_deref(), mr, p.topic, true, b"{}")));
+            out.push(Action::Send(message::reply(
+                self.vsn,
+                jr.as_deref(),
+                mr,
+                p.topic,
+                true,
+                b"{}",
+            )));
         }
     }
 
@@ -320,8 +366,14 @@ impl Session {
         out: &mut Vec<Action>,
     ) {
         let vsn = self.vsn;
-        let err = |out: &mut Vec<Action>, reason: &str| out.push(Action::Send(message::error_reply(vsn, jr, mr, wire, reason)));
-        let Some(name) = wire.strip_prefix(PREFIX) else { return err(out, "unmatched topic") };
+        let err = |out: &mut Vec<Action>, reason: &str| {
+            out.push(Action::Send(message::error_reply(
+                vsn, jr, mr, wire, reason,
+            )))
+        };
+        let Some(name) = wire.strip_prefix(PREFIX) else {
+            return err(out, "unmatched topic");
+        };
         if !self.take_join_token(now, ctx) {
             return err(out, "ClientJoinRateLimitReached: Too many joins per second");
         }
@@ -346,7 +398,12 @@ impl Session {
         }
         if let Some(i) = existing {
             let old = self.channels.remove(i);
-            out.push(Action::Send(message::channel_control(vsn, old.join_ref.as_deref(), wire, "phx_close")));
+            out.push(Action::Send(message::channel_control(
+                vsn,
+                old.join_ref.as_deref(),
+                wire,
+                "phx_close",
+            )));
             out.push(Action::Unsubscribe(old.topic));
         }
         let presence_key: Arc<str> = match &cfg.presence_key {
@@ -371,7 +428,14 @@ impl Session {
             presence_key: presence_key.clone(),
             claims: claims.clone(),
         });
-        out.push(Action::Send(message::reply(vsn, jr, mr, wire, true, response.as_bytes())));
+        out.push(Action::Send(message::reply(
+            vsn,
+            jr,
+            mr,
+            wire,
+            true,
+            response.as_bytes(),
+        )));
         if !cfg.postgres_changes.is_empty() && !ctx.postgres {
             out.push(Action::Send(message::system(
                 vsn,
@@ -396,7 +460,14 @@ impl Session {
         })));
     }
 
-    fn broadcast_text(&mut self, idx: usize, jr: Option<&str>, mr: Option<&str>, payload: &RawValue, out: &mut Vec<Action>) {
+    fn broadcast_text(
+        &mut self,
+        idx: usize,
+        jr: Option<&str>,
+        mr: Option<&str>,
+        payload: &RawValue,
+        out: &mut Vec<Action>,
+    ) {
         #[derive(Deserialize)]
         struct Push<'a> {
             #[serde(borrow)]
@@ -407,10 +478,24 @@ impl Session {
         let c = &self.channels[idx];
         let push: Push<'_> = match serde_json::from_str(payload.get()) {
             Ok(p) => p,
-            Err(_) => return out.push(Action::Send(message::error_reply(self.vsn, jr, mr, &c.wire, "broadcast payload must be an object"))),
+            Err(_) => {
+                return out.push(Action::Send(message::error_reply(
+                    self.vsn,
+                    jr,
+                    mr,
+                    &c.wire,
+                    "broadcast payload must be an object",
+                )))
+            }
         };
         let Some(event) = push.event else {
-            return out.push(Action::Send(message::error_reply(self.vsn, jr, mr, &c.wire, "broadcast payload needs an `event` string")));
+            return out.push(Action::Send(message::error_reply(
+                self.vsn,
+                jr,
+                mr,
+                &c.wire,
+                "broadcast payload needs an `event` string",
+            )));
         };
         let body = push.payload.map_or("null", RawValue::get);
         out.push(Action::Publish(Publish {
@@ -423,12 +508,23 @@ impl Session {
             id: None,
         }));
         if c.ack && mr.is_some() {
-            out.push(Action::Send(message::reply(self.vsn, jr, mr, &c.wire, true, b"{}")));
+            out.push(Action::Send(message::reply(
+                self.vsn, jr, mr, &c.wire, true, b"{}",
+            )));
         }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn presence(&mut self, now: Now, idx: usize, jr: Option<&str>, mr: Option<&str>, payload: &RawValue, ctx: &SessionCtx, out: &mut Vec<Action>) {
+    fn presence(
+        &mut self,
+        now: Now,
+        idx: usize,
+        jr: Option<&str>,
+        mr: Option<&str>,
+        payload: &RawValue,
+        ctx: &SessionCtx,
+        out: &mut Vec<Action>,
+    ) {
         #[derive(Deserialize)]
         struct Push<'a> {
             #[serde(borrow)]
@@ -438,7 +534,11 @@ impl Session {
         }
         let vsn = self.vsn;
         let wire = self.channels[idx].wire.clone();
-        let err = |out: &mut Vec<Action>, reason: &str| out.push(Action::Send(message::error_reply(vsn, jr, mr, &wire, reason)));
+        let err = |out: &mut Vec<Action>, reason: &str| {
+            out.push(Action::Send(message::error_reply(
+                vsn, jr, mr, &wire, reason,
+            )))
+        };
         let Ok(push) = serde_json::from_str::<Push<'_>>(payload.get()) else {
             return err(out, "presence payload must be an object");
         };
@@ -448,39 +548,74 @@ impl Session {
         }
         if !self.take_presence_call(now, ctx) {
             // Supabase closes the channel here; a reply keeps the connection and channel usable.
-            return err(out, "PresenceRateLimitReached: Client presence rate limit exceeded");
+            return err(
+                out,
+                "PresenceRateLimitReached: Client presence rate limit exceeded",
+            );
         }
         let c = &self.channels[idx];
         if event == "untrack" {
-            out.push(Action::Untrack { topic: c.topic.clone() });
+            out.push(Action::Untrack {
+                topic: c.topic.clone(),
+            });
         } else {
             let meta = push.payload.map_or("", RawValue::get);
             if !meta.trim_start().starts_with('{') {
                 return err(out, "Presence track payload must be a map");
             }
             if meta.len() > ctx.presence_max_bytes {
-                return err(out, &format!("Track message size exceeded: {} bytes, limit {}", meta.len(), ctx.presence_max_bytes));
+                return err(
+                    out,
+                    &format!(
+                        "Track message size exceeded: {} bytes, limit {}",
+                        meta.len(),
+                        ctx.presence_max_bytes
+                    ),
+                );
             }
-            out.push(Action::Track { topic: c.topic.clone(), key: c.presence_key.clone(), meta: Bytes::copy_from_slice(meta.as_bytes()) });
+            out.push(Action::Track {
+                topic: c.topic.clone(),
+                key: c.presence_key.clone(),
+                meta: Bytes::copy_from_slice(meta.as_bytes()),
+            });
         }
-        out.push(Action::Send(message::reply(vsn, jr, mr, &wire, true, b"{}")));
+        out.push(Action::Send(message::reply(
+            vsn, jr, mr, &wire, true, b"{}",
+        )));
     }
 
-    fn access_token(&mut self, now: Now, idx: usize, payload: &RawValue, ctx: &SessionCtx, out: &mut Vec<Action>) {
+    fn access_token(
+        &mut self,
+        now: Now,
+        idx: usize,
+        payload: &RawValue,
+        ctx: &SessionCtx,
+        out: &mut Vec<Action>,
+    ) {
         #[derive(Deserialize)]
         struct Push {
             access_token: Option<String>,
         }
-        let token = serde_json::from_str::<Push>(payload.get()).ok().and_then(|p| p.access_token);
-        let Some(token) = token.filter(|t| !t.starts_with("sb_") && !t.is_empty()) else { return };
+        let token = serde_json::from_str::<Push>(payload.get())
+            .ok()
+            .and_then(|p| p.access_token);
+        let Some(token) = token.filter(|t| !t.starts_with("sb_") && !t.is_empty()) else {
+            return;
+        };
         if *self.channels[idx].claims.token == *token {
             return;
         }
         match ctx.verifier.verify(Some(&token), now.unix_secs) {
             Ok(claims) => {
                 let c = &mut self.channels[idx];
-                if c.topic.is_private() && !ctx.verifier.development_mode() && !claims.allows_private(c.topic.name()) {
-                    let msg = format!("You no longer have permission to read from this Channel topic: {}", c.topic.name());
+                if c.topic.is_private()
+                    && !ctx.verifier.development_mode()
+                    && !claims.allows_private(c.topic.name())
+                {
+                    let msg = format!(
+                        "You no longer have permission to read from this Channel topic: {}",
+                        c.topic.name()
+                    );
                     let c = self.channels.remove(idx);
                     return close_channel(self.vsn, &c, &msg, out);
                 }
@@ -535,15 +670,32 @@ impl Session {
 
 /// Pushes `system` error + `phx_close` for a channel and unsubscribes it.
 fn close_channel(vsn: Vsn, c: &Channel, message: &str, out: &mut Vec<Action>) {
-    out.push(Action::Send(message::system(vsn, c.join_ref.as_deref(), &c.wire, "system", false, message)));
-    out.push(Action::Send(message::channel_control(vsn, c.join_ref.as_deref(), &c.wire, "phx_close")));
+    out.push(Action::Send(message::system(
+        vsn,
+        c.join_ref.as_deref(),
+        &c.wire,
+        "system",
+        false,
+        message,
+    )));
+    out.push(Action::Send(message::channel_control(
+        vsn,
+        c.join_ref.as_deref(),
+        &c.wire,
+        "phx_close",
+    )));
     out.push(Action::Unsubscribe(c.topic.clone()));
 }
 
 /// Compares a raw JSON ref token (`"6"` or `6`) with a bare ref string (`6`).
 fn ref_matches(token: Option<&str>, bare: &str) -> bool {
     match token {
-        Some(t) => t.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(t) == bare,
+        Some(t) => {
+            t.strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .unwrap_or(t)
+                == bare
+        }
         None => false,
     }
 }
@@ -553,10 +705,15 @@ pub fn parse_persist(metadata: &str) -> Persist {
     if metadata.is_empty() {
         return Persist::No;
     }
-    let Ok(serde_json::Value::Object(m)) = serde_json::from_str(metadata) else { return Persist::No };
+    let Ok(serde_json::Value::Object(m)) = serde_json::from_str(metadata) else {
+        return Persist::No;
+    };
     match m.get("persist") {
         Some(serde_json::Value::Bool(true)) => Persist::Default,
-        Some(serde_json::Value::Object(o)) => o.get("ttl").and_then(|t| t.as_u64()).map_or(Persist::Default, Persist::Ttl),
+        Some(serde_json::Value::Object(o)) => o
+            .get("ttl")
+            .and_then(|t| t.as_u64())
+            .map_or(Persist::Default, Persist::Ttl),
         _ => Persist::No,
     }
 }
@@ -569,9 +726,17 @@ fn fastrand_u128(now: Now, seq: u32) -> u128 {
 
 /// Formats 128 random bits as a version-4 UUID string.
 pub fn format_uuid(r: u128) -> String {
-    let r = (r & !(0xf000u128 << 64) | (0x4000u128 << 64)) & !(0xc000u128 << 48) | (0x8000u128 << 48);
+    let r =
+        (r & !(0xf000u128 << 64) | (0x4000u128 << 64)) & !(0xc000u128 << 48) | (0x8000u128 << 48);
     let h = format!("{r:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 #[cfg(test)]
@@ -592,7 +757,10 @@ mod tests {
     }
 
     fn now() -> Now {
-        Now { mono: Instant::now(), unix_secs: 1_700_000_000 }
+        Now {
+            mono: Instant::now(),
+            unix_secs: 1_700_000_000,
+        }
     }
 
     /// Runs one text message and returns (frames as strings, other actions).
@@ -622,20 +790,34 @@ mod tests {
     #[test]
     fn heartbeat_is_answered() {
         let (f, _) = run(&mut v2(), r#"[null,"7","phoenix","heartbeat",{}]"#);
-        assert_eq!(f, vec![r#"[null,"7","phoenix","phx_reply",{"status":"ok","response":{}}]"#]);
+        assert_eq!(
+            f,
+            vec![r#"[null,"7","phoenix","phx_reply",{"status":"ok","response":{}}]"#]
+        );
     }
 
     #[test]
     fn join_then_leave_matches_capture() {
         let mut s = v2();
         let (f, a) = run(&mut s, JOIN);
-        assert_eq!(f, vec![r#"["6","6","realtime:room1","phx_reply",{"status":"ok","response":{"postgres_changes":[]}}]"#]);
-        assert!(matches!(&a[..], [Action::Subscribe(sub)] if sub.presence && sub.broadcast_self && &*sub.presence_key == "u1"));
+        assert_eq!(
+            f,
+            vec![
+                r#"["6","6","realtime:room1","phx_reply",{"status":"ok","response":{"postgres_changes":[]}}]"#
+            ]
+        );
+        assert!(
+            matches!(&a[..], [Action::Subscribe(sub)] if sub.presence && sub.broadcast_self && &*sub.presence_key == "u1")
+        );
         let (f, a) = run(&mut s, r#"["6","10","realtime:room1","phx_leave",{}]"#);
-        assert_eq!(f, vec![
-            r#"["6","10","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#.to_string(),
-            r#"["6","6","realtime:room1","phx_close",{}]"#.to_string(),
-        ]);
+        assert_eq!(
+            f,
+            vec![
+                r#"["6","10","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#
+                    .to_string(),
+                r#"["6","6","realtime:room1","phx_close",{}]"#.to_string(),
+            ]
+        );
         assert!(matches!(&a[..], [Action::Unsubscribe(_)]));
         assert_eq!(s.channel_count(), 0);
     }
@@ -643,7 +825,10 @@ mod tests {
     #[test]
     fn pg_bindings_echoed_in_order_with_ids() {
         let mut s = v2();
-        let (f, _) = run(&mut s, r#"["1","1","realtime:db","phx_join",{"config":{"postgres_changes":[{"event":"INSERT","schema":"public","table":"todos","filter":"id=eq.1"},{"event":"*","schema":"public"}]}}]"#);
+        let (f, _) = run(
+            &mut s,
+            r#"["1","1","realtime:db","phx_join",{"config":{"postgres_changes":[{"event":"INSERT","schema":"public","table":"todos","filter":"id=eq.1"},{"event":"*","schema":"public"}]}}]"#,
+        );
         let v: serde_json::Value = serde_json::from_str(&f[0]).unwrap();
         let pc = &v[4]["response"]["postgres_changes"];
         assert_eq!(pc[0]["event"], "INSERT");
@@ -662,17 +847,31 @@ mod tests {
         let (f, a) = run(&mut s, &JOIN.replace(r#""6","6""#, r#""9","9""#));
         assert_eq!(f[0], r#"["6","6","realtime:room1","phx_close",{}]"#);
         assert!(f[1].starts_with(r#"["9","9","realtime:room1","phx_reply""#));
-        assert!(matches!(&a[..], [Action::Unsubscribe(_), Action::Subscribe(_)]));
+        assert!(matches!(
+            &a[..],
+            [Action::Unsubscribe(_), Action::Subscribe(_)]
+        ));
         // a push with the old join_ref is now stale and ignored
-        let (f, a) = run(&mut s, r#"["6","11","realtime:room1","broadcast",{"type":"broadcast","event":"e","payload":{}}]"#);
+        let (f, a) = run(
+            &mut s,
+            r#"["6","11","realtime:room1","broadcast",{"type":"broadcast","event":"e","payload":{}}]"#,
+        );
         assert!(f.is_empty() && a.is_empty());
     }
 
     #[test]
     fn unmatched_topics() {
         let mut s = v2();
-        let (f, _) = run(&mut s, r#"["1","2","realtime:nope","broadcast",{"event":"e","payload":{}}]"#);
-        assert_eq!(f, vec![r#"[null,"2","realtime:nope","phx_reply",{"status":"error","response":{"reason":"unmatched topic"}}]"#]);
+        let (f, _) = run(
+            &mut s,
+            r#"["1","2","realtime:nope","broadcast",{"event":"e","payload":{}}]"#,
+        );
+        assert_eq!(
+            f,
+            vec![
+                r#"[null,"2","realtime:nope","phx_reply",{"status":"error","response":{"reason":"unmatched topic"}}]"#
+            ]
+        );
         let (f, _) = run(&mut s, r#"["1","1","rooms:lobby","phx_join",{}]"#);
         assert!(f[0].contains("unmatched topic"));
         let (f, _) = run(&mut s, r#"["1","3","realtime:nope","phx_leave",{}]"#);
@@ -685,12 +884,21 @@ mod tests {
     fn broadcast_with_ack_and_self() {
         let mut s = v2();
         run(&mut s, JOIN);
-        let (f, a) = run(&mut s, r#"["6","7","realtime:room1","broadcast",{"type":"broadcast","event":"cursor","payload":{"x":1}}]"#);
-        assert_eq!(f, vec![r#"["6","7","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#]);
+        let (f, a) = run(
+            &mut s,
+            r#"["6","7","realtime:room1","broadcast",{"type":"broadcast","event":"cursor","payload":{"x":1}}]"#,
+        );
+        assert_eq!(
+            f,
+            vec![r#"["6","7","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#]
+        );
         let Action::Publish(p) = &a[0] else { panic!() };
         assert_eq!((&*p.event, p.exclude_sender), ("cursor", false));
         assert_eq!(p.payload, Payload::Json(Bytes::from_static(b"{\"x\":1}")));
-        let (f, a) = run(&mut s, r#"["6","8","realtime:room1","broadcast",{"type":"broadcast","payload":{}}]"#);
+        let (f, a) = run(
+            &mut s,
+            r#"["6","8","realtime:room1","broadcast",{"type":"broadcast","payload":{}}]"#,
+        );
         assert!(f[0].contains("needs an `event`") && a.is_empty());
     }
 
@@ -699,10 +907,15 @@ mod tests {
         let mut s = v2();
         run(&mut s, JOIN);
         let hex = "0301010e06000136377265616c74696d653a726f6f6d31637572736f727b2278223a327d";
-        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
         let mut out = Vec::new();
         s.handle_binary(&bytes, &mut out);
-        let Action::Publish(p) = &out[0] else { panic!("{out:?}") };
+        let Action::Publish(p) = &out[0] else {
+            panic!("{out:?}")
+        };
         assert!(p.binary_frame);
         assert!(matches!(&out[1], Action::Send(_)), "ack reply");
     }
@@ -711,7 +924,10 @@ mod tests {
     fn limits_channels_and_joins() {
         let mut s = v2();
         for i in 0..3 {
-            let (f, _) = run(&mut s, &format!(r#"["{i}","{i}","realtime:r{i}","phx_join",{{}}]"#));
+            let (f, _) = run(
+                &mut s,
+                &format!(r#"["{i}","{i}","realtime:r{i}","phx_join",{{}}]"#),
+            );
             assert!(f[0].contains(r#""status":"ok""#));
         }
         let (f, _) = run(&mut s, r#"["9","9","realtime:r9","phx_join",{}]"#);
@@ -723,7 +939,12 @@ mod tests {
         let mut errors = 0;
         for i in 0..5 {
             let mut out = Vec::new();
-            s.handle_text(n, format!(r#"["{i}","{i}","realtime:a","phx_join",{{}}]"#).as_bytes(), &c, &mut out);
+            s.handle_text(
+                n,
+                format!(r#"["{i}","{i}","realtime:a","phx_join",{{}}]"#).as_bytes(),
+                &c,
+                &mut out,
+            );
             errors += out.iter().filter(|a| matches!(a, Action::Send(b) if String::from_utf8_lossy(b).contains("ClientJoinRateLimitReached"))).count();
         }
         assert_eq!(errors, 3);
@@ -732,7 +953,10 @@ mod tests {
     #[test]
     fn malformed_json_closes_1007() {
         let (_, a) = run(&mut v2(), "{not json");
-        assert!(matches!(&a[..], [Action::Close(CloseCode::InvalidPayload, _)]));
+        assert!(matches!(
+            &a[..],
+            [Action::Close(CloseCode::InvalidPayload, _)]
+        ));
     }
 
     #[test]
@@ -747,10 +971,18 @@ mod tests {
     fn presence_validation() {
         let mut s = v2();
         run(&mut s, JOIN);
-        let (f, a) = run(&mut s, r#"["6","8","realtime:room1","presence",{"type":"presence","event":"track","payload":{"online":true}}]"#);
+        let (f, a) = run(
+            &mut s,
+            r#"["6","8","realtime:room1","presence",{"type":"presence","event":"track","payload":{"online":true}}]"#,
+        );
         assert!(f[0].contains(r#""status":"ok""#));
-        assert!(matches!(&a[..], [Action::Track { meta, .. }] if &meta[..] == b"{\"online\":true}"));
-        let (f, a) = run(&mut s, r#"["6","9","realtime:room1","presence",{"type":"presence","event":"track","payload":[1]}]"#);
+        assert!(
+            matches!(&a[..], [Action::Track { meta, .. }] if &meta[..] == b"{\"online\":true}")
+        );
+        let (f, a) = run(
+            &mut s,
+            r#"["6","9","realtime:room1","presence",{"type":"presence","event":"track","payload":[1]}]"#,
+        );
         assert!(f[0].contains("must be a map") && a.is_empty());
     }
 
@@ -768,19 +1000,35 @@ mod tests {
         let mut c = ctx();
         c.verifier = Arc::new(Verifier::new(Some(secret)));
         let n = now();
-        let mut s = Session::new(Vsn::V2, c.verifier.verify(Some(&tok(n.unix_secs + 10)), n.unix_secs).unwrap());
+        let mut s = Session::new(
+            Vsn::V2,
+            c.verifier
+                .verify(Some(&tok(n.unix_secs + 10)), n.unix_secs)
+                .unwrap(),
+        );
         let mut out = Vec::new();
         s.handle_text(n, JOIN.as_bytes(), &c, &mut out);
         assert_eq!(s.poll_timeout(), Some(n.unix_secs + 10));
         out.clear();
-        s.handle_timeout(Now { unix_secs: n.unix_secs + 10, ..n }, &mut out);
+        s.handle_timeout(
+            Now {
+                unix_secs: n.unix_secs + 10,
+                ..n
+            },
+            &mut out,
+        );
         assert_eq!(out.len(), 3);
         assert_eq!(s.channel_count(), 0);
         // an invalid refreshed token also closes the channel
         let mut out = Vec::new();
         s.handle_text(n, JOIN.as_bytes(), &c, &mut out);
         out.clear();
-        s.handle_text(n, br#"["6","20","realtime:room1","access_token",{"access_token":"bad.token.x"}]"#, &c, &mut out);
+        s.handle_text(
+            n,
+            br#"["6","20","realtime:room1","access_token",{"access_token":"bad.token.x"}]"#,
+            &c,
+            &mut out,
+        );
         assert_eq!(out.len(), 3, "{out:?}");
     }
 

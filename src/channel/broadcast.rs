@@ -1,0 +1,131 @@
+//! Encode once, send everywhere: a published message becomes one frame per wire format in
+//! use, and the same `Bytes` goes to every subscriber of that format on every shard.
+
+use bytes::Bytes;
+
+use crate::channel::{Format, FormatSet};
+use crate::protocol::json::{write_str, write_u64};
+use crate::protocol::phoenix::message::{broadcast_binary, broadcast_text, Vsn};
+use crate::protocol::phoenix::session::Payload;
+
+/// A message as it travels from its topic's owner to subscribing shards.
+#[derive(Debug, Clone)]
+pub struct Frames {
+    /// Frame per [`Format::index`]; `None` where the format is unused or cannot carry the
+    /// message (binary payloads never reach vsn 1.0.0 clients).
+    pub by_format: [Option<Bytes>; 3],
+    /// The message's offset in its topic stream.
+    pub offset: u64,
+}
+
+impl Frames {
+    /// The frame for subscribers using `format`.
+    pub fn get(&self, format: Format) -> Option<&Bytes> {
+        self.by_format[format.index()].as_ref()
+    }
+}
+
+/// What the owner knows about one message when it encodes it.
+#[derive(Debug)]
+pub struct Message<'a> {
+    /// `realtime:<name>` as WebSocket clients see it.
+    pub wire_topic: &'a str,
+    pub event: &'a str,
+    pub payload: &'a Payload,
+    /// Arrived as a binary frame (vsn 2 subscribers get kind 4 even for JSON payloads).
+    pub binary_frame: bool,
+    pub id: &'a str,
+    pub epoch: &'a str,
+    pub offset: u64,
+}
+
+/// `{"id":"..","offset":N,"epoch":".."}`.
+pub fn meta_json(id: &str, offset: u64, epoch: &str) -> Vec<u8> {
+    let mut m = Vec::with_capacity(id.len() + epoch.len() + 40);
+    m.extend_from_slice(b"{\"id\":");
+    write_str(&mut m, id);
+    m.extend_from_slice(b",\"offset\":");
+    write_u64(&mut m, offset);
+    m.extend_from_slice(b",\"epoch\":");
+    write_str(&mut m, epoch);
+    m.push(b'}');
+    m
+}
+
+/// Encodes `msg` once for each format in `formats`.
+pub fn encode(msg: &Message<'_>, formats: FormatSet) -> Frames {
+    let meta = meta_json(msg.id, msg.offset, msg.epoch);
+    let mut by_format: [Option<Bytes>; 3] = [None, None, None];
+    if formats.contains(Format::V2) {
+        by_format[Format::V2.index()] = match msg.payload {
+            Payload::Json(p) if !msg.binary_frame => {
+                Some(broadcast_text(Vsn::V2, msg.wire_topic, msg.event, p, &meta))
+            }
+            Payload::Json(p) => broadcast_binary(msg.wire_topic, msg.event, &meta, true, p)
+                .or_else(|| Some(broadcast_text(Vsn::V2, msg.wire_topic, msg.event, p, &meta))),
+            Payload::Binary(p) => broadcast_binary(msg.wire_topic, msg.event, &meta, false, p),
+        };
+    }
+    if formats.contains(Format::V1) {
+        if let Payload::Json(p) = msg.payload {
+            by_format[Format::V1.index()] =
+                Some(broadcast_text(Vsn::V1, msg.wire_topic, msg.event, p, &meta));
+        }
+    }
+    Frames {
+        by_format,
+        offset: msg.offset,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ws::frame::parse_header;
+
+    fn body(b: &Bytes) -> &[u8] {
+        let (_, n) = parse_header(b).unwrap().unwrap();
+        &b[n..]
+    }
+
+    #[test]
+    fn encodes_each_format_once() {
+        let payload = Payload::Json(Bytes::from_static(b"{\"x\":1}"));
+        let m = Message {
+            wire_topic: "realtime:r",
+            event: "e",
+            payload: &payload,
+            binary_frame: false,
+            id: "i",
+            epoch: "ep",
+            offset: 3,
+        };
+        let mut fs = FormatSet::default();
+        fs.insert(Format::V2);
+        let f = encode(&m, fs);
+        assert!(f.get(Format::V1).is_none());
+        assert_eq!(body(f.get(Format::V2).unwrap()), br#"[null,null,"realtime:r","broadcast",{"type":"broadcast","event":"e","payload":{"x":1},"meta":{"id":"i","offset":3,"epoch":"ep"}}]"#);
+    }
+
+    #[test]
+    fn binary_payloads_skip_v1() {
+        let payload = Payload::Binary(Bytes::from_static(&[1, 2, 3]));
+        let m = Message {
+            wire_topic: "realtime:r",
+            event: "e",
+            payload: &payload,
+            binary_frame: true,
+            id: "i",
+            epoch: "ep",
+            offset: 1,
+        };
+        let mut fs = FormatSet::default();
+        fs.insert(Format::V1);
+        fs.insert(Format::V2);
+        let f = encode(&m, fs);
+        assert!(f.get(Format::V1).is_none());
+        let v2 = body(f.get(Format::V2).unwrap());
+        assert_eq!(&v2[..5], &[4, 10, 1, v2[3], 0]);
+        assert!(v2.ends_with(&[1, 2, 3]));
+    }
+}

@@ -1,0 +1,224 @@
+//! The local subscriber registry of one shard: topic → connections subscribed on this shard.
+//!
+//! It tracks, per topic, how many local subscribers use each wire format, and reports the
+//! 0→1 and 1→0 transitions: those (and only those) are sent to the topic's owner as interest
+//! changes, so the owner knows which shards to send a message to and which formats to encode.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::channel::Format;
+use crate::protocol::phoenix::Topic;
+
+/// Identifies a connection on its shard: slab index plus a generation that changes when the
+/// slot is reused, so stale ids never reach a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnId {
+    pub index: u32,
+    pub generation: u32,
+}
+
+/// One local subscription.
+#[derive(Debug, Clone)]
+pub struct LocalSub {
+    pub conn: ConnId,
+    pub format: Format,
+    /// Presence diffs are delivered to this subscriber.
+    pub presence: bool,
+    /// Join ref (raw JSON token) for frames that must carry it (`presence_state`).
+    pub join_ref: Option<Arc<str>>,
+}
+
+/// Subscribers of one topic on this shard.
+#[derive(Debug, Default)]
+pub struct LocalTopic {
+    pub subs: Vec<LocalSub>,
+    counts: [u32; 3],
+    presence_count: u32,
+}
+
+/// A change in what this shard needs from a topic's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterestChange {
+    /// The first local subscriber in this format arrived.
+    Added(Format),
+    /// The last local subscriber in this format left.
+    Removed(Format),
+}
+
+/// Topic → local subscribers.
+#[derive(Debug, Default)]
+pub struct Registry {
+    topics: HashMap<Topic, LocalTopic, ahash::RandomState>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Local subscribers of `topic`.
+    pub fn get(&self, topic: &Topic) -> Option<&LocalTopic> {
+        self.topics.get(topic)
+    }
+
+    /// Number of topics with local subscribers.
+    pub fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Adds a subscription (replacing one of the same connection); reports interest changes.
+    pub fn add(&mut self, topic: &Topic, sub: LocalSub) -> Vec<InterestChange> {
+        let mut changes = self.remove(topic, sub.conn);
+        let t = self.topics.entry(topic.clone()).or_default();
+        let i = sub.format.index();
+        t.counts[i] += 1;
+        if sub.presence {
+            t.presence_count += 1;
+        }
+        if t.counts[i] == 1 {
+            // A remove+add of the same format cancels out.
+            if let Some(pos) = changes
+                .iter()
+                .position(|c| *c == InterestChange::Removed(sub.format))
+            {
+                changes.remove(pos);
+            } else {
+                changes.push(InterestChange::Added(sub.format));
+            }
+        }
+        t.subs.push(sub);
+        changes
+    }
+
+    /// Removes `conn`'s subscription to `topic`, if any; reports interest changes.
+    pub fn remove(&mut self, topic: &Topic, conn: ConnId) -> Vec<InterestChange> {
+        let Some(t) = self.topics.get_mut(topic) else {
+            return Vec::new();
+        };
+        let Some(pos) = t.subs.iter().position(|s| s.conn == conn) else {
+            return Vec::new();
+        };
+        let sub = t.subs.swap_remove(pos);
+        let i = sub.format.index();
+        t.counts[i] -= 1;
+        if sub.presence {
+            t.presence_count -= 1;
+        }
+        let mut changes = Vec::new();
+        if t.counts[i] == 0 {
+            changes.push(InterestChange::Removed(sub.format));
+        }
+        if t.subs.is_empty() {
+            self.topics.remove(topic);
+        }
+        changes
+    }
+
+    /// Enables presence for `conn` on `topic` (a `track` implicitly does); returns whether it
+    /// changed.
+    pub fn enable_presence(&mut self, topic: &Topic, conn: ConnId) -> bool {
+        let Some(t) = self.topics.get_mut(topic) else {
+            return false;
+        };
+        let Some(s) = t.subs.iter_mut().find(|s| s.conn == conn) else {
+            return false;
+        };
+        if s.presence {
+            return false;
+        }
+        s.presence = true;
+        t.presence_count += 1;
+        true
+    }
+}
+
+impl LocalTopic {
+    /// Subscribers that receive presence diffs.
+    pub fn presence_subscribers(&self) -> u32 {
+        self.presence_count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(i: u32, f: Format) -> LocalSub {
+        LocalSub {
+            conn: ConnId {
+                index: i,
+                generation: 0,
+            },
+            format: f,
+            presence: false,
+            join_ref: None,
+        }
+    }
+
+    #[test]
+    fn reports_only_transitions() {
+        let t = Topic::new("room", false).unwrap();
+        let mut r = Registry::new();
+        assert_eq!(
+            r.add(&t, sub(1, Format::V2)),
+            vec![InterestChange::Added(Format::V2)]
+        );
+        assert_eq!(r.add(&t, sub(2, Format::V2)), vec![]);
+        assert_eq!(
+            r.add(&t, sub(3, Format::V1)),
+            vec![InterestChange::Added(Format::V1)]
+        );
+        assert_eq!(
+            r.remove(
+                &t,
+                ConnId {
+                    index: 1,
+                    generation: 0
+                }
+            ),
+            vec![]
+        );
+        assert_eq!(
+            r.remove(
+                &t,
+                ConnId {
+                    index: 2,
+                    generation: 0
+                }
+            ),
+            vec![InterestChange::Removed(Format::V2)]
+        );
+        assert_eq!(
+            r.remove(
+                &t,
+                ConnId {
+                    index: 9,
+                    generation: 0
+                }
+            ),
+            vec![]
+        );
+        assert_eq!(
+            r.remove(
+                &t,
+                ConnId {
+                    index: 3,
+                    generation: 0
+                }
+            ),
+            vec![InterestChange::Removed(Format::V1)]
+        );
+        assert_eq!(r.topic_count(), 0);
+    }
+
+    #[test]
+    fn rejoin_same_format_is_no_change() {
+        let t = Topic::new("room", false).unwrap();
+        let mut r = Registry::new();
+        r.add(&t, sub(1, Format::V2));
+        assert_eq!(r.add(&t, sub(1, Format::V2)), vec![]);
+        assert_eq!(r.get(&t).unwrap().subs.len(), 1);
+    }
+}

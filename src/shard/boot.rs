@@ -1,0 +1,232 @@
+//! Start-up and shutdown: bind one `SO_REUSEPORT` listener per shard, wire the mesh, start
+//! one pinned glommio executor per shard, and on SIGINT/SIGTERM stop accepting, close every
+//! WebSocket with 1001 and return once connections are gone (or a deadline passes).
+
+use std::os::unix::io::{FromRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::protocol::ws::CloseCode;
+use crate::shard::mesh::{full_mesh, MeshEnds};
+use crate::shard::stats::ShardStats;
+use crate::shard::{close_slot, conn, Kind, Shard};
+use crate::transport::listener::bind_reuseport;
+
+/// How long shutdown waits for connections to close after sending 1001.
+const DRAIN: Duration = Duration::from_secs(3);
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start shard {shard} on CPU {cpu}: {message}")]
+    Executor {
+        shard: usize,
+        cpu: usize,
+        message: String,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs the server until SIGINT/SIGTERM; calls `ready` with the bound address once every
+/// shard accepts.
+pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), BootError> {
+    let cfg = Arc::new(cfg);
+    let (fds, addr) =
+        bind_reuseport(cfg.listen, cfg.shards).map_err(|source| BootError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    install_signals(stop.clone())?;
+    let verifier = Arc::new(Verifier::new(cfg.jwt_secret.as_deref()));
+    let stats: Arc<[ShardStats]> = (0..cfg.shards).map(|_| ShardStats::default()).collect();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut handles = Vec::with_capacity(cfg.shards);
+    for (id, (ends, fd)) in full_mesh(cfg.shards).into_iter().zip(fds).enumerate() {
+        let cpu = cfg.cpus[id];
+        let (cfg, verifier, stats, stop, ready_tx) = (
+            cfg.clone(),
+            verifier.clone(),
+            stats.clone(),
+            stop.clone(),
+            ready_tx.clone(),
+        );
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{id}"))
+            .io_memory(256 << 10)
+            .ring_depth(1024)
+            .preempt_timer(Duration::from_millis(5))
+            .spawn(move || shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx))
+            .map_err(|e| BootError::Executor {
+                shard: id,
+                cpu,
+                message: e.to_string(),
+            })?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    let mut started = 0;
+    while started < cfg.shards && ready_rx.recv().is_ok() {
+        started += 1;
+    }
+    if started == cfg.shards {
+        ready(addr);
+    }
+    for h in handles {
+        if let Err(e) = h.join() {
+            tracing::error!(error = %e, "shard executor failed");
+        }
+    }
+    Ok(())
+}
+
+fn install_signals(stop: Arc<AtomicBool>) -> Result<(), BootError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(BootError::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if stop.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(signal = sig, "second signal: exiting now");
+                    std::process::exit(1);
+                }
+                tracing::info!(signal = sig, "shutting down: closing connections with 1001");
+            }
+        })
+        .map_err(BootError::Signals)?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn shard_main(
+    id: usize,
+    cfg: Arc<Config>,
+    verifier: Arc<Verifier>,
+    stats: Arc<[ShardStats]>,
+    ends: MeshEnds,
+    fd: RawFd,
+    stop: Arc<AtomicBool>,
+    ready: mpsc::Sender<()>,
+) {
+    let mesh = ends.connect().await;
+    let shard = Rc::new(Shard::new(id, cfg, verifier, stats));
+    glommio::spawn_local(shard.clone().flush_loop()).detach();
+    for (peer, tx) in mesh.senders.into_iter().enumerate() {
+        if let Some(tx) = tx {
+            glommio::spawn_local(shard.clone().mesh_send_loop(peer, tx)).detach();
+        }
+    }
+    for (_, rx) in mesh.receivers {
+        glommio::spawn_local(shard.clone().mesh_recv_loop(rx)).detach();
+    }
+    glommio::spawn_local(sweep_loop(shard.clone(), stop)).detach();
+    // SAFETY: `fd` is a listening socket created by `bind_reuseport` for this shard alone.
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    let _ = ready.send(());
+    accept_loop(&shard, &listener).await;
+    drop(listener);
+    drain(&shard).await;
+}
+
+async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.shutdown.wait().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok(stream)) => {
+                glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
+            }
+            Some(Err(e)) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning.
+                tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Closes every connection (WebSockets with 1001) and waits for them to go.
+async fn drain(shard: &Rc<Shard>) {
+    {
+        let mut conns = shard.conns.borrow_mut();
+        for (_, slot) in conns.iter_mut() {
+            close_slot(slot, CloseCode::GoingAway, "server shutting down");
+        }
+    }
+    let deadline = Instant::now() + DRAIN;
+    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Housekeeping every 100 ms: the shutdown flag, idle timeouts, token expiry.
+async fn sweep_loop(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
+    let idle = shard.cfg.limits.idle_timeout;
+    let mut tick = 0u64;
+    let mut actions = Vec::new();
+    loop {
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+        if stop.load(Ordering::Relaxed) {
+            shard.shutdown.fire();
+            return;
+        }
+        tick += 1;
+        if !tick.is_multiple_of(10) {
+            continue;
+        }
+        let now = conn::now();
+        let mut expired = Vec::new();
+        let mut idle_conns = Vec::new();
+        {
+            let mut conns = shard.conns.borrow_mut();
+            for (index, slot) in conns.iter_mut() {
+                let Kind::Ws(ws) = &mut slot.kind else {
+                    continue;
+                };
+                let id = crate::channel::registry::ConnId {
+                    index: index as u32,
+                    generation: slot.generation,
+                };
+                if now.mono.saturating_duration_since(slot.last_rx) >= idle {
+                    idle_conns.push(id);
+                } else if ws
+                    .session
+                    .poll_timeout()
+                    .is_some_and(|t| t <= now.unix_secs)
+                {
+                    expired.push(id);
+                }
+            }
+        }
+        for id in idle_conns {
+            shard.close(id, CloseCode::Normal, "idle timeout: no data for 60 s");
+        }
+        for id in expired {
+            shard.with_slot(id, |slot| {
+                if let Kind::Ws(ws) = &mut slot.kind {
+                    ws.session.handle_timeout(now, &mut actions);
+                }
+            });
+            shard.run_actions(id, &mut actions);
+        }
+    }
+}

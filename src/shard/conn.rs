@@ -1,0 +1,341 @@
+//! The per-connection task: reads socket bytes, feeds them to the protocol state machines and
+//! executes the resulting actions against the shard; waits for writability when the flusher
+//! found the socket full; closes the connection when asked.
+//!
+//! Reads go into the shard's shared scratch buffer and are processed before the next
+//! `.await`, so an idle connection holds no read buffer. glommio's `poll_read` does a direct
+//! `recv` into the given buffer and only registers a readiness poll, which is what makes that
+//! sharing sound.
+//!
+//! Cancel safety: dropping the task drops the socket; [`serve`] always unregisters the
+//! connection from the shard first, so no frame is ever written to a recycled fd.
+
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+
+use crate::channel::registry::ConnId;
+use crate::protocol::http::{self, parse_request};
+use crate::protocol::phoenix::session::{Action, Now};
+use crate::protocol::phoenix::Session;
+use crate::protocol::ws::frame::{frame, OpCode};
+use crate::protocol::ws::{CloseCode, WsConn, WsEvent};
+use crate::shard::rest::{self, Outcome};
+use crate::shard::{Closing, Kind, Shard, WsState};
+use crate::transport::Flush;
+
+use super::stats::ShardStats;
+
+/// How long a closing connection may take to flush its last frames.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Why [`wait`] returned.
+enum Wake {
+    Read(usize),
+    Eof,
+    Close(Closing),
+    Failed,
+}
+
+/// The current time for sessions.
+pub fn now() -> Now {
+    let unix_secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Now {
+        mono: Instant::now(),
+        unix_secs,
+    }
+}
+
+/// Serves one accepted connection until it ends.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let id = shard.register(stream.as_raw_fd());
+    ShardStats::add(&shard.my_stats().accepted, 1);
+    let end = drive(&shard, id, &mut stream).await;
+    if end == Some(Closing::Graceful) {
+        // From here only `linger` writes; the flusher skips closing connections.
+        shard.with_slot(id, |s| s.closing = Some(Closing::Graceful));
+        let _ = glommio::timer::timeout(LINGER, async {
+            linger(&shard, id, &mut stream).await;
+            Ok(())
+        })
+        .await;
+    }
+    shard.unregister(id);
+    let _ = stream.shutdown(std::net::Shutdown::Both).await;
+}
+
+/// Writes out what is queued (used after a graceful close was requested).
+async fn linger(shard: &Shard, id: ConnId, stream: &mut TcpStream) {
+    loop {
+        let front = shard
+            .with_slot(id, |s| s.outbox.front().map(<[u8]>::to_vec))
+            .flatten();
+        let Some(front) = front else { return };
+        match futures_lite::AsyncWriteExt::write(stream, &front).await {
+            Ok(n) if n > 0 => {
+                shard.with_slot(id, |s| s.outbox.advance(n));
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Runs the connection; returns how it should be closed (`None`: the peer is gone).
+async fn drive(shard: &Rc<Shard>, id: ConnId, stream: &mut TcpStream) -> Option<Closing> {
+    let mut pending: Vec<u8> = Vec::new();
+    // HTTP phase: requests (keep-alive, pipelined) until an upgrade or the end.
+    let leftover = 'http: loop {
+        match wait(shard, id, stream).await {
+            Wake::Read(n) => pending.extend_from_slice(&shard.scratch.borrow()[..n]),
+            Wake::Eof | Wake::Failed => return None,
+            Wake::Close(c) => return Some(c),
+        }
+        loop {
+            match http_step(shard, id, &mut pending) {
+                Step::NeedMore => break,
+                Step::Continue => continue,
+                Step::Close => return Some(Closing::Graceful),
+                Step::Upgraded => break 'http std::mem::take(&mut pending),
+            }
+        }
+    };
+    drop(pending);
+    // WebSocket phase.
+    let mut actions: Vec<Action> = Vec::new();
+    if !leftover.is_empty() {
+        let mut buf = leftover;
+        if !ws_input(shard, id, &mut buf, &mut actions) {
+            return Some(Closing::Graceful);
+        }
+    }
+    loop {
+        if shard.congested() {
+            shard.wait_uncongested().await;
+        }
+        match wait(shard, id, stream).await {
+            Wake::Read(n) => {
+                let mut scratch = shard.scratch.borrow_mut();
+                let alive = ws_input(shard, id, &mut scratch[..n], &mut actions);
+                drop(scratch);
+                if !alive {
+                    return Some(Closing::Graceful);
+                }
+            }
+            Wake::Eof | Wake::Failed => return None,
+            Wake::Close(c) => return Some(c),
+        }
+    }
+}
+
+/// Result of trying to handle one HTTP request from the pending bytes.
+enum Step {
+    NeedMore,
+    Continue,
+    Close,
+    Upgraded,
+}
+
+/// Parses and handles one request at the front of `pending`, consuming it.
+fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
+    if pending.is_empty() {
+        return Step::NeedMore;
+    }
+    let limits = &shard.cfg.limits;
+    let (outcome, consumed) = match parse_request(pending, limits.max_head_bytes) {
+        Err(e) => {
+            shard.send(
+                id,
+                http::json_error(e.status(), &e.to_string(), false).into(),
+            );
+            return Step::Close;
+        }
+        Ok(None) => return Step::NeedMore,
+        Ok(Some((req, head_len))) => {
+            let body_len = match req.content_length() {
+                Ok(n) if n > limits.max_message_bytes => {
+                    let e =
+                        crate::protocol::error::HttpError::BodyTooLarge(limits.max_message_bytes);
+                    shard.send(
+                        id,
+                        http::json_error(e.status(), &e.to_string(), false).into(),
+                    );
+                    return Step::Close;
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    shard.send(
+                        id,
+                        http::json_error(e.status(), &e.to_string(), false).into(),
+                    );
+                    return Step::Close;
+                }
+            };
+            if pending.len() < head_len + body_len {
+                return Step::NeedMore;
+            }
+            ShardStats::add(&shard.my_stats().http_requests, 1);
+            let body = &pending[head_len..head_len + body_len];
+            (rest::handle(shard, &req, body), head_len + body_len)
+        }
+    };
+    pending.drain(..consumed);
+    match outcome {
+        Outcome::Respond { bytes, keep_alive } => {
+            shard.send(id, bytes.into());
+            if keep_alive {
+                Step::Continue
+            } else {
+                Step::Close
+            }
+        }
+        Outcome::Upgrade {
+            response,
+            vsn,
+            claims,
+        } => {
+            shard.send(id, response.into());
+            shard.with_slot(id, |s| {
+                s.kind = Kind::Ws(Box::new(WsState {
+                    ws: WsConn::new(),
+                    session: Session::new(vsn, claims),
+                }));
+            });
+            ShardStats::gauge(&shard.my_stats().websockets, 1);
+            Step::Upgraded
+        }
+    }
+}
+
+/// Feeds WebSocket bytes through the codec and the session; returns `false` when the
+/// connection must close (the close frame is already queued).
+fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8], actions: &mut Vec<Action>) -> bool {
+    let now = now();
+    let limits = crate::protocol::ws::conn::WsLimits {
+        max_frame: shard.cfg.limits.max_frame_bytes,
+        max_message: shard.cfg.limits.max_message_bytes,
+    };
+    let mut messages = 0u64;
+    let mut peer_closed = None;
+    let result = {
+        let mut conns = shard.conns.borrow_mut();
+        let Some(slot) = conns
+            .get_mut(id.index as usize)
+            .filter(|s| s.generation == id.generation)
+        else {
+            return false;
+        };
+        slot.last_rx = now.mono;
+        let Kind::Ws(state) = &mut slot.kind else {
+            return false;
+        };
+        let WsState { ws, session } = &mut **state;
+        ws.handle_input(data, limits, |ev| match ev {
+            WsEvent::Text(t) => {
+                messages += 1;
+                session.handle_text(now, t, &shard.ctx, actions);
+            }
+            WsEvent::Binary(b) => {
+                messages += 1;
+                session.handle_binary(b, actions);
+            }
+            WsEvent::Ping(p) => actions.push(Action::Send(frame(OpCode::Pong, p))),
+            WsEvent::Pong => {}
+            WsEvent::Close { code, .. } => peer_closed = Some(code),
+        })
+    };
+    ShardStats::add(&shard.my_stats().messages_in, messages);
+    shard.run_actions(id, actions);
+    if let Err(e) = result {
+        ShardStats::add(&shard.my_stats().protocol_errors, 1);
+        shard.close(id, e.close_code(), &e.to_string());
+        return false;
+    }
+    if let Some(code) = peer_closed {
+        // Echo the peer's code (1005 "no code" is answered with 1000), then close.
+        let reply = if code == 1005 {
+            CloseCode::Normal
+        } else {
+            echo_code(code)
+        };
+        shard.close(id, reply, "");
+        return false;
+    }
+    shard
+        .with_slot(id, |s| s.closing.is_none())
+        .unwrap_or(false)
+}
+
+fn echo_code(code: u16) -> CloseCode {
+    match code {
+        1001 => CloseCode::GoingAway,
+        1002 => CloseCode::Protocol,
+        1007 => CloseCode::InvalidPayload,
+        1008 => CloseCode::Policy,
+        1009 => CloseCode::TooBig,
+        1011 => CloseCode::Internal,
+        _ => CloseCode::Normal,
+    }
+}
+
+/// Waits until the socket is readable (reading into the shard's scratch buffer), the shard
+/// asks this connection to close, or the socket fails. While the outbox is blocked, it also
+/// waits for writability and writes.
+async fn wait(shard: &Shard, id: ConnId, stream: &mut TcpStream) -> Wake {
+    futures_lite::future::poll_fn(|cx| {
+        {
+            let mut conns = shard.conns.borrow_mut();
+            let Some(slot) = conns
+                .get_mut(id.index as usize)
+                .filter(|s| s.generation == id.generation)
+            else {
+                return Poll::Ready(Wake::Failed);
+            };
+            if let Some(c) = slot.closing {
+                return Poll::Ready(Wake::Close(c));
+            }
+            while slot.blocked {
+                let Some(front) = slot.outbox.front() else {
+                    slot.blocked = false;
+                    break;
+                };
+                match Pin::new(&mut *stream).poll_write(cx, front) {
+                    Poll::Ready(Ok(n)) => {
+                        slot.outbox.advance(n);
+                        match slot.outbox.flush(slot.fd) {
+                            Ok(Flush::Drained) => slot.blocked = false,
+                            Ok(Flush::Blocked) => {}
+                            Err(_) => return Poll::Ready(Wake::Failed),
+                        }
+                    }
+                    Poll::Ready(Err(_)) => return Poll::Ready(Wake::Failed),
+                    Poll::Pending => break,
+                }
+            }
+            match &slot.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => slot.waker = Some(cx.waker().clone()),
+            }
+        }
+        let mut scratch = shard.scratch.borrow_mut();
+        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Wake::Eof),
+            Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(Wake::Failed),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}

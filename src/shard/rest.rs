@@ -1,0 +1,385 @@
+//! HTTP routes other than the WebSocket stream itself: the upgrade decision (auth, `vsn`,
+//! handshake), REST broadcast, health and metrics. Each request is answered synchronously;
+//! publishes are handed to the topic's owner shard before the `202` goes out.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /realtime/v1/websocket`, `GET /socket/websocket` | `101`, or `400`/`401` with a JSON error |
+//! | `POST /realtime/v1/api/broadcast` (also `/api/broadcast`) | `202`; `400` bad JSON; `422` invalid message |
+//! | `POST /realtime/v1/api/broadcast/{topic}/events/{event}` | `202`; `400`/`415`/`422` |
+//! | `GET /health` | `200 {"status":"ok"}` |
+//! | `GET /metrics` | Prometheus text |
+//! | `OPTIONS *` | `204` with CORS headers |
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::auth::{AuthError, Claims};
+use crate::protocol::error::HandshakeError;
+use crate::protocol::http::{self, percent_decode, Request};
+use crate::protocol::phoenix::session::{Payload, Persist, Publish};
+use crate::protocol::phoenix::{Topic, Vsn};
+use crate::protocol::ws::handshake;
+use crate::shard::mesh::ShardMsg;
+use crate::shard::Shard;
+
+/// Largest number of messages one batch request may carry.
+pub const MAX_BATCH: usize = 1000;
+
+/// What to do after a request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Send this response; keep the connection open if `keep_alive`.
+    Respond { bytes: Vec<u8>, keep_alive: bool },
+    /// Send the `101` response and switch to WebSocket with this session setup.
+    Upgrade {
+        response: Vec<u8>,
+        vsn: Vsn,
+        claims: Arc<Claims>,
+    },
+}
+
+fn respond(bytes: Vec<u8>, keep_alive: bool) -> Outcome {
+    Outcome::Respond { bytes, keep_alive }
+}
+
+/// Routes one request with its complete body.
+pub fn handle(shard: &Shard, req: &Request<'_>, body: &[u8]) -> Outcome {
+    let ka = req.keep_alive();
+    if req.method == "OPTIONS" {
+        return respond(http::response(204, "text/plain", b"", ka), ka);
+    }
+    let path = req.path.trim_end_matches('/');
+    let path = if path.is_empty() { "/" } else { path };
+    match path {
+        "/realtime/v1/websocket" | "/socket/websocket" => return upgrade(shard, req),
+        "/health" => {
+            return get_only(req, || {
+                http::response(200, "application/json", b"{\"status\":\"ok\"}", ka)
+            })
+        }
+        "/metrics" => {
+            return get_only(req, || {
+                http::response(
+                    200,
+                    "text/plain; version=0.0.4",
+                    super::stats::render(&shard.stats).as_bytes(),
+                    ka,
+                )
+            })
+        }
+        _ => {}
+    }
+    let api = path.strip_prefix("/realtime/v1").unwrap_or(path);
+    if api == "/api/broadcast" {
+        if req.method != "POST" {
+            return respond(http::json_error(405, "use POST", ka), ka);
+        }
+        return respond(batch(shard, req, body, ka), ka);
+    }
+    if let Some(rest) = api.strip_prefix("/api/broadcast/") {
+        if let Some((topic, event)) = rest.split_once("/events/") {
+            if req.method != "POST" {
+                return respond(http::json_error(405, "use POST", ka), ka);
+            }
+            return respond(
+                single(
+                    shard,
+                    req,
+                    &percent_decode(topic),
+                    &percent_decode(event),
+                    body,
+                    ka,
+                ),
+                ka,
+            );
+        }
+    }
+    respond(
+        http::json_error(
+            404,
+            &format!("no route for {} {}", req.method, req.path),
+            ka,
+        ),
+        ka,
+    )
+}
+
+fn get_only(req: &Request<'_>, f: impl FnOnce() -> Vec<u8>) -> Outcome {
+    let ka = req.keep_alive();
+    if req.method != "GET" && req.method != "HEAD" {
+        return respond(http::json_error(405, "use GET", ka), ka);
+    }
+    respond(f(), ka)
+}
+
+/// The token of a REST or upgrade request: `Authorization: Bearer`, then header `apikey` /
+/// `x-api-key`, then the `apikey` query parameter.
+fn token<'a>(req: &'a Request<'a>, bearer_first: bool) -> Option<Cow<'a, str>> {
+    let bearer = req
+        .header("authorization")
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| Cow::Borrowed(t.trim()));
+    let header = req
+        .header("x-api-key")
+        .or_else(|| req.header("apikey"))
+        .map(Cow::Borrowed);
+    let query = req.query_param("apikey");
+    if bearer_first {
+        bearer.or(header).or(query)
+    } else {
+        header.or(query)
+    }
+}
+
+fn authenticate(shard: &Shard, tok: Option<&str>) -> Result<Arc<Claims>, AuthError> {
+    shard.ctx.verifier.verify(tok, super::conn::now().unix_secs)
+}
+
+fn upgrade(shard: &Shard, req: &Request<'_>) -> Outcome {
+    let vsn_raw = req.query_param("vsn");
+    let Some(vsn) = Vsn::parse(vsn_raw.as_deref()) else {
+        let e = HandshakeError::BadVsn(vsn_raw.unwrap_or_default().into_owned());
+        return respond(http::json_error(400, &e.to_string(), false), false);
+    };
+    let claims = match authenticate(shard, token(req, false).as_deref()) {
+        Ok(c) => c,
+        Err(e) => return respond(http::json_error(401, &e.to_string(), false), false),
+    };
+    match handshake::accept(req) {
+        Ok(response) => Outcome::Upgrade {
+            response,
+            vsn,
+            claims,
+        },
+        Err(e) => respond(http::json_error(400, &e.to_string(), false), false),
+    }
+}
+
+/// A flexible boolean in REST bodies and query strings.
+fn flex(v: Option<&serde_json::Value>) -> Option<bool> {
+    match v? {
+        serde_json::Value::Bool(b) => Some(*b),
+        serde_json::Value::String(s) => parse_bool(s),
+        _ => None,
+    }
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    if s.eq_ignore_ascii_case("true") || s == "1" {
+        Some(true)
+    } else if s.eq_ignore_ascii_case("false") || s == "0" {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// Checks that `claims` may publish to `topic` (private topics need the claims rule, or
+/// development mode).
+fn may_publish(shard: &Shard, claims: &Claims, topic: &Topic) -> bool {
+    !topic.is_private()
+        || shard.ctx.verifier.development_mode()
+        || claims.allows_private(topic.name())
+}
+
+fn publish(shard: &Shard, p: Publish) {
+    let owner = p.topic.owner(shard.shards);
+    shard.route(
+        owner,
+        ShardMsg::Publish {
+            publish: Box::new(p),
+            origin: None,
+        },
+    );
+}
+
+fn batch(shard: &Shard, req: &Request<'_>, body: &[u8], ka: bool) -> Vec<u8> {
+    #[derive(Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        messages: Option<Vec<&'a RawValue>>,
+    }
+    let claims = match authenticate(shard, token(req, true).as_deref()) {
+        Ok(c) => c,
+        Err(e) => return http::json_error(401, &e.to_string(), ka),
+    };
+    let parsed: Body<'_> = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => return http::json_error(400, &format!("invalid JSON body: {e}"), ka),
+    };
+    let Some(messages) = parsed.messages else {
+        return http::json_error(422, "body needs a `messages` array", ka);
+    };
+    if messages.len() > MAX_BATCH {
+        return http::json_error(
+            422,
+            &format!(
+                "too many messages in one batch: {} (max {MAX_BATCH})",
+                messages.len()
+            ),
+            ka,
+        );
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, raw) in messages.iter().enumerate() {
+        match batch_message(raw) {
+            Ok(p) if !may_publish(shard, &claims, &p.topic) => {
+                return http::json_error(
+                    403,
+                    &format!(
+                        "messages[{i}]: not allowed to publish to private topic {:?}",
+                        p.topic.name()
+                    ),
+                    ka,
+                )
+            }
+            Ok(p) => out.push(p),
+            Err(e) => return http::json_error(422, &format!("messages[{i}]: {e}"), ka),
+        }
+    }
+    for p in out {
+        publish(shard, p);
+    }
+    http::response(202, "application/json", b"", ka)
+}
+
+fn batch_message(raw: &RawValue) -> Result<Publish, String> {
+    #[derive(Deserialize)]
+    struct Msg<'a> {
+        topic: Option<Cow<'a, str>>,
+        event: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        payload: Option<&'a RawValue>,
+        private: Option<serde_json::Value>,
+        id: Option<Cow<'a, str>>,
+        persist: Option<serde_json::Value>,
+    }
+    let m: Msg<'_> = serde_json::from_str(raw.get())
+        .map_err(|_| "each message must be an object".to_string())?;
+    let topic = m
+        .topic
+        .filter(|t| !t.is_empty())
+        .ok_or("`topic` is required")?;
+    let event = m
+        .event
+        .filter(|e| !e.is_empty())
+        .ok_or("`event` is required")?;
+    let payload = m.payload.ok_or("`payload` is required")?;
+    if !payload.get().starts_with('{') {
+        return Err("`payload` must be an object".into());
+    }
+    let private = flex(m.private.as_ref()).unwrap_or(false);
+    let topic = Topic::new(&topic, private).map_err(|e| e.to_string())?;
+    if let Some(id) = &m.id {
+        if id.is_empty() || id.len() > 128 {
+            return Err("`id` must be a non-empty string of at most 128 bytes".into());
+        }
+    }
+    let persist = match &m.persist {
+        Some(serde_json::Value::Object(o)) => o
+            .get("ttl")
+            .and_then(|t| t.as_u64())
+            .map_or(Persist::Default, Persist::Ttl),
+        v => {
+            if flex(v.as_ref()).unwrap_or(false) {
+                Persist::Default
+            } else {
+                Persist::No
+            }
+        }
+    };
+    Ok(Publish {
+        topic,
+        event: Arc::from(&*event),
+        payload: Payload::Json(Bytes::copy_from_slice(payload.get().as_bytes())),
+        binary_frame: false,
+        exclude_sender: false,
+        persist,
+        id: m.id.map(|i| Arc::from(&*i)),
+    })
+}
+
+fn single(
+    shard: &Shard,
+    req: &Request<'_>,
+    topic: &str,
+    event: &str,
+    body: &[u8],
+    ka: bool,
+) -> Vec<u8> {
+    let claims = match authenticate(shard, token(req, true).as_deref()) {
+        Ok(c) => c,
+        Err(e) => return http::json_error(401, &e.to_string(), ka),
+    };
+    let private = req
+        .query_param("private")
+        .and_then(|v| parse_bool(&v))
+        .unwrap_or(false);
+    let topic = match Topic::new(topic, private) {
+        Ok(t) => t,
+        Err(e) => return http::json_error(422, &e.to_string(), ka),
+    };
+    if event.is_empty() || event.len() > 255 {
+        return http::json_error(422, "event must be 1 to 255 bytes", ka);
+    }
+    if !may_publish(shard, &claims, &topic) {
+        return http::json_error(
+            403,
+            &format!("not allowed to publish to private topic {:?}", topic.name()),
+            ka,
+        );
+    }
+    let ctype = req
+        .header("content-type")
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let payload = match ctype.as_str() {
+        "application/octet-stream" => Payload::Binary(Bytes::copy_from_slice(body)),
+        "application/json" | "" | "text/plain" => {
+            if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+                return http::json_error(400, "body is not valid JSON (send application/octet-stream for bytes)", ka);
+            }
+            Payload::Json(Bytes::copy_from_slice(body))
+        }
+        other => return http::json_error(415, &format!("unsupported Content-Type {other:?}: use application/json or application/octet-stream"), ka),
+    };
+    let persist = if let Some(ttl) = req.query_param("persist[ttl]") {
+        match ttl.parse() {
+            Ok(t) => Persist::Ttl(t),
+            Err(_) => return http::json_error(400, "persist[ttl] must be a number of seconds", ka),
+        }
+    } else if req
+        .query_param("persist")
+        .and_then(|v| parse_bool(&v))
+        .unwrap_or(false)
+    {
+        Persist::Default
+    } else {
+        Persist::No
+    };
+    publish(
+        shard,
+        Publish {
+            topic,
+            event: Arc::from(event),
+            payload,
+            binary_frame: false,
+            exclude_sender: false,
+            persist,
+            id: None,
+        },
+    );
+    http::response(202, "application/json", b"", ka)
+}
