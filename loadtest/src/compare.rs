@@ -1,0 +1,318 @@
+//! `loadtest compare <scenario>`: the raw-socket baseline, then the same scenario against
+//! corecast and each peer in turn, one table with ratios to corecast, JSON, markdown and charts.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::baseline::{self, BaselineResult};
+use crate::coord::si;
+use crate::report;
+use crate::scenarios::{self, machine, Machine, RunArgs, RunResult, ScenarioKind};
+use crate::servers::ServerKind;
+
+#[derive(Serialize)]
+struct Row {
+    server: String,
+    ok: bool,
+    error: Option<String>,
+    deliveries_per_sec: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    lost: u64,
+    duplicated: u64,
+    reordered: u64,
+    closed: u64,
+    published: u64,
+    connect_per_sec: f64,
+    connect_failed: u64,
+    rss_per_conn_kib: Option<f64>,
+    frames_per_send: Option<f64>,
+    p99_over_floor: Option<f64>,
+    server_cpu_secs: Option<f64>,
+    sustained_rate_per_publisher: Option<f64>,
+    deliveries_vs_corecast: Option<f64>,
+    p99_vs_corecast: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct BaselineBrief {
+    subscribers: usize,
+    us_per_send: f64,
+    floor_ms: f64,
+    generator_ceiling_per_sec: f64,
+    generator_ceiling_cpu: f64,
+    generator_bound: bool,
+}
+
+#[derive(Serialize)]
+struct CompareDoc<'a> {
+    scenario: String,
+    machine: &'a Machine,
+    subscribers: usize,
+    seconds: f64,
+    baseline: Option<BaselineBrief>,
+    results: Vec<Row>,
+    runs: &'a [RunResult],
+    baseline_detail: Option<&'a BaselineResult>,
+}
+
+fn row(r: &RunResult) -> Row {
+    let p = r.headline_phase();
+    let c = r.connect.as_ref();
+    Row {
+        server: r.server.clone(),
+        ok: r.ok,
+        error: r.error.clone(),
+        deliveries_per_sec: r.deliveries_per_sec(),
+        p50_ms: p.map_or(0.0, |p| p.p50_ms),
+        p90_ms: p.map_or(0.0, |p| p.p90_ms),
+        p99_ms: p.map_or(0.0, |p| p.p99_ms),
+        p999_ms: p.map_or(0.0, |p| p.p999_ms),
+        max_ms: p.map_or(0.0, |p| p.max_ms),
+        lost: p.map_or(0, |p| p.lost),
+        duplicated: p.map_or(0, |p| p.dup),
+        reordered: p.map_or(0, |p| p.reordered),
+        closed: p.map_or(0, |p| p.closed),
+        published: p.map_or(0, |p| p.published),
+        connect_per_sec: c.map_or(0.0, |c| c.per_sec),
+        connect_failed: c.map_or(0, |c| c.failed),
+        rss_per_conn_kib: r.rss_per_conn_kib,
+        frames_per_send: r.frames_per_send,
+        p99_over_floor: r.p99_over_floor,
+        server_cpu_secs: r.server_cpu_secs,
+        sustained_rate_per_publisher: r.sweep.as_ref().map(|s| s.sustained_rate),
+        deliveries_vs_corecast: None,
+        p99_vs_corecast: None,
+    }
+}
+
+pub fn compare(sc: ScenarioKind, args: &RunArgs, servers: &[ServerKind], with_baseline: bool) -> i32 {
+    let m = machine();
+    let log_dir = std::env::temp_dir().join(format!("loadtest-{}", std::process::id()));
+    let subs = args.subscribers_for(sc);
+    eprintln!(
+        "compare {}: {} subscribers, {} s, servers {:?}; server on CPU {}, generator on CPU {}",
+        sc.name(),
+        subs,
+        args.seconds,
+        servers.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        args.server_cpu,
+        args.client_cpu
+    );
+    let base = if with_baseline {
+        let n = if sc == ScenarioKind::AiTokens { subs / args.streams.max(1) } else { subs };
+        let mut o = args.baseline_opts(n.max(1), args.payload_for(sc));
+        o.ks = vec![64];
+        if sc == ScenarioKind::AiTokens {
+            o.paced_rate = args.tokens_per_sec;
+        }
+        match baseline::run(&o, "baseline") {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("baseline failed: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut runs = Vec::new();
+    for &k in servers {
+        let r = scenarios::run_one(sc, k, args, base.as_ref(), log_dir.clone());
+        runs.push(r);
+    }
+    let mut rows: Vec<Row> = runs.iter().map(row).collect();
+    let cc = rows.iter().find(|r| r.server == "corecast" && r.ok).map(|r| (r.deliveries_per_sec, r.p99_ms));
+    if let Some((d, p)) = cc {
+        for r in &mut rows {
+            if r.ok {
+                r.deliveries_vs_corecast = (d > 0.0).then(|| r.deliveries_per_sec / d);
+                r.p99_vs_corecast = (p > 0.0).then(|| r.p99_ms / p);
+            }
+        }
+    }
+    let table = table_text(sc, &rows, base.as_ref());
+    println!("{table}");
+    let doc = CompareDoc {
+        scenario: sc.name().into(),
+        machine: &m,
+        subscribers: subs,
+        seconds: args.seconds,
+        baseline: base.as_ref().map(|b| BaselineBrief {
+            subscribers: b.subscribers,
+            us_per_send: b.us_per_send,
+            floor_ms: b.floor_ms,
+            generator_ceiling_per_sec: b.generator_ceiling_per_sec,
+            generator_ceiling_cpu: b.generator_ceiling_cpu,
+            generator_bound: b.generator_bound,
+        }),
+        results: rows,
+        runs: &runs,
+        baseline_detail: base.as_ref(),
+    };
+    if let Some(p) = &args.json {
+        report::write_json(p, &doc);
+        eprintln!("wrote {}", p.display());
+    }
+    if !args.no_report {
+        let dir = report::run_dir(args.out.as_deref());
+        let stem = format!("compare-{}-{}", sc.name(), report::stamp());
+        report::write_json(&dir.join(format!("{stem}.json")), &doc);
+        let mut charts = Vec::new();
+        let lat: Vec<(String, Vec<(f64, f64)>)> = runs
+            .iter()
+            .filter_map(|r| {
+                let l = r.headline_phase()?.percentile_ladder();
+                (!l.is_empty()).then(|| (r.server.clone(), l))
+            })
+            .chain(base.iter().flat_map(|b| {
+                b.runs.iter().filter(|r| r.target_rate.is_some() || r.frames_per_send == 1).take(1).filter_map(|r| {
+                    let l = r.outcome.percentile_ladder();
+                    (!l.is_empty()).then(|| (format!("raw {}", r.mode), l))
+                })
+            }))
+            .collect();
+        if !lat.is_empty() {
+            let name = format!("{stem}-latency.svg");
+            std::fs::create_dir_all(&dir).ok();
+            let _ = std::fs::write(
+                dir.join(&name),
+                report::latency_chart(&format!("{}: publish→receive latency", sc.name()), &lat),
+            );
+            charts.push(name);
+        }
+        let tp: Vec<(String, Vec<(f64, f64)>)> = runs
+            .iter()
+            .filter_map(|r| {
+                let pts: Vec<(f64, f64)> = r
+                    .phases
+                    .iter()
+                    .flat_map(|p| p.timeline.iter())
+                    .enumerate()
+                    .map(|(i, s)| (i as f64 + 1.0, s.delivered_per_sec))
+                    .collect();
+                (!pts.is_empty()).then(|| (r.server.clone(), pts))
+            })
+            .collect();
+        if !tp.is_empty() {
+            let name = format!("{stem}-throughput.svg");
+            let _ = std::fs::write(
+                dir.join(&name),
+                report::throughput_chart(&format!("{}: deliveries per second", sc.name()), &tp),
+            );
+            charts.push(name);
+        }
+        let mut md = String::new();
+        let _ = writeln!(md, "# compare {} ({} subscribers)\n", sc.name(), subs);
+        md.push_str(&report::machine_md(&m));
+        let _ = writeln!(
+            md,
+            "\nCommand: `cargo run --release -p loadtest -- compare {} --subscribers {} --seconds {}`\n",
+            sc.name(),
+            subs,
+            args.seconds
+        );
+        let _ = writeln!(md, "```\n{table}\n```\n");
+        if let Some(b) = &base {
+            md.push_str(&report::baseline_md(b));
+            md.push('\n');
+        }
+        for r in &runs {
+            if let Some(e) = &r.error {
+                let _ = writeln!(md, "- {}: {e}", r.server);
+            }
+            for n in &r.notes {
+                let _ = writeln!(md, "- {}: {n}", r.server);
+            }
+        }
+        for c in &charts {
+            let _ = writeln!(md, "\n![]({c})");
+        }
+        let p: PathBuf = dir.join(format!("{stem}.md"));
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(&p, md);
+        eprintln!("results: {}", p.display());
+    }
+    let _ = std::fs::remove_dir_all(&log_dir);
+    if runs.iter().any(|r| r.server == "corecast" && !r.ok) {
+        1
+    } else {
+        0
+    }
+}
+
+fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<10} {:>13} {:>7} {:>9} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>9}  note",
+        "server",
+        "deliveries/s",
+        "×cc",
+        "p50 ms",
+        "p99 ms",
+        "×cc",
+        "lost",
+        "conn/s",
+        "KiB/conn",
+        "fr/send",
+        "p99/floor"
+    );
+    for r in rows {
+        let note = if let Some(e) = &r.error {
+            let e = e.lines().next().unwrap_or("");
+            format!("FAILED: {}", &e[..e.len().min(90)])
+        } else if r.closed > 0 {
+            format!("{} closed", r.closed)
+        } else {
+            String::new()
+        };
+        let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
+        let _ = writeln!(
+            s,
+            "{:<10} {:>13} {:>7} {:>9.2} {:>9.2} {:>7} {:>9} {:>10} {:>9} {:>8} {:>9}  {}",
+            r.server,
+            si(r.deliveries_per_sec),
+            f(r.deliveries_vs_corecast),
+            r.p50_ms,
+            r.p99_ms,
+            f(r.p99_vs_corecast),
+            r.lost,
+            si(r.connect_per_sec),
+            f(r.rss_per_conn_kib),
+            f(r.frames_per_send),
+            f(r.p99_over_floor),
+            note
+        );
+    }
+    if let Some(b) = base {
+        let _ = writeln!(
+            s,
+            "{:<10} {:>13} raw sendmsg: {:.2} µs/send → floor {:.2} ms for {} subscribers/shard; generator ceiling {}/s ({:.0}% CPU{})",
+            "baseline",
+            "",
+            b.us_per_send,
+            b.floor_ms,
+            b.subscribers,
+            si(b.generator_ceiling_per_sec),
+            b.generator_ceiling_cpu * 100.0,
+            if b.generator_bound { ", generator-bound" } else { ", sender-bound" }
+        );
+    }
+    let _ = write!(
+        s,
+        "scenario {}: ×cc = this server's value ÷ corecast's; deliveries/s {}",
+        sc.name(),
+        if rows.iter().any(|r| r.sustained_rate_per_publisher.is_some()) {
+            "= sustained (sweep)"
+        } else {
+            "= measured at the scenario's load"
+        }
+    );
+    s
+}
