@@ -29,13 +29,7 @@ pub struct Claims {
 impl Claims {
     /// Claims of an unauthenticated development-mode connection.
     pub fn anonymous() -> Arc<Self> {
-        Arc::new(Self {
-            role: "anon".into(),
-            exp: None,
-            sub: None,
-            all: Map::new(),
-            token: Arc::from(""),
-        })
+        Arc::new(Self { role: "anon".into(), exp: None, sub: None, all: Map::new(), token: Arc::from("") })
     }
 
     /// Whether these claims allow joining the private topic `name` without a database.
@@ -48,9 +42,7 @@ impl Claims {
             return true;
         }
         match self.all.get("topics") {
-            Some(Value::Array(pats)) => {
-                pats.iter().filter_map(Value::as_str).any(|p| glob(p, name))
-            }
+            Some(Value::Array(pats)) => pats.iter().filter_map(Value::as_str).any(|p| glob(p, name)),
             _ => false,
         }
     }
@@ -112,9 +104,7 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier")
-            .field("development_mode", &self.key.is_none())
-            .finish()
+        f.debug_struct("Verifier").field("development_mode", &self.key.is_none()).finish()
     }
 }
 
@@ -126,10 +116,7 @@ impl Verifier {
         validation.validate_exp = false;
         validation.validate_aud = false;
         validation.required_spec_claims.clear();
-        Self {
-            key: secret.map(|s| DecodingKey::from_secret(s.as_bytes())),
-            validation,
-        }
+        Self { key: secret.map(|s| DecodingKey::from_secret(s.as_bytes())), validation }
     }
 
     /// Whether tokens are accepted without verification.
@@ -141,19 +128,16 @@ impl Verifier {
     pub fn verify(&self, token: Option<&str>, now: u64) -> Result<Arc<Claims>, AuthError> {
         let token = token.map(str::trim).filter(|t| !t.is_empty());
         let Some(key) = &self.key else {
-            return Ok(token
-                .and_then(|t| unverified(t, now))
-                .unwrap_or_else(Claims::anonymous));
+            return Ok(token.and_then(|t| unverified(t, now)).unwrap_or_else(Claims::anonymous));
         };
         let token = token.ok_or(AuthError::Missing)?;
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation)
-            .map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind as K;
-                match e.kind() {
-                    K::InvalidSignature => AuthError::BadSignature,
-                    _ => AuthError::Malformed,
-                }
-            })?;
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::InvalidSignature => AuthError::BadSignature,
+                _ => AuthError::Malformed,
+            }
+        })?;
         let claims = from_map(data.claims, token);
         if claims.exp.is_some_and(|exp| exp <= now) {
             return Err(AuthError::Expired);
@@ -166,31 +150,17 @@ impl Verifier {
 }
 
 fn from_map(all: Map<String, Value>, token: &str) -> Claims {
-    let role = all
-        .get("role")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let exp = all
-        .get("exp")
-        .and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)));
+    let role = all.get("role").and_then(Value::as_str).unwrap_or("").to_string();
+    let exp = all.get("exp").and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)));
     let sub = all.get("sub").and_then(Value::as_str).map(str::to_string);
-    Claims {
-        role,
-        exp,
-        sub,
-        all,
-        token: Arc::from(token),
-    }
+    Claims { role, exp, sub, all, token: Arc::from(token) }
 }
 
 /// Development mode: read a JWT's claims without checking the signature, so roles and `sub`
 /// still flow to authorization. Expired tokens are refused even here.
 fn unverified(token: &str, now: u64) -> Option<Arc<Claims>> {
     let payload = token.split('.').nth(1)?;
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     let Value::Object(map) = serde_json::from_slice(&raw).ok()? else {
         return None;
     };
@@ -211,45 +181,22 @@ mod tests {
     use serde_json::json;
 
     fn token(secret: &str, claims: Value) -> String {
-        encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(secret.as_bytes()),
-        )
-        .unwrap()
+        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
     }
 
     #[test]
     fn verifies_signature_role_and_expiry() {
         let v = Verifier::new(Some("s3cret"));
         let now = 1_000_000;
-        let ok = token(
-            "s3cret",
-            json!({"role":"authenticated","exp":now + 60,"sub":"u1","aud":"authenticated"}),
-        );
+        let ok = token("s3cret", json!({"role":"authenticated","exp":now + 60,"sub":"u1","aud":"authenticated"}));
         let c = v.verify(Some(&ok), now).unwrap();
-        assert_eq!(
-            (c.role.as_str(), c.sub.as_deref(), c.exp),
-            ("authenticated", Some("u1"), Some(now + 60))
-        );
-        assert_eq!(
-            v.verify(Some(&ok), now + 60).unwrap_err(),
-            AuthError::Expired
-        );
+        assert_eq!((c.role.as_str(), c.sub.as_deref(), c.exp), ("authenticated", Some("u1"), Some(now + 60)));
+        assert_eq!(v.verify(Some(&ok), now + 60).unwrap_err(), AuthError::Expired);
         let wrong = token("other", json!({"role":"anon"}));
-        assert_eq!(
-            v.verify(Some(&wrong), now).unwrap_err(),
-            AuthError::BadSignature
-        );
+        assert_eq!(v.verify(Some(&wrong), now).unwrap_err(), AuthError::BadSignature);
         let norole = token("s3cret", json!({"sub":"x"}));
-        assert_eq!(
-            v.verify(Some(&norole), now).unwrap_err(),
-            AuthError::MissingRole
-        );
-        assert_eq!(
-            v.verify(Some("garbage"), now).unwrap_err(),
-            AuthError::Malformed
-        );
+        assert_eq!(v.verify(Some(&norole), now).unwrap_err(), AuthError::MissingRole);
+        assert_eq!(v.verify(Some("garbage"), now).unwrap_err(), AuthError::Malformed);
         assert_eq!(v.verify(None, now).unwrap_err(), AuthError::Missing);
     }
 

@@ -63,11 +63,7 @@ pub struct RawConfig {
     pub max_message_bytes: usize,
 
     /// Channels one connection may join at once (more: `ChannelRateLimitReached`).
-    #[arg(
-        long,
-        env = "CORECAST_MAX_CHANNELS_PER_CONNECTION",
-        default_value_t = 100
-    )]
+    #[arg(long, env = "CORECAST_MAX_CHANNELS_PER_CONNECTION", default_value_t = 100)]
     pub max_channels_per_connection: usize,
 
     /// Bytes queued for one connection before it counts as a slow consumer and is closed with
@@ -169,9 +165,7 @@ pub enum ConfigError {
 impl RawConfig {
     /// Validates and derives the final configuration. `available_cpus` is the machine's count.
     pub fn validate(self, available_cpus: usize) -> Result<Config, ConfigError> {
-        let database_url = self
-            .database_url
-            .or_else(|| std::env::var("DATABASE_URL").ok());
+        let database_url = self.database_url.or_else(|| std::env::var("DATABASE_URL").ok());
         if database_url.as_deref().is_some_and(|u| u.trim().is_empty()) {
             return Err(ConfigError::EmptyDatabaseUrl);
         }
@@ -194,10 +188,7 @@ impl RawConfig {
         let (cpus, ingest_cpu) = match listed {
             Some(l) => {
                 if l.len() < shards {
-                    return Err(ConfigError::TooFewCpus {
-                        listed: l.len(),
-                        shards,
-                    });
+                    return Err(ConfigError::TooFewCpus { listed: l.len(), shards });
                 }
                 let ingest = l.get(shards).copied();
                 (l[..shards].to_vec(), ingest)
@@ -214,19 +205,13 @@ impl RawConfig {
         for (name, v) in [
             ("max-frame-bytes", self.max_frame_bytes),
             ("max-message-bytes", self.max_message_bytes),
-            (
-                "max-channels-per-connection",
-                self.max_channels_per_connection,
-            ),
+            ("max-channels-per-connection", self.max_channels_per_connection),
             ("max-queue-bytes", self.max_queue_bytes),
             ("joins-per-second", self.joins_per_second as usize),
             ("idle-timeout-secs", self.idle_timeout_secs as usize),
             ("presence-max-entries", self.presence_max_entries),
             ("presence-max-bytes", self.presence_max_bytes),
-            (
-                "presence-calls-per-30s",
-                self.presence_calls_per_30s as usize,
-            ),
+            ("presence-calls-per-30s", self.presence_calls_per_30s as usize),
             ("history-max-messages", self.history_max_messages),
             ("max-head-bytes", self.max_head_bytes),
         ] {
@@ -235,10 +220,7 @@ impl RawConfig {
             }
         }
         if self.max_frame_bytes > self.max_message_bytes {
-            return Err(ConfigError::FrameOverMessage {
-                frame: self.max_frame_bytes,
-                message: self.max_message_bytes,
-            });
+            return Err(ConfigError::FrameOverMessage { frame: self.max_frame_bytes, message: self.max_message_bytes });
         }
         Ok(Config {
             listen: self.listen,
@@ -308,26 +290,15 @@ mod tests {
 
     #[test]
     fn database_takes_a_core() {
-        let c = raw(&["--database-url", "postgres://x"])
-            .validate(4)
-            .unwrap();
+        let c = raw(&["--database-url", "postgres://x"]).validate(4).unwrap();
         assert_eq!((c.shards, c.ingest_cpu), (3, Some(3)));
     }
 
     #[test]
     fn rejects_bad_values() {
-        assert_eq!(
-            raw(&["--shards", "0"]).validate(2).unwrap_err(),
-            ConfigError::ZeroShards
-        );
-        assert!(matches!(
-            raw(&["--cpus", "a"]).validate(2),
-            Err(ConfigError::BadCpuList(_))
-        ));
-        assert!(matches!(
-            raw(&["--shards", "3", "--cpus", "0,1"]).validate(2),
-            Err(ConfigError::TooFewCpus { .. })
-        ));
+        assert_eq!(raw(&["--shards", "0"]).validate(2).unwrap_err(), ConfigError::ZeroShards);
+        assert!(matches!(raw(&["--cpus", "a"]).validate(2), Err(ConfigError::BadCpuList(_))));
+        assert!(matches!(raw(&["--shards", "3", "--cpus", "0,1"]).validate(2), Err(ConfigError::TooFewCpus { .. })));
         assert!(matches!(
             raw(&["--max-frame-bytes", "10", "--max-message-bytes", "5"]).validate(2),
             Err(ConfigError::FrameOverMessage { .. })

@@ -1,1 +1,16 @@
+//! The single integration-test binary (ripgrep style): every module boots the real `corecast`
+//! binary on port 0 and talks to it over real sockets.
+//!
+//! Where new tests go:
+//! - `ws`: WebSocket, Phoenix protocol and broadcast behaviour with Rust clients;
+//! - `bad_input`: malformed frames/JSON/requests, floods, slow readers;
+//! - `rest`: REST endpoints;
+//! - `lifecycle`: start-up flags, shutdown;
+//! - `interop`: the unmodified `@supabase/realtime-js` under Node (tests/js).
 
+mod util;
+
+mod bad_input;
+mod lifecycle;
+mod rest;
+mod ws;

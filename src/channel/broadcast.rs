@@ -58,9 +58,7 @@ pub fn encode(msg: &Message<'_>, formats: FormatSet) -> Frames {
     let mut by_format: [Option<Bytes>; 3] = [None, None, None];
     if formats.contains(Format::V2) {
         by_format[Format::V2.index()] = match msg.payload {
-            Payload::Json(p) if !msg.binary_frame => {
-                Some(broadcast_text(Vsn::V2, msg.wire_topic, msg.event, p, &meta))
-            }
+            Payload::Json(p) if !msg.binary_frame => Some(broadcast_text(Vsn::V2, msg.wire_topic, msg.event, p, &meta)),
             Payload::Json(p) => broadcast_binary(msg.wire_topic, msg.event, &meta, true, p)
                 .or_else(|| Some(broadcast_text(Vsn::V2, msg.wire_topic, msg.event, p, &meta))),
             Payload::Binary(p) => broadcast_binary(msg.wire_topic, msg.event, &meta, false, p),
@@ -68,14 +66,10 @@ pub fn encode(msg: &Message<'_>, formats: FormatSet) -> Frames {
     }
     if formats.contains(Format::V1) {
         if let Payload::Json(p) = msg.payload {
-            by_format[Format::V1.index()] =
-                Some(broadcast_text(Vsn::V1, msg.wire_topic, msg.event, p, &meta));
+            by_format[Format::V1.index()] = Some(broadcast_text(Vsn::V1, msg.wire_topic, msg.event, p, &meta));
         }
     }
-    Frames {
-        by_format,
-        offset: msg.offset,
-    }
+    Frames { by_format, offset: msg.offset }
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::channel::Format;
 use crate::protocol::phoenix::Topic;
 
@@ -35,6 +37,9 @@ pub struct LocalTopic {
     pub subs: Vec<LocalSub>,
     counts: [u32; 3],
     presence_count: u32,
+    /// Per format: while the owner has not yet acknowledged this shard's interest, the frames
+    /// (join replies) held for each new subscriber, released in order on the acknowledgement.
+    pending: [Option<Vec<(ConnId, Vec<Bytes>)>>; 3],
 }
 
 /// A change in what this shard needs from a topic's owner.
@@ -79,10 +84,7 @@ impl Registry {
         }
         if t.counts[i] == 1 {
             // A remove+add of the same format cancels out.
-            if let Some(pos) = changes
-                .iter()
-                .position(|c| *c == InterestChange::Removed(sub.format))
-            {
+            if let Some(pos) = changes.iter().position(|c| *c == InterestChange::Removed(sub.format)) {
                 changes.remove(pos);
             } else {
                 changes.push(InterestChange::Added(sub.format));
@@ -116,6 +118,23 @@ impl Registry {
         changes
     }
 
+    /// Holds `frames` for `conn` until the owner acknowledges interest in `format`.
+    pub fn hold(&mut self, topic: &Topic, format: Format, conn: ConnId, frames: Vec<Bytes>) {
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.pending[format.index()].get_or_insert_with(Vec::new).push((conn, frames));
+        }
+    }
+
+    /// Whether interest in `format` is waiting for the owner's acknowledgement.
+    pub fn is_pending(&self, topic: &Topic, format: Format) -> bool {
+        self.topics.get(topic).is_some_and(|t| t.pending[format.index()].is_some())
+    }
+
+    /// The owner acknowledged interest in `format`: returns the held frames, in join order.
+    pub fn release(&mut self, topic: &Topic, format: Format) -> Vec<(ConnId, Vec<Bytes>)> {
+        self.topics.get_mut(topic).and_then(|t| t.pending[format.index()].take()).unwrap_or_default()
+    }
+
     /// Enables presence for `conn` on `topic` (a `track` implicitly does); returns whether it
     /// changed.
     pub fn enable_presence(&mut self, topic: &Topic, conn: ConnId) -> bool {
@@ -146,71 +165,37 @@ mod tests {
     use super::*;
 
     fn sub(i: u32, f: Format) -> LocalSub {
-        LocalSub {
-            conn: ConnId {
-                index: i,
-                generation: 0,
-            },
-            format: f,
-            presence: false,
-            join_ref: None,
-        }
+        LocalSub { conn: ConnId { index: i, generation: 0 }, format: f, presence: false, join_ref: None }
     }
 
     #[test]
     fn reports_only_transitions() {
         let t = Topic::new("room", false).unwrap();
         let mut r = Registry::new();
-        assert_eq!(
-            r.add(&t, sub(1, Format::V2)),
-            vec![InterestChange::Added(Format::V2)]
-        );
+        assert_eq!(r.add(&t, sub(1, Format::V2)), vec![InterestChange::Added(Format::V2)]);
         assert_eq!(r.add(&t, sub(2, Format::V2)), vec![]);
-        assert_eq!(
-            r.add(&t, sub(3, Format::V1)),
-            vec![InterestChange::Added(Format::V1)]
-        );
-        assert_eq!(
-            r.remove(
-                &t,
-                ConnId {
-                    index: 1,
-                    generation: 0
-                }
-            ),
-            vec![]
-        );
-        assert_eq!(
-            r.remove(
-                &t,
-                ConnId {
-                    index: 2,
-                    generation: 0
-                }
-            ),
-            vec![InterestChange::Removed(Format::V2)]
-        );
-        assert_eq!(
-            r.remove(
-                &t,
-                ConnId {
-                    index: 9,
-                    generation: 0
-                }
-            ),
-            vec![]
-        );
-        assert_eq!(
-            r.remove(
-                &t,
-                ConnId {
-                    index: 3,
-                    generation: 0
-                }
-            ),
-            vec![InterestChange::Removed(Format::V1)]
-        );
+        assert_eq!(r.add(&t, sub(3, Format::V1)), vec![InterestChange::Added(Format::V1)]);
+        assert_eq!(r.remove(&t, ConnId { index: 1, generation: 0 }), vec![]);
+        assert_eq!(r.remove(&t, ConnId { index: 2, generation: 0 }), vec![InterestChange::Removed(Format::V2)]);
+        assert_eq!(r.remove(&t, ConnId { index: 9, generation: 0 }), vec![]);
+        assert_eq!(r.remove(&t, ConnId { index: 3, generation: 0 }), vec![InterestChange::Removed(Format::V1)]);
         assert_eq!(r.topic_count(), 0);
+    }
+
+    #[test]
+    fn holds_and_releases_in_order() {
+        let t = Topic::new("room", false).unwrap();
+        let mut r = Registry::new();
+        r.add(&t, sub(1, Format::V2));
+        assert!(!r.is_pending(&t, Format::V2));
+        r.hold(&t, Format::V2, ConnId { index: 1, generation: 0 }, vec![Bytes::from_static(b"a")]);
+        r.add(&t, sub(2, Format::V2));
+        r.hold(&t, Format::V2, ConnId { index: 2, generation: 0 }, vec![Bytes::from_static(b"b")]);
+        assert!(r.is_pending(&t, Format::V2));
+        let held = r.release(&t, Format::V2);
+        assert_eq!(held.iter().map(|(c, _)| c.index).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(!r.is_pending(&t, Format::V2));
+        assert!(r.release(&t, Format::V2).is_empty());
     }
 
     #[test]

@@ -24,20 +24,12 @@ pub struct OwnedTopic {
 impl OwnedTopic {
     /// A new stream with a fresh `epoch` for a cluster of `shards`.
     pub fn new(epoch: Arc<str>, shards: usize) -> Self {
-        Self {
-            epoch,
-            next_offset: 1,
-            interest: vec![FormatSet::default(); shards],
-        }
+        Self { epoch, next_offset: 1, interest: vec![FormatSet::default(); shards] }
     }
 
     /// A stream continuing an existing one (recovered from durable history).
     pub fn resume(epoch: Arc<str>, last_offset: u64, shards: usize) -> Self {
-        Self {
-            epoch,
-            next_offset: last_offset + 1,
-            interest: vec![FormatSet::default(); shards],
-        }
+        Self { epoch, next_offset: last_offset + 1, interest: vec![FormatSet::default(); shards] }
     }
 
     /// The stream's epoch.
@@ -71,18 +63,12 @@ impl OwnedTopic {
 
     /// Formats used by any shard (what to encode).
     pub fn formats(&self) -> FormatSet {
-        self.interest
-            .iter()
-            .fold(FormatSet::default(), |a, b| a.union(*b))
+        self.interest.iter().fold(FormatSet::default(), |a, b| a.union(*b))
     }
 
     /// Shards with at least one subscriber (where to send).
     pub fn listening_shards(&self) -> impl Iterator<Item = usize> + '_ {
-        self.interest
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| !f.is_empty())
-            .map(|(i, _)| i)
+        self.interest.iter().enumerate().filter(|(_, f)| !f.is_empty()).map(|(i, _)| i)
     }
 
     /// Whether no shard listens.
@@ -98,10 +84,7 @@ mod tests {
     #[test]
     fn offsets_and_interest() {
         let mut t = OwnedTopic::new(Arc::from("e1"), 3);
-        assert_eq!(
-            (t.next_offset(), t.next_offset(), t.last_offset()),
-            (1, 2, 2)
-        );
+        assert_eq!((t.next_offset(), t.next_offset(), t.last_offset()), (1, 2, 2));
         assert!(t.is_idle());
         t.set_interest(2, Format::V2, true);
         t.set_interest(0, Format::V1, true);

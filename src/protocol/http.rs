@@ -27,24 +27,17 @@ pub struct Request<'a> {
 impl<'a> Request<'a> {
     /// The first header named `name` (case-insensitive) whose value is UTF-8.
     pub fn header(&self, name: &str) -> Option<&'a str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| *v)
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| *v)
     }
 
     /// The first query parameter named `name`, percent-decoded.
     pub fn query_param(&self, name: &str) -> Option<Cow<'a, str>> {
-        query_pairs(self.query)
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v)
+        query_pairs(self.query).find(|(k, _)| k == name).map(|(_, v)| v)
     }
 
     /// All values of query parameter `name`, percent-decoded, in order.
     pub fn query_params(&self, name: &'a str) -> impl Iterator<Item = Cow<'a, str>> + 'a {
-        query_pairs(self.query)
-            .filter(move |(k, _)| k == name)
-            .map(|(_, v)| v)
+        query_pairs(self.query).filter(move |(k, _)| k == name).map(|(_, v)| v)
     }
 
     /// The declared body length: `Ok(0)` when there is none.
@@ -56,10 +49,7 @@ impl<'a> Request<'a> {
         }
         match self.header("content-length") {
             None => Ok(0),
-            Some(v) => v
-                .trim()
-                .parse()
-                .map_err(|_| HttpError::Malformed("bad Content-Length")),
+            Some(v) => v.trim().parse().map_err(|_| HttpError::Malformed("bad Content-Length")),
         }
     }
 
@@ -67,12 +57,7 @@ impl<'a> Request<'a> {
     pub fn keep_alive(&self) -> bool {
         match self.header("connection") {
             Some(v) if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close")) => false,
-            Some(v)
-                if v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("keep-alive")) =>
-            {
-                true
-            }
+            Some(v) if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("keep-alive")) => true,
             _ => self.version == 1,
         }
     }
@@ -82,10 +67,7 @@ impl<'a> Request<'a> {
 ///
 /// `Ok(None)` means the head is incomplete (nothing consumed); `Ok(Some((req, n)))` gives the
 /// request and the head length, after which the body (if any) starts.
-pub fn parse_request(
-    buf: &[u8],
-    max_head: usize,
-) -> Result<Option<(Request<'_>, usize)>, HttpError> {
+pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<(Request<'_>, usize)>, HttpError> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut raw);
     let status = match req.parse(buf) {
@@ -112,21 +94,8 @@ pub fn parse_request(
         Some(i) => (&target[..i], &target[i + 1..]),
         None => (target, ""),
     };
-    let headers = req
-        .headers
-        .iter()
-        .filter_map(|h| std::str::from_utf8(h.value).ok().map(|v| (h.name, v)))
-        .collect();
-    Ok(Some((
-        Request {
-            method,
-            path,
-            query,
-            version,
-            headers,
-        },
-        n,
-    )))
+    let headers = req.headers.iter().filter_map(|h| std::str::from_utf8(h.value).ok().map(|v| (h.name, v))).collect();
+    Ok(Some((Request { method, path, query, version, headers }, n)))
 }
 
 /// Iterates `k=v` pairs of a query string, percent-decoding both (`+` is a space).
@@ -239,11 +208,7 @@ pub fn head(out: &mut Vec<u8>, status: u16, keep_alive: bool) {
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\nServer: corecast\r\n");
     out.extend_from_slice(CORS.as_bytes());
-    out.extend_from_slice(if keep_alive {
-        b"Connection: keep-alive\r\n"
-    } else {
-        b"Connection: close\r\n"
-    });
+    out.extend_from_slice(if keep_alive { b"Connection: keep-alive\r\n" } else { b"Connection: close\r\n" });
 }
 
 #[cfg(test)]
@@ -259,43 +224,26 @@ mod tests {
         assert_eq!(r.path, "/realtime/v1/websocket");
         assert_eq!(r.query_param("apikey").as_deref(), Some("a b"));
         assert_eq!(r.query_param("vsn").as_deref(), Some("2.0.0"));
-        assert_eq!(
-            r.query_params("topic").collect::<Vec<_>>(),
-            vec!["x", "y z"]
-        );
+        assert_eq!(r.query_params("topic").collect::<Vec<_>>(), vec!["x", "y z"]);
         assert_eq!(r.header("x-api-key"), Some("k"));
         assert!(r.keep_alive());
     }
 
     #[test]
     fn partial_and_limits() {
-        assert!(parse_request(b"GET / HTTP/1.1\r\nHost:", 8192)
-            .unwrap()
-            .is_none());
+        assert!(parse_request(b"GET / HTTP/1.1\r\nHost:", 8192).unwrap().is_none());
         let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(100));
-        assert_eq!(
-            parse_request(big.as_bytes(), 64).unwrap_err(),
-            HttpError::HeadTooLarge(64)
-        );
+        assert_eq!(parse_request(big.as_bytes(), 64).unwrap_err(), HttpError::HeadTooLarge(64));
         assert!(parse_request(b"\x00\x01garbage\r\n\r\n", 8192).is_err());
     }
 
     #[test]
     fn body_length_rules() {
-        let (r, _) = parse_request(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n", 8192)
-            .unwrap()
-            .unwrap();
+        let (r, _) = parse_request(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n", 8192).unwrap().unwrap();
         assert_eq!(r.content_length(), Ok(12));
-        let (r, _) = parse_request(
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            8192,
-        )
-        .unwrap()
-        .unwrap();
+        let (r, _) = parse_request(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 8192).unwrap().unwrap();
         assert_eq!(r.content_length(), Err(HttpError::LengthRequired));
-        let (r, _) = parse_request(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 8192)
-            .unwrap()
-            .unwrap();
+        let (r, _) = parse_request(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 8192).unwrap().unwrap();
         assert!(r.content_length().is_err());
     }
 

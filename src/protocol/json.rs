@@ -21,14 +21,7 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
             0x00..=0x1f => {
                 out.extend_from_slice(&bytes[start..i]);
                 const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(&[
-                    b'\\',
-                    b'u',
-                    b'0',
-                    b'0',
-                    HEX[(b >> 4) as usize],
-                    HEX[(b & 0xf) as usize],
-                ]);
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
                 start = i + 1;
                 continue;
             }
@@ -50,10 +43,7 @@ pub fn write_u64(out: &mut Vec<u8>, v: u64) {
 }
 
 fn itoa_buf(mut v: u64) -> Digits {
-    let mut d = Digits {
-        buf: [0; 20],
-        start: 20,
-    };
+    let mut d = Digits { buf: [0; 20], start: 20 };
     if v == 0 {
         d.start -= 1;
         d.buf[d.start] = b'0';
@@ -95,15 +85,7 @@ mod tests {
 
     #[test]
     fn escapes_like_serde() {
-        for s in [
-            "plain",
-            "q\"uote",
-            "back\\slash",
-            "nl\n\t\r",
-            "\u{1}\u{1f}",
-            "ünï ☃",
-            "",
-        ] {
+        for s in ["plain", "q\"uote", "back\\slash", "nl\n\t\r", "\u{1}\u{1f}", "ünï ☃", ""] {
             assert_eq!(quote(s), serde_json::to_string(s).unwrap());
         }
     }

@@ -26,16 +26,9 @@ const DRAIN: Duration = Duration::from_secs(3);
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot start shard {shard} on CPU {cpu}: {message}")]
-    Executor {
-        shard: usize,
-        cpu: usize,
-        message: String,
-    },
+    Executor { shard: usize, cpu: usize, message: String },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -45,10 +38,7 @@ pub enum BootError {
 pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), BootError> {
     let cfg = Arc::new(cfg);
     let (fds, addr) =
-        bind_reuseport(cfg.listen, cfg.shards).map_err(|source| BootError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
+        bind_reuseport(cfg.listen, cfg.shards).map_err(|source| BootError::Listen { addr: cfg.listen, source })?;
     let stop = Arc::new(AtomicBool::new(false));
     install_signals(stop.clone())?;
     let verifier = Arc::new(Verifier::new(cfg.jwt_secret.as_deref()));
@@ -57,24 +47,15 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
     let mut handles = Vec::with_capacity(cfg.shards);
     for (id, (ends, fd)) in full_mesh(cfg.shards).into_iter().zip(fds).enumerate() {
         let cpu = cfg.cpus[id];
-        let (cfg, verifier, stats, stop, ready_tx) = (
-            cfg.clone(),
-            verifier.clone(),
-            stats.clone(),
-            stop.clone(),
-            ready_tx.clone(),
-        );
+        let (cfg, verifier, stats, stop, ready_tx) =
+            (cfg.clone(), verifier.clone(), stats.clone(), stop.clone(), ready_tx.clone());
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .io_memory(256 << 10)
             .ring_depth(1024)
             .preempt_timer(Duration::from_millis(5))
             .spawn(move || shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx))
-            .map_err(|e| BootError::Executor {
-                shard: id,
-                cpu,
-                message: e.to_string(),
-            })?;
+            .map_err(|e| BootError::Executor { shard: id, cpu, message: e.to_string() })?;
         handles.push(h);
     }
     drop(ready_tx);
@@ -95,8 +76,7 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
 
 fn install_signals(stop: Arc<AtomicBool>) -> Result<(), BootError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(BootError::Signals)?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(BootError::Signals)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -202,17 +182,10 @@ async fn sweep_loop(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
                 let Kind::Ws(ws) = &mut slot.kind else {
                     continue;
                 };
-                let id = crate::channel::registry::ConnId {
-                    index: index as u32,
-                    generation: slot.generation,
-                };
+                let id = crate::channel::registry::ConnId { index: index as u32, generation: slot.generation };
                 if now.mono.saturating_duration_since(slot.last_rx) >= idle {
                     idle_conns.push(id);
-                } else if ws
-                    .session
-                    .poll_timeout()
-                    .is_some_and(|t| t <= now.unix_secs)
-                {
+                } else if ws.session.poll_timeout().is_some_and(|t| t <= now.unix_secs) {
                     expired.push(id);
                 }
             }

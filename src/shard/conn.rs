@@ -45,13 +45,8 @@ enum Wake {
 
 /// The current time for sessions.
 pub fn now() -> Now {
-    let unix_secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Now {
-        mono: Instant::now(),
-        unix_secs,
-    }
+    let unix_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Now { mono: Instant::now(), unix_secs }
 }
 
 /// Serves one accepted connection until it ends.
@@ -76,9 +71,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
 /// Writes out what is queued (used after a graceful close was requested).
 async fn linger(shard: &Shard, id: ConnId, stream: &mut TcpStream) {
     loop {
-        let front = shard
-            .with_slot(id, |s| s.outbox.front().map(<[u8]>::to_vec))
-            .flatten();
+        let front = shard.with_slot(id, |s| s.outbox.front().map(<[u8]>::to_vec)).flatten();
         let Some(front) = front else { return };
         match futures_lite::AsyncWriteExt::write(stream, &front).await {
             Ok(n) if n > 0 => {
@@ -152,30 +145,20 @@ fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
     let limits = &shard.cfg.limits;
     let (outcome, consumed) = match parse_request(pending, limits.max_head_bytes) {
         Err(e) => {
-            shard.send(
-                id,
-                http::json_error(e.status(), &e.to_string(), false).into(),
-            );
+            shard.send(id, http::json_error(e.status(), &e.to_string(), false).into());
             return Step::Close;
         }
         Ok(None) => return Step::NeedMore,
         Ok(Some((req, head_len))) => {
             let body_len = match req.content_length() {
                 Ok(n) if n > limits.max_message_bytes => {
-                    let e =
-                        crate::protocol::error::HttpError::BodyTooLarge(limits.max_message_bytes);
-                    shard.send(
-                        id,
-                        http::json_error(e.status(), &e.to_string(), false).into(),
-                    );
+                    let e = crate::protocol::error::HttpError::BodyTooLarge(limits.max_message_bytes);
+                    shard.send(id, http::json_error(e.status(), &e.to_string(), false).into());
                     return Step::Close;
                 }
                 Ok(n) => n,
                 Err(e) => {
-                    shard.send(
-                        id,
-                        http::json_error(e.status(), &e.to_string(), false).into(),
-                    );
+                    shard.send(id, http::json_error(e.status(), &e.to_string(), false).into());
                     return Step::Close;
                 }
             };
@@ -197,17 +180,10 @@ fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
                 Step::Close
             }
         }
-        Outcome::Upgrade {
-            response,
-            vsn,
-            claims,
-        } => {
+        Outcome::Upgrade { response, vsn, claims } => {
             shard.send(id, response.into());
             shard.with_slot(id, |s| {
-                s.kind = Kind::Ws(Box::new(WsState {
-                    ws: WsConn::new(),
-                    session: Session::new(vsn, claims),
-                }));
+                s.kind = Kind::Ws(Box::new(WsState { ws: WsConn::new(), session: Session::new(vsn, claims) }));
             });
             ShardStats::gauge(&shard.my_stats().websockets, 1);
             Step::Upgraded
@@ -227,10 +203,7 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8], actions: &mut Vec<Action
     let mut peer_closed = None;
     let result = {
         let mut conns = shard.conns.borrow_mut();
-        let Some(slot) = conns
-            .get_mut(id.index as usize)
-            .filter(|s| s.generation == id.generation)
-        else {
+        let Some(slot) = conns.get_mut(id.index as usize).filter(|s| s.generation == id.generation) else {
             return false;
         };
         slot.last_rx = now.mono;
@@ -261,17 +234,11 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8], actions: &mut Vec<Action
     }
     if let Some(code) = peer_closed {
         // Echo the peer's code (1005 "no code" is answered with 1000), then close.
-        let reply = if code == 1005 {
-            CloseCode::Normal
-        } else {
-            echo_code(code)
-        };
+        let reply = if code == 1005 { CloseCode::Normal } else { echo_code(code) };
         shard.close(id, reply, "");
         return false;
     }
-    shard
-        .with_slot(id, |s| s.closing.is_none())
-        .unwrap_or(false)
+    shard.with_slot(id, |s| s.closing.is_none()).unwrap_or(false)
 }
 
 fn echo_code(code: u16) -> CloseCode {
@@ -293,10 +260,7 @@ async fn wait(shard: &Shard, id: ConnId, stream: &mut TcpStream) -> Wake {
     futures_lite::future::poll_fn(|cx| {
         {
             let mut conns = shard.conns.borrow_mut();
-            let Some(slot) = conns
-                .get_mut(id.index as usize)
-                .filter(|s| s.generation == id.generation)
-            else {
+            let Some(slot) = conns.get_mut(id.index as usize).filter(|s| s.generation == id.generation) else {
                 return Poll::Ready(Wake::Failed);
             };
             if let Some(c) = slot.closing {

@@ -9,9 +9,7 @@
 
 use std::sync::Arc;
 
-use glommio::channels::shared_channel::{
-    self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
-};
+use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
 use crate::channel::broadcast::Frames;
 use crate::channel::registry::ConnId;
@@ -33,24 +31,15 @@ pub struct Origin {
 #[derive(Debug)]
 pub enum ShardMsg {
     /// To a topic's owner: shard `from` gained its first, or lost its last, subscriber in
-    /// `format`.
-    Interest {
-        topic: Topic,
-        from: usize,
-        format: Format,
-        present: bool,
-    },
+    /// `format`. A gain is answered with [`ShardMsg::InterestAck`].
+    Interest { topic: Topic, from: usize, format: Format, present: bool },
+    /// From a topic's owner: the interest is registered; every message sequenced from now on
+    /// reaches the shard, so it may send the held join replies.
+    InterestAck { topic: Topic, format: Format },
     /// To a topic's owner: sequence and fan out this message.
-    Publish {
-        publish: Box<Publish>,
-        origin: Option<Origin>,
-    },
+    Publish { publish: Box<Publish>, origin: Option<Origin> },
     /// From a topic's owner to a shard with subscribers: queue these frames to them.
-    Deliver {
-        topic: Topic,
-        frames: Arc<Frames>,
-        exclude: Option<Origin>,
-    },
+    Deliver { topic: Topic, frames: Arc<Frames>, exclude: Option<Origin> },
 }
 
 /// One batch on the wire between two shards.
@@ -67,12 +56,8 @@ pub struct MeshEnds {
 
 /// Creates the full mesh for `n` shards; element `i` goes to shard `i`.
 pub fn full_mesh(n: usize) -> Vec<MeshEnds> {
-    let mut ends: Vec<MeshEnds> = (0..n)
-        .map(|_| MeshEnds {
-            senders: (0..n).map(|_| None).collect(),
-            receivers: Vec::new(),
-        })
-        .collect();
+    let mut ends: Vec<MeshEnds> =
+        (0..n).map(|_| MeshEnds { senders: (0..n).map(|_| None).collect(), receivers: Vec::new() }).collect();
     for from in 0..n {
         for to in 0..n {
             if from != to {
@@ -96,20 +81,11 @@ impl MeshEnds {
     /// concurrently: awaiting them one by one would deadlock (each `connect` waits for the
     /// peer's matching end).
     pub async fn connect(self) -> Mesh {
-        let senders: Vec<_> = self
-            .senders
-            .into_iter()
-            .map(|s| s.map(|s| glommio::spawn_local(s.connect()).detach()))
-            .collect();
-        let receivers: Vec<_> = self
-            .receivers
-            .into_iter()
-            .map(|(peer, r)| (peer, glommio::spawn_local(r.connect()).detach()))
-            .collect();
-        let mut mesh = Mesh {
-            senders: Vec::new(),
-            receivers: Vec::new(),
-        };
+        let senders: Vec<_> =
+            self.senders.into_iter().map(|s| s.map(|s| glommio::spawn_local(s.connect()).detach())).collect();
+        let receivers: Vec<_> =
+            self.receivers.into_iter().map(|(peer, r)| (peer, glommio::spawn_local(r.connect()).detach())).collect();
+        let mut mesh = Mesh { senders: Vec::new(), receivers: Vec::new() };
         for s in senders {
             mesh.senders.push(match s {
                 Some(h) => h.await,

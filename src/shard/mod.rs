@@ -156,20 +156,13 @@ pub struct Shard {
 
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shard")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
+        f.debug_struct("Shard").field("id", &self.id).finish_non_exhaustive()
     }
 }
 
 impl Shard {
     /// A shard `id` of `cfg.shards`.
-    pub fn new(
-        id: usize,
-        cfg: Arc<Config>,
-        verifier: Arc<Verifier>,
-        stats: Arc<[ShardStats]>,
-    ) -> Self {
+    pub fn new(id: usize, cfg: Arc<Config>, verifier: Arc<Verifier>, stats: Arc<[ShardStats]>) -> Self {
         let l = &cfg.limits;
         let ctx = SessionCtx {
             max_channels: l.max_channels_per_connection,
@@ -198,10 +191,7 @@ impl Shard {
             shutdown: Event::default(),
             next_generation: Cell::new(0),
             rng: RefCell::new(fastrand::Rng::with_seed(
-                0x5eed
-                    ^ (id as u64)
-                    ^ Instant::now().elapsed().as_nanos() as u64
-                    ^ std::process::id() as u64,
+                0x5eed ^ (id as u64) ^ Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64,
             )),
             cfg,
         }
@@ -261,10 +251,7 @@ impl Shard {
     /// Queues a frame on a connection (dropped if it is closing); enforces the queue limit.
     pub fn send(&self, id: ConnId, frame: Bytes) {
         let mut conns = self.conns.borrow_mut();
-        let Some(slot) = conns
-            .get_mut(id.index as usize)
-            .filter(|s| s.generation == id.generation)
-        else {
+        let Some(slot) = conns.get_mut(id.index as usize).filter(|s| s.generation == id.generation) else {
             return;
         };
         self.enqueue(id.index, slot, frame);
@@ -279,10 +266,7 @@ impl Shard {
         if queued > self.cfg.limits.max_queue_bytes {
             ShardStats::add(&self.my_stats().slow_consumers, 1);
             slot.outbox.truncate_to_partial();
-            let reason = format!(
-                "slow consumer: more than {} bytes queued",
-                self.cfg.limits.max_queue_bytes
-            );
+            let reason = format!("slow consumer: more than {} bytes queued", self.cfg.limits.max_queue_bytes);
             if matches!(slot.kind, Kind::Ws(_)) {
                 slot.outbox.push(close_frame(CloseCode::Policy, &reason));
             }
@@ -305,10 +289,7 @@ impl Shard {
     /// what is already queued and wakes its task.
     pub fn close(&self, id: ConnId, code: CloseCode, reason: &str) {
         let mut conns = self.conns.borrow_mut();
-        let Some(slot) = conns
-            .get_mut(id.index as usize)
-            .filter(|s| s.generation == id.generation)
-        else {
+        let Some(slot) = conns.get_mut(id.index as usize).filter(|s| s.generation == id.generation) else {
             return;
         };
         close_slot(slot, code, reason);
@@ -323,17 +304,8 @@ impl Shard {
                 Action::Unsubscribe(topic) => self.unsubscribe(id, &topic),
                 Action::Publish(p) => {
                     let owner = p.topic.owner(self.shards);
-                    let origin = Some(Origin {
-                        shard: self.id,
-                        conn: id,
-                    });
-                    self.route(
-                        owner,
-                        ShardMsg::Publish {
-                            publish: Box::new(p),
-                            origin,
-                        },
-                    );
+                    let origin = Some(Origin { shard: self.id, conn: id });
+                    self.route(owner, ShardMsg::Publish { publish: Box::new(p), origin });
                 }
                 Action::Track { .. } | Action::Untrack { .. } => {
                     // Presence state is kept by the topic's owner (see presence module).
@@ -348,21 +320,30 @@ impl Shard {
         }
     }
 
+    /// Registers a subscription. The join reply in `sub.reply` goes out once the subscription
+    /// is in effect: at once when this shard already receives the topic in this format (or
+    /// owns it), else after the owner's [`ShardMsg::InterestAck`].
     fn subscribe(&self, id: ConnId, sub: Subscription) {
         let format = match sub.vsn {
             Vsn::V1 => Format::V1,
             Vsn::V2 => Format::V2,
         };
-        let local = LocalSub {
-            conn: id,
-            format,
-            presence: sub.presence,
-            join_ref: sub.join_ref.clone(),
-        };
+        let local = LocalSub { conn: id, format, presence: sub.presence, join_ref: sub.join_ref.clone() };
         let changes = self.registry.borrow_mut().add(&sub.topic, local);
         ShardStats::gauge(&self.my_stats().subscriptions, 1);
         ShardStats::add(&self.my_stats().joins, 1);
+        let remote_owner = sub.topic.owner(self.shards) != self.id;
+        let added = changes.contains(&InterestChange::Added(format));
+        // Interest changes first: a local owner registers them synchronously.
         self.interest_changed(&sub.topic, changes);
+        let wait = remote_owner && (added || self.registry.borrow().is_pending(&sub.topic, format));
+        if wait {
+            self.registry.borrow_mut().hold(&sub.topic, format, id, sub.reply);
+        } else {
+            for f in sub.reply {
+                self.send(id, f);
+            }
+        }
     }
 
     fn unsubscribe(&self, id: ConnId, topic: &Topic) {
@@ -378,15 +359,7 @@ impl Shard {
                 InterestChange::Added(f) => (f, true),
                 InterestChange::Removed(f) => (f, false),
             };
-            self.route(
-                owner,
-                ShardMsg::Interest {
-                    topic: topic.clone(),
-                    from: self.id,
-                    format,
-                    present,
-                },
-            );
+            self.route(owner, ShardMsg::Interest { topic: topic.clone(), from: self.id, format, present });
         }
     }
 
@@ -405,30 +378,31 @@ impl Shard {
     /// Handles one message addressed to this shard.
     pub fn handle(&self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Interest {
-                topic,
-                from,
-                format,
-                present,
-            } => {
+            ShardMsg::Interest { topic, from, format, present } => {
                 let mut owned = self.owned.borrow_mut();
                 if !present && !owned.contains_key(&topic) {
                     return;
                 }
-                let t = owned
-                    .entry(topic.clone())
-                    .or_insert_with(|| OwnedTopic::new(self.new_epoch(), self.shards));
+                let t = owned.entry(topic.clone()).or_insert_with(|| OwnedTopic::new(self.new_epoch(), self.shards));
                 t.set_interest(from, format, present);
                 if t.is_idle() {
                     owned.remove(&topic);
                 }
+                drop(owned);
+                if present && from != self.id {
+                    self.route(from, ShardMsg::InterestAck { topic, format });
+                }
+            }
+            ShardMsg::InterestAck { topic, format } => {
+                let held = self.registry.borrow_mut().release(&topic, format);
+                for (conn, frames) in held {
+                    for f in frames {
+                        self.send(conn, f);
+                    }
+                }
             }
             ShardMsg::Publish { publish, origin } => self.sequence(*publish, origin),
-            ShardMsg::Deliver {
-                topic,
-                frames,
-                exclude,
-            } => self.deliver(&topic, &frames, exclude),
+            ShardMsg::Deliver { topic, frames, exclude } => self.deliver(&topic, &frames, exclude),
         }
     }
 
@@ -464,14 +438,7 @@ impl Shard {
         };
         let exclude = if p.exclude_sender { origin } else { None };
         for shard in targets {
-            self.route(
-                shard,
-                ShardMsg::Deliver {
-                    topic: p.topic.clone(),
-                    frames: frames.clone(),
-                    exclude,
-                },
-            );
+            self.route(shard, ShardMsg::Deliver { topic: p.topic.clone(), frames: frames.clone(), exclude });
         }
     }
 
@@ -608,10 +575,7 @@ impl Shard {
     }
 
     /// Handles batches from peer shards. Runs until the mesh closes.
-    pub async fn mesh_recv_loop(
-        self: Rc<Self>,
-        rx: glommio::channels::shared_channel::ConnectedReceiver<mesh::Batch>,
-    ) {
+    pub async fn mesh_recv_loop(self: Rc<Self>, rx: glommio::channels::shared_channel::ConnectedReceiver<mesh::Batch>) {
         while let Some(batch) = rx.recv().await {
             for (i, msg) in batch.into_iter().enumerate() {
                 self.handle(msg);

@@ -36,11 +36,7 @@ pub enum Outcome {
     /// Send this response; keep the connection open if `keep_alive`.
     Respond { bytes: Vec<u8>, keep_alive: bool },
     /// Send the `101` response and switch to WebSocket with this session setup.
-    Upgrade {
-        response: Vec<u8>,
-        vsn: Vsn,
-        claims: Arc<Claims>,
-    },
+    Upgrade { response: Vec<u8>, vsn: Vsn, claims: Arc<Claims> },
 }
 
 fn respond(bytes: Vec<u8>, keep_alive: bool) -> Outcome {
@@ -57,19 +53,10 @@ pub fn handle(shard: &Shard, req: &Request<'_>, body: &[u8]) -> Outcome {
     let path = if path.is_empty() { "/" } else { path };
     match path {
         "/realtime/v1/websocket" | "/socket/websocket" => return upgrade(shard, req),
-        "/health" => {
-            return get_only(req, || {
-                http::response(200, "application/json", b"{\"status\":\"ok\"}", ka)
-            })
-        }
+        "/health" => return get_only(req, || http::response(200, "application/json", b"{\"status\":\"ok\"}", ka)),
         "/metrics" => {
             return get_only(req, || {
-                http::response(
-                    200,
-                    "text/plain; version=0.0.4",
-                    super::stats::render(&shard.stats).as_bytes(),
-                    ka,
-                )
+                http::response(200, "text/plain; version=0.0.4", super::stats::render(&shard.stats).as_bytes(), ka)
             })
         }
         _ => {}
@@ -86,27 +73,10 @@ pub fn handle(shard: &Shard, req: &Request<'_>, body: &[u8]) -> Outcome {
             if req.method != "POST" {
                 return respond(http::json_error(405, "use POST", ka), ka);
             }
-            return respond(
-                single(
-                    shard,
-                    req,
-                    &percent_decode(topic),
-                    &percent_decode(event),
-                    body,
-                    ka,
-                ),
-                ka,
-            );
+            return respond(single(shard, req, &percent_decode(topic), &percent_decode(event), body, ka), ka);
         }
     }
-    respond(
-        http::json_error(
-            404,
-            &format!("no route for {} {}", req.method, req.path),
-            ka,
-        ),
-        ka,
-    )
+    respond(http::json_error(404, &format!("no route for {} {}", req.method, req.path), ka), ka)
 }
 
 fn get_only(req: &Request<'_>, f: impl FnOnce() -> Vec<u8>) -> Outcome {
@@ -122,15 +92,9 @@ fn get_only(req: &Request<'_>, f: impl FnOnce() -> Vec<u8>) -> Outcome {
 fn token<'a>(req: &'a Request<'a>, bearer_first: bool) -> Option<Cow<'a, str>> {
     let bearer = req
         .header("authorization")
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(|t| Cow::Borrowed(t.trim()));
-    let header = req
-        .header("x-api-key")
-        .or_else(|| req.header("apikey"))
-        .map(Cow::Borrowed);
+    let header = req.header("x-api-key").or_else(|| req.header("apikey")).map(Cow::Borrowed);
     let query = req.query_param("apikey");
     if bearer_first {
         bearer.or(header).or(query)
@@ -154,11 +118,12 @@ fn upgrade(shard: &Shard, req: &Request<'_>) -> Outcome {
         Err(e) => return respond(http::json_error(401, &e.to_string(), false), false),
     };
     match handshake::accept(req) {
-        Ok(response) => Outcome::Upgrade {
-            response,
-            vsn,
-            claims,
-        },
+        Ok(mut response) => {
+            // Which shard serves this socket: useful when debugging placement (and in tests).
+            response.truncate(response.len() - 2);
+            response.extend_from_slice(format!("X-Corecast-Shard: {}\r\n\r\n", shard.id).as_bytes());
+            Outcome::Upgrade { response, vsn, claims }
+        }
         Err(e) => respond(http::json_error(400, &e.to_string(), false), false),
     }
 }
@@ -185,20 +150,12 @@ fn parse_bool(s: &str) -> Option<bool> {
 /// Checks that `claims` may publish to `topic` (private topics need the claims rule, or
 /// development mode).
 fn may_publish(shard: &Shard, claims: &Claims, topic: &Topic) -> bool {
-    !topic.is_private()
-        || shard.ctx.verifier.development_mode()
-        || claims.allows_private(topic.name())
+    !topic.is_private() || shard.ctx.verifier.development_mode() || claims.allows_private(topic.name())
 }
 
 fn publish(shard: &Shard, p: Publish) {
     let owner = p.topic.owner(shard.shards);
-    shard.route(
-        owner,
-        ShardMsg::Publish {
-            publish: Box::new(p),
-            origin: None,
-        },
-    );
+    shard.route(owner, ShardMsg::Publish { publish: Box::new(p), origin: None });
 }
 
 fn batch(shard: &Shard, req: &Request<'_>, body: &[u8], ka: bool) -> Vec<u8> {
@@ -221,10 +178,7 @@ fn batch(shard: &Shard, req: &Request<'_>, body: &[u8], ka: bool) -> Vec<u8> {
     if messages.len() > MAX_BATCH {
         return http::json_error(
             422,
-            &format!(
-                "too many messages in one batch: {} (max {MAX_BATCH})",
-                messages.len()
-            ),
+            &format!("too many messages in one batch: {} (max {MAX_BATCH})", messages.len()),
             ka,
         );
     }
@@ -234,10 +188,7 @@ fn batch(shard: &Shard, req: &Request<'_>, body: &[u8], ka: bool) -> Vec<u8> {
             Ok(p) if !may_publish(shard, &claims, &p.topic) => {
                 return http::json_error(
                     403,
-                    &format!(
-                        "messages[{i}]: not allowed to publish to private topic {:?}",
-                        p.topic.name()
-                    ),
+                    &format!("messages[{i}]: not allowed to publish to private topic {:?}", p.topic.name()),
                     ka,
                 )
             }
@@ -262,16 +213,9 @@ fn batch_message(raw: &RawValue) -> Result<Publish, String> {
         id: Option<Cow<'a, str>>,
         persist: Option<serde_json::Value>,
     }
-    let m: Msg<'_> = serde_json::from_str(raw.get())
-        .map_err(|_| "each message must be an object".to_string())?;
-    let topic = m
-        .topic
-        .filter(|t| !t.is_empty())
-        .ok_or("`topic` is required")?;
-    let event = m
-        .event
-        .filter(|e| !e.is_empty())
-        .ok_or("`event` is required")?;
+    let m: Msg<'_> = serde_json::from_str(raw.get()).map_err(|_| "each message must be an object".to_string())?;
+    let topic = m.topic.filter(|t| !t.is_empty()).ok_or("`topic` is required")?;
+    let event = m.event.filter(|e| !e.is_empty()).ok_or("`event` is required")?;
     let payload = m.payload.ok_or("`payload` is required")?;
     if !payload.get().starts_with('{') {
         return Err("`payload` must be an object".into());
@@ -284,10 +228,9 @@ fn batch_message(raw: &RawValue) -> Result<Publish, String> {
         }
     }
     let persist = match &m.persist {
-        Some(serde_json::Value::Object(o)) => o
-            .get("ttl")
-            .and_then(|t| t.as_u64())
-            .map_or(Persist::Default, Persist::Ttl),
+        Some(serde_json::Value::Object(o)) => {
+            o.get("ttl").and_then(|t| t.as_u64()).map_or(Persist::Default, Persist::Ttl)
+        }
         v => {
             if flex(v.as_ref()).unwrap_or(false) {
                 Persist::Default
@@ -307,22 +250,12 @@ fn batch_message(raw: &RawValue) -> Result<Publish, String> {
     })
 }
 
-fn single(
-    shard: &Shard,
-    req: &Request<'_>,
-    topic: &str,
-    event: &str,
-    body: &[u8],
-    ka: bool,
-) -> Vec<u8> {
+fn single(shard: &Shard, req: &Request<'_>, topic: &str, event: &str, body: &[u8], ka: bool) -> Vec<u8> {
     let claims = match authenticate(shard, token(req, true).as_deref()) {
         Ok(c) => c,
         Err(e) => return http::json_error(401, &e.to_string(), ka),
     };
-    let private = req
-        .query_param("private")
-        .and_then(|v| parse_bool(&v))
-        .unwrap_or(false);
+    let private = req.query_param("private").and_then(|v| parse_bool(&v)).unwrap_or(false);
     let topic = match Topic::new(topic, private) {
         Ok(t) => t,
         Err(e) => return http::json_error(422, &e.to_string(), ka),
@@ -331,20 +264,9 @@ fn single(
         return http::json_error(422, "event must be 1 to 255 bytes", ka);
     }
     if !may_publish(shard, &claims, &topic) {
-        return http::json_error(
-            403,
-            &format!("not allowed to publish to private topic {:?}", topic.name()),
-            ka,
-        );
+        return http::json_error(403, &format!("not allowed to publish to private topic {:?}", topic.name()), ka);
     }
-    let ctype = req
-        .header("content-type")
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let ctype = req.header("content-type").unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let payload = match ctype.as_str() {
         "application/octet-stream" => Payload::Binary(Bytes::copy_from_slice(body)),
         "application/json" | "" | "text/plain" => {
@@ -353,18 +275,20 @@ fn single(
             }
             Payload::Json(Bytes::copy_from_slice(body))
         }
-        other => return http::json_error(415, &format!("unsupported Content-Type {other:?}: use application/json or application/octet-stream"), ka),
+        other => {
+            return http::json_error(
+                415,
+                &format!("unsupported Content-Type {other:?}: use application/json or application/octet-stream"),
+                ka,
+            )
+        }
     };
     let persist = if let Some(ttl) = req.query_param("persist[ttl]") {
         match ttl.parse() {
             Ok(t) => Persist::Ttl(t),
             Err(_) => return http::json_error(400, "persist[ttl] must be a number of seconds", ka),
         }
-    } else if req
-        .query_param("persist")
-        .and_then(|v| parse_bool(&v))
-        .unwrap_or(false)
-    {
+    } else if req.query_param("persist").and_then(|v| parse_bool(&v)).unwrap_or(false) {
         Persist::Default
     } else {
         Persist::No

@@ -36,95 +36,45 @@ impl ShardStats {
 }
 
 /// One metric: name, type, help text and how to read it from a shard.
-type Row = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&ShardStats) -> f64,
-);
+type Row = (&'static str, &'static str, &'static str, fn(&ShardStats) -> f64);
 
 /// Renders all shards' stats in the Prometheus text format.
 pub fn render(all: &[ShardStats]) -> String {
     let mut out = String::with_capacity(2048);
     let rows: [Row; 13] = [
-        (
-            "corecast_connections",
-            "gauge",
-            "Open TCP connections",
-            |s| s.connections.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_connections_accepted_total",
-            "counter",
-            "Connections accepted",
-            |s| s.accepted.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_websockets",
-            "gauge",
-            "Open WebSocket sessions",
-            |s| s.websockets.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_subscriptions",
-            "gauge",
-            "Channel subscriptions",
-            |s| s.subscriptions.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_joins_total",
-            "counter",
-            "Successful channel joins",
-            |s| s.joins.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_messages_in_total",
-            "counter",
-            "Client messages received",
-            |s| s.messages_in.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_published_total",
-            "counter",
-            "Broadcasts sequenced by their owner shard",
-            |s| s.published.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_deliveries_total",
-            "counter",
-            "Frames queued to subscribers",
-            |s| s.deliveries.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_frames_sent_total",
-            "counter",
-            "Frames fully written to sockets",
-            |s| s.frames_sent.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_sends_total",
-            "counter",
-            "sendmsg calls (frames_sent / sends = coalescing factor)",
-            |s| s.sends.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_slow_consumers_total",
-            "counter",
-            "Connections closed for exceeding the send queue limit",
-            |s| s.slow_consumers.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_protocol_errors_total",
-            "counter",
-            "Connections closed for protocol errors",
-            |s| s.protocol_errors.load(Ordering::Relaxed) as f64,
-        ),
-        (
-            "corecast_http_requests_total",
-            "counter",
-            "HTTP requests (REST, health, metrics)",
-            |s| s.http_requests.load(Ordering::Relaxed) as f64,
-        ),
+        ("corecast_connections", "gauge", "Open TCP connections", |s| s.connections.load(Ordering::Relaxed) as f64),
+        ("corecast_connections_accepted_total", "counter", "Connections accepted", |s| {
+            s.accepted.load(Ordering::Relaxed) as f64
+        }),
+        ("corecast_websockets", "gauge", "Open WebSocket sessions", |s| s.websockets.load(Ordering::Relaxed) as f64),
+        ("corecast_subscriptions", "gauge", "Channel subscriptions", |s| {
+            s.subscriptions.load(Ordering::Relaxed) as f64
+        }),
+        ("corecast_joins_total", "counter", "Successful channel joins", |s| s.joins.load(Ordering::Relaxed) as f64),
+        ("corecast_messages_in_total", "counter", "Client messages received", |s| {
+            s.messages_in.load(Ordering::Relaxed) as f64
+        }),
+        ("corecast_published_total", "counter", "Broadcasts sequenced by their owner shard", |s| {
+            s.published.load(Ordering::Relaxed) as f64
+        }),
+        ("corecast_deliveries_total", "counter", "Frames queued to subscribers", |s| {
+            s.deliveries.load(Ordering::Relaxed) as f64
+        }),
+        ("corecast_frames_sent_total", "counter", "Frames fully written to sockets", |s| {
+            s.frames_sent.load(Ordering::Relaxed) as f64
+        }),
+        ("corecast_sends_total", "counter", "sendmsg calls (frames_sent / sends = coalescing factor)", |s| {
+            s.sends.load(Ordering::Relaxed) as f64
+        }),
+        ("corecast_slow_consumers_total", "counter", "Connections closed for exceeding the send queue limit", |s| {
+            s.slow_consumers.load(Ordering::Relaxed) as f64
+        }),
+        ("corecast_protocol_errors_total", "counter", "Connections closed for protocol errors", |s| {
+            s.protocol_errors.load(Ordering::Relaxed) as f64
+        }),
+        ("corecast_http_requests_total", "counter", "HTTP requests (REST, health, metrics)", |s| {
+            s.http_requests.load(Ordering::Relaxed) as f64
+        }),
     ];
     for (name, kind, help, get) in rows {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -23,10 +23,7 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> io::Result<(Vec<RawFd>, Soc
         s.bind(&bound.into())?;
         s.listen(BACKLOG)?;
         if bound.port() == 0 {
-            bound = s
-                .local_addr()?
-                .as_socket()
-                .ok_or_else(|| io::Error::other("not an IP socket"))?;
+            bound = s.local_addr()?.as_socket().ok_or_else(|| io::Error::other("not an IP socket"))?;
         }
         fds.push(s.into_raw_fd());
     }

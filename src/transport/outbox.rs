@@ -119,10 +119,7 @@ impl Outbox {
 
     /// Writes as much as the socket takes, many frames per `sendmsg`.
     pub fn flush(&mut self, fd: RawFd) -> io::Result<Flush> {
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; MAX_IOV];
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV];
         loop {
             if self.q.is_empty() {
                 return Ok(Flush::Drained);
@@ -131,10 +128,7 @@ impl Outbox {
             let mut total = 0usize;
             for (i, b) in self.q.iter().take(MAX_IOV).enumerate() {
                 let s = if i == 0 { &b[self.head_off..] } else { &b[..] };
-                iov[n] = libc::iovec {
-                    iov_base: s.as_ptr() as *mut libc::c_void,
-                    iov_len: s.len(),
-                };
+                iov[n] = libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() };
                 total += s.len();
                 n += 1;
             }

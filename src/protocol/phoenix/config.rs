@@ -108,16 +108,9 @@ pub fn parse(payload: &RawValue) -> JoinConfig {
         cfg.ack = flex_bool(b.get("ack")).unwrap_or(false);
         cfg.replay = b.get("replay").and_then(Value::as_object).map(|r| Replay {
             since_ms: r.get("since").and_then(Value::as_u64).unwrap_or(0),
-            limit: r
-                .get("limit")
-                .and_then(Value::as_u64)
-                .unwrap_or(10)
-                .clamp(1, 1000) as u32,
+            limit: r.get("limit").and_then(Value::as_u64).unwrap_or(10).clamp(1, 1000) as u32,
         });
-        cfg.resume = b
-            .get("resume")
-            .and_then(Value::as_object)
-            .and_then(parse_resume);
+        cfg.resume = b.get("resume").and_then(Value::as_object).and_then(parse_resume);
     }
     if let Some(p) = obj("presence") {
         cfg.presence_enabled = flex_bool(p.get("enabled")).unwrap_or(false);
@@ -129,11 +122,7 @@ pub fn parse(payload: &RawValue) -> JoinConfig {
     }
     cfg.private = flex_bool(config.get("private")).unwrap_or(false);
     if let Some(Value::Array(list)) = config.get("postgres_changes") {
-        cfg.postgres_changes = list
-            .iter()
-            .filter_map(Value::as_object)
-            .map(binding)
-            .collect();
+        cfg.postgres_changes = list.iter().filter_map(Value::as_object).map(binding).collect();
     }
     cfg
 }
@@ -157,14 +146,7 @@ fn binding(o: &Map<String, Value>) -> PgBinding {
     let id = binding_id(&event, &schema, &table, filter.as_deref());
     // serde_json without `preserve_order` sorts keys; the client compares fields, not order.
     let raw = Value::Object(o.clone()).to_string();
-    PgBinding {
-        raw,
-        event,
-        schema,
-        table,
-        filter,
-        id,
-    }
+    PgBinding { raw, event, schema, table, filter, id }
 }
 
 #[cfg(test)]
@@ -184,10 +166,7 @@ mod tests {
         assert_eq!(c.presence_key.as_deref(), Some("u1"));
         assert_eq!(c.postgres_changes.len(), 1);
         let b = &c.postgres_changes[0];
-        assert_eq!(
-            (b.event.as_str(), b.table.as_str(), b.filter.as_deref()),
-            ("INSERT", "todos", Some("id=eq.1"))
-        );
+        assert_eq!((b.event.as_str(), b.table.as_str(), b.filter.as_deref()), ("INSERT", "todos", Some("id=eq.1")));
         let echo: Value = serde_json::from_str(&b.echo()).unwrap();
         assert_eq!(echo["id"], b.id);
         assert_eq!(echo["filter"], "id=eq.1");
@@ -203,38 +182,17 @@ mod tests {
             r#"{"config":{"broadcast":{"self":"TRUE","replay":{"since":5,"limit":3},"resume":{"epoch":"e1","offset":"42"}},"private":"true","presence":7},"access_token":"jwt"}"#,
         );
         assert!(c.broadcast_self && c.private);
-        assert_eq!(
-            c.replay,
-            Some(Replay {
-                since_ms: 5,
-                limit: 3
-            })
-        );
-        assert_eq!(
-            c.resume,
-            Some(Resume {
-                epoch: "e1".into(),
-                offset: 42
-            })
-        );
+        assert_eq!(c.replay, Some(Replay { since_ms: 5, limit: 3 }));
+        assert_eq!(c.resume, Some(Resume { epoch: "e1".into(), offset: 42 }));
         assert_eq!(c.access_token.as_deref(), Some("jwt"));
         assert_eq!(p("[]"), JoinConfig::default());
-        assert_eq!(
-            p(r#"{"access_token":"sb_publishable_x"}"#).access_token,
-            None
-        );
+        assert_eq!(p(r#"{"access_token":"sb_publishable_x"}"#).access_token, None);
     }
 
     #[test]
     fn ids_are_stable_and_echo_handles_empty() {
-        assert_eq!(
-            binding_id("*", "public", "t", None),
-            binding_id("*", "public", "t", None)
-        );
-        assert_ne!(
-            binding_id("*", "public", "t", None),
-            binding_id("*", "public", "t", Some("id=eq.1"))
-        );
+        assert_eq!(binding_id("*", "public", "t", None), binding_id("*", "public", "t", None));
+        assert_ne!(binding_id("*", "public", "t", None), binding_id("*", "public", "t", Some("id=eq.1")));
         let b = PgBinding {
             raw: "{}".into(),
             event: "*".into(),

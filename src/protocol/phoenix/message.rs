@@ -119,8 +119,7 @@ fn ref_token(v: Option<&RawValue>) -> Result<Option<&str>, DecodeError> {
 pub fn decode_text(vsn: Vsn, data: &[u8]) -> Result<InMessage<'_>, DecodeError> {
     match vsn {
         Vsn::V2 => {
-            let t: V2Text<'_> =
-                serde_json::from_slice(data).map_err(|e| DecodeError::Json(e.to_string()))?;
+            let t: V2Text<'_> = serde_json::from_slice(data).map_err(|e| DecodeError::Json(e.to_string()))?;
             Ok(InMessage {
                 join_ref: ref_token(t.0)?,
                 msg_ref: ref_token(t.1)?,
@@ -130,8 +129,7 @@ pub fn decode_text(vsn: Vsn, data: &[u8]) -> Result<InMessage<'_>, DecodeError> 
             })
         }
         Vsn::V1 => {
-            let t: V1Text<'_> =
-                serde_json::from_slice(data).map_err(|e| DecodeError::Json(e.to_string()))?;
+            let t: V1Text<'_> = serde_json::from_slice(data).map_err(|e| DecodeError::Json(e.to_string()))?;
             let empty: &RawValue = serde_json::from_str(EMPTY_OBJECT).expect("literal is JSON");
             Ok(InMessage {
                 join_ref: ref_token(t.join_ref)?,
@@ -161,9 +159,7 @@ pub fn decode_binary(data: &[u8]) -> Result<BinaryPush<'_>, DecodeError> {
     let lens = [data[1], data[2], data[3], data[4], data[5]].map(|l| l as usize);
     let encoding = data[6];
     if encoding > 1 {
-        return Err(DecodeError::Binary(
-            "payload encoding must be 0 (binary) or 1 (JSON)",
-        ));
+        return Err(DecodeError::Binary("payload encoding must be 0 (binary) or 1 (JSON)"));
     }
     let mut pos = 7;
     let mut parts: [&[u8]; 5] = [&[]; 5];
@@ -213,9 +209,7 @@ pub fn encode(
     payload: &[u8],
 ) -> Bytes {
     let mut b = FrameBuilder::new(payload.len() + topic.len() + event.len() + 48);
-    write_message(&mut b.buf, vsn, join_ref, msg_ref, topic, event, |out| {
-        out.extend_from_slice(payload)
-    });
+    write_message(&mut b.buf, vsn, join_ref, msg_ref, topic, event, |out| out.extend_from_slice(payload));
     b.finish(OpCode::Text)
 }
 
@@ -262,33 +256,16 @@ pub fn write_message(
 }
 
 /// A `phx_reply` with `status` and a raw JSON `response`.
-pub fn reply(
-    vsn: Vsn,
-    join_ref: Option<&str>,
-    msg_ref: Option<&str>,
-    topic: &str,
-    ok: bool,
-    response: &[u8],
-) -> Bytes {
+pub fn reply(vsn: Vsn, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, ok: bool, response: &[u8]) -> Bytes {
     let mut p = Vec::with_capacity(response.len() + 32);
-    p.extend_from_slice(if ok {
-        b"{\"status\":\"ok\",\"response\":"
-    } else {
-        b"{\"status\":\"error\",\"response\":"
-    });
+    p.extend_from_slice(if ok { b"{\"status\":\"ok\",\"response\":" } else { b"{\"status\":\"error\",\"response\":" });
     p.extend_from_slice(response);
     p.push(b'}');
     encode(vsn, join_ref, msg_ref, topic, "phx_reply", &p)
 }
 
 /// An error reply with `{"reason": reason}`.
-pub fn error_reply(
-    vsn: Vsn,
-    join_ref: Option<&str>,
-    msg_ref: Option<&str>,
-    topic: &str,
-    reason: &str,
-) -> Bytes {
+pub fn error_reply(vsn: Vsn, join_ref: Option<&str>, msg_ref: Option<&str>, topic: &str, reason: &str) -> Bytes {
     let mut r = Vec::with_capacity(reason.len() + 16);
     r.extend_from_slice(b"{\"reason\":");
     write_str(&mut r, reason);
@@ -297,25 +274,12 @@ pub fn error_reply(
 }
 
 /// A `system` message: `{"extension","status","message","channel"}` with `ref` null.
-pub fn system(
-    vsn: Vsn,
-    join_ref: Option<&str>,
-    topic: &str,
-    extension: &str,
-    ok: bool,
-    message: &str,
-) -> Bytes {
-    let channel = topic
-        .strip_prefix(crate::protocol::phoenix::topic::PREFIX)
-        .unwrap_or(topic);
+pub fn system(vsn: Vsn, join_ref: Option<&str>, topic: &str, extension: &str, ok: bool, message: &str) -> Bytes {
+    let channel = topic.strip_prefix(crate::protocol::phoenix::topic::PREFIX).unwrap_or(topic);
     let mut p = Vec::with_capacity(message.len() + channel.len() + 80);
     p.extend_from_slice(b"{\"extension\":");
     write_str(&mut p, extension);
-    p.extend_from_slice(if ok {
-        b",\"status\":\"ok\",\"message\":"
-    } else {
-        b",\"status\":\"error\",\"message\":"
-    });
+    p.extend_from_slice(if ok { b",\"status\":\"ok\",\"message\":" } else { b",\"status\":\"error\",\"message\":" });
     write_str(&mut p, message);
     p.extend_from_slice(b",\"channel\":");
     write_str(&mut p, channel);
@@ -356,24 +320,12 @@ pub fn broadcast_text(vsn: Vsn, topic: &str, event: &str, payload: &[u8], meta: 
 /// `u8 4 | u8 topic_len | u8 event_len | u8 meta_len | u8 encoding | topic | event | meta | payload`.
 ///
 /// Returns `None` if a header field exceeds 255 bytes; callers then fall back to text.
-pub fn broadcast_binary(
-    topic: &str,
-    event: &str,
-    meta: &[u8],
-    json: bool,
-    payload: &[u8],
-) -> Option<Bytes> {
+pub fn broadcast_binary(topic: &str, event: &str, meta: &[u8], json: bool, payload: &[u8]) -> Option<Bytes> {
     if topic.len() > 255 || event.len() > 255 || meta.len() > 255 {
         return None;
     }
     let mut b = FrameBuilder::new(5 + topic.len() + event.len() + meta.len() + payload.len());
-    b.buf.extend_from_slice(&[
-        4,
-        topic.len() as u8,
-        event.len() as u8,
-        meta.len() as u8,
-        json as u8,
-    ]);
+    b.buf.extend_from_slice(&[4, topic.len() as u8, event.len() as u8, meta.len() as u8, json as u8]);
     b.buf.extend_from_slice(topic.as_bytes());
     b.buf.extend_from_slice(event.as_bytes());
     b.buf.extend_from_slice(meta);
@@ -417,20 +369,15 @@ mod tests {
     fn rejects_bad_text() {
         assert!(decode_text(Vsn::V2, b"not json").is_err());
         assert!(decode_text(Vsn::V2, b"[1,2,3]").is_err());
-        assert_eq!(
-            decode_text(Vsn::V2, br#"[{},"1","t","e",{}]"#).unwrap_err(),
-            DecodeError::BadRef
-        );
+        assert_eq!(decode_text(Vsn::V2, br#"[{},"1","t","e",{}]"#).unwrap_err(), DecodeError::BadRef);
         assert!(decode_text(Vsn::V1, br#"{"event":"x"}"#).is_err());
     }
 
     #[test]
     fn decodes_captured_kind3() {
         let hex = "0301010e06000136377265616c74696d653a726f6f6d31637572736f727b2278223a327d";
-        let bytes: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
         let p = decode_binary(&bytes).unwrap();
         assert_eq!(
             p,
@@ -449,84 +396,42 @@ mod tests {
         let mut full = v.to_vec();
         full.extend_from_slice(b"1topuser-event{\"a\":\"b\"}");
         let p = decode_binary(&full).unwrap();
-        assert_eq!(
-            (p.join_ref, p.msg_ref, p.topic, p.event),
-            ("10", "1", "top", "user-event")
-        );
+        assert_eq!((p.join_ref, p.msg_ref, p.topic, p.event), ("10", "1", "top", "user-event"));
         assert!(decode_binary(&full[..10]).is_err());
-        assert_eq!(
-            decode_binary(&[4, 0, 0]).unwrap_err(),
-            DecodeError::BinaryKind(4)
-        );
+        assert_eq!(decode_binary(&[4, 0, 0]).unwrap_err(), DecodeError::BinaryKind(4));
     }
 
     #[test]
     fn encodes_captured_kind4() {
-        let f = broadcast_binary(
-            "realtime:room1",
-            "cursor",
-            br#"{"id":"abc"}"#,
-            true,
-            br#"{"x":2}"#,
-        )
-        .unwrap();
+        let f = broadcast_binary("realtime:room1", "cursor", br#"{"id":"abc"}"#, true, br#"{"x":2}"#).unwrap();
         let hex: String = body(&f).iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, "040e060c017265616c74696d653a726f6f6d31637572736f727b226964223a22616263227d7b2278223a327d");
     }
 
     #[test]
     fn encodes_replies_like_phoenix() {
-        let r = reply(
-            Vsn::V2,
-            Some("\"6\""),
-            Some("\"10\""),
-            "realtime:room1",
-            true,
-            b"{}",
-        );
-        assert_eq!(
-            body(&r),
-            br#"["6","10","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#
-        );
+        let r = reply(Vsn::V2, Some("\"6\""), Some("\"10\""), "realtime:room1", true, b"{}");
+        assert_eq!(body(&r), br#"["6","10","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#);
         let c = channel_control(Vsn::V2, Some("\"6\""), "realtime:room1", "phx_close");
         assert_eq!(body(&c), br#"["6","6","realtime:room1","phx_close",{}]"#);
         let h = reply(Vsn::V2, None, Some("\"7\""), "phoenix", true, b"{}");
-        assert_eq!(
-            body(&h),
-            br#"[null,"7","phoenix","phx_reply",{"status":"ok","response":{}}]"#
-        );
-        let v1 = reply(
-            Vsn::V1,
-            Some("\"6\""),
-            Some("\"6\""),
-            "realtime:room3",
-            true,
-            br#"{"postgres_changes":[]}"#,
-        );
+        assert_eq!(body(&h), br#"[null,"7","phoenix","phx_reply",{"status":"ok","response":{}}]"#);
+        let v1 = reply(Vsn::V1, Some("\"6\""), Some("\"6\""), "realtime:room3", true, br#"{"postgres_changes":[]}"#);
         assert_eq!(body(&v1), br#"{"topic":"realtime:room3","event":"phx_reply","payload":{"status":"ok","response":{"postgres_changes":[]}},"ref":"6"}"#);
-        let s = system(
-            Vsn::V2,
-            Some("\"13\""),
-            "realtime:chat-room",
-            "postgres_changes",
-            true,
-            "Subscribed to PostgreSQL",
-        );
+        let s =
+            system(Vsn::V2, Some("\"13\""), "realtime:chat-room", "postgres_changes", true, "Subscribed to PostgreSQL");
         assert_eq!(body(&s), br#"["13",null,"realtime:chat-room","system",{"extension":"postgres_changes","status":"ok","message":"Subscribed to PostgreSQL","channel":"chat-room"}]"#);
     }
 
     #[test]
     fn encodes_broadcast_text() {
         let f = broadcast_text(Vsn::V2, "realtime:room1", "cursor", br#"{"x":1}"#, b"");
-        assert_eq!(body(&f), br#"[null,null,"realtime:room1","broadcast",{"type":"broadcast","event":"cursor","payload":{"x":1}}]"#);
-        let parsed: serde_json::Value = serde_json::from_slice(body(&broadcast_text(
-            Vsn::V1,
-            "t\"x",
-            "e",
-            b"1",
-            br#"{"id":"a"}"#,
-        )))
-        .unwrap();
+        assert_eq!(
+            body(&f),
+            br#"[null,null,"realtime:room1","broadcast",{"type":"broadcast","event":"cursor","payload":{"x":1}}]"#
+        );
+        let parsed: serde_json::Value =
+            serde_json::from_slice(body(&broadcast_text(Vsn::V1, "t\"x", "e", b"1", br#"{"id":"a"}"#))).unwrap();
         assert_eq!(parsed["payload"]["meta"]["id"], "a");
         assert_eq!(parsed["topic"], "t\"x");
     }

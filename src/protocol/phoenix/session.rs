@@ -63,11 +63,7 @@ pub enum Action {
     /// Publish a broadcast on behalf of this connection.
     Publish(Publish),
     /// Track (or update) this connection's presence on a topic under `key`.
-    Track {
-        topic: Topic,
-        key: Arc<str>,
-        meta: Bytes,
-    },
+    Track { topic: Topic, key: Arc<str>, meta: Bytes },
     /// Stop tracking this connection's presence on a topic.
     Untrack { topic: Topic },
     /// Close the WebSocket with this code and reason.
@@ -90,6 +86,11 @@ pub struct Subscription {
     pub resume: Option<Resume>,
     pub postgres_changes: Vec<PgBinding>,
     pub claims: Arc<Claims>,
+    /// Frames to send once the subscription is in effect (the join reply first). Phoenix
+    /// replies only after subscribing; the shard holds these until the topic's owner has
+    /// registered the subscription, so a message published after the client saw its reply
+    /// always reaches it.
+    pub reply: Vec<Bytes>,
 }
 
 /// Payload of a broadcast.
@@ -233,17 +234,9 @@ impl Session {
         let event: &str = &msg.event;
         if topic == "phoenix" {
             if event == "heartbeat" {
-                out.push(Action::Send(message::reply(
-                    self.vsn, None, mr, "phoenix", true, b"{}",
-                )));
+                out.push(Action::Send(message::reply(self.vsn, None, mr, "phoenix", true, b"{}")));
             } else {
-                out.push(Action::Send(message::error_reply(
-                    self.vsn,
-                    None,
-                    mr,
-                    topic,
-                    "unmatched topic",
-                )));
+                out.push(Action::Send(message::error_reply(self.vsn, None, mr, topic, "unmatched topic")));
             }
             return;
         }
@@ -265,15 +258,8 @@ impl Session {
         match event {
             "phx_leave" => {
                 let c = self.channels.remove(idx);
-                out.push(Action::Send(message::reply(
-                    self.vsn, jr, mr, topic, true, b"{}",
-                )));
-                out.push(Action::Send(message::channel_control(
-                    self.vsn,
-                    c.join_ref.as_deref(),
-                    topic,
-                    "phx_close",
-                )));
+                out.push(Action::Send(message::reply(self.vsn, jr, mr, topic, true, b"{}")));
+                out.push(Action::Send(message::channel_control(self.vsn, c.join_ref.as_deref(), topic, "phx_close")));
                 out.push(Action::Unsubscribe(c.topic));
             }
             "broadcast" => self.broadcast_text(idx, jr, mr, payload, out),
@@ -282,9 +268,7 @@ impl Session {
             other => {
                 let reason = format!("unknown event {}", crate::protocol::json::quote(other));
                 if mr.is_some() {
-                    out.push(Action::Send(message::error_reply(
-                        self.vsn, jr, mr, topic, &reason,
-                    )));
+                    out.push(Action::Send(message::error_reply(self.vsn, jr, mr, topic, &reason)));
                 }
             }
         }
@@ -293,10 +277,7 @@ impl Session {
     /// Handles one binary message (vsn 2.0.0 kind-3 user broadcast push).
     pub fn handle_binary(&mut self, data: &[u8], out: &mut Vec<Action>) {
         if self.vsn == Vsn::V1 {
-            return out.push(Action::Close(
-                CloseCode::InvalidPayload,
-                "binary frames need vsn=2.0.0".into(),
-            ));
+            return out.push(Action::Close(CloseCode::InvalidPayload, "binary frames need vsn=2.0.0".into()));
         }
         let p = match decode_binary(data) {
             Ok(p) => p,
@@ -305,13 +286,7 @@ impl Session {
         let mr = (!p.msg_ref.is_empty()).then(|| crate::protocol::json::quote(p.msg_ref));
         let mr = mr.as_deref();
         let Some(idx) = self.channels.iter().position(|c| &*c.wire == p.topic) else {
-            return out.push(Action::Send(message::error_reply(
-                self.vsn,
-                None,
-                mr,
-                p.topic,
-                "unmatched topic",
-            )));
+            return out.push(Action::Send(message::error_reply(self.vsn, None, mr, p.topic, "unmatched topic")));
         };
         let c = &self.channels[idx];
         if !p.join_ref.is_empty() && !ref_matches(c.join_ref.as_deref(), p.join_ref) {
@@ -343,14 +318,7 @@ impl Session {
             id: None,
         }));
         if c.ack && mr.is_some() {
-            out.push(Action::Send(message::reply(
-                self.vsn,
-                jr.as_deref(),
-                mr,
-                p.topic,
-                true,
-                b"{}",
-            )));
+            out.push(Action::Send(message::reply(self.vsn, jr.as_deref(), mr, p.topic, true, b"{}")));
         }
     }
 
@@ -367,9 +335,7 @@ impl Session {
     ) {
         let vsn = self.vsn;
         let err = |out: &mut Vec<Action>, reason: &str| {
-            out.push(Action::Send(message::error_reply(
-                vsn, jr, mr, wire, reason,
-            )))
+            out.push(Action::Send(message::error_reply(vsn, jr, mr, wire, reason)))
         };
         let Some(name) = wire.strip_prefix(PREFIX) else {
             return err(out, "unmatched topic");
@@ -394,16 +360,14 @@ impl Session {
             None => self.claims.clone(),
         };
         if cfg.private && !ctx.verifier.development_mode() && !claims.allows_private(name) {
-            return err(out, &format!("Unauthorized: You do not have permissions to read from this Channel topic: {name}"));
+            return err(
+                out,
+                &format!("Unauthorized: You do not have permissions to read from this Channel topic: {name}"),
+            );
         }
         if let Some(i) = existing {
             let old = self.channels.remove(i);
-            out.push(Action::Send(message::channel_control(
-                vsn,
-                old.join_ref.as_deref(),
-                wire,
-                "phx_close",
-            )));
+            out.push(Action::Send(message::channel_control(vsn, old.join_ref.as_deref(), wire, "phx_close")));
             out.push(Action::Unsubscribe(old.topic));
         }
         let presence_key: Arc<str> = match &cfg.presence_key {
@@ -428,23 +392,16 @@ impl Session {
             presence_key: presence_key.clone(),
             claims: claims.clone(),
         });
-        out.push(Action::Send(message::reply(
-            vsn,
-            jr,
-            mr,
-            wire,
-            true,
-            response.as_bytes(),
-        )));
+        let mut reply = vec![message::reply(vsn, jr, mr, wire, true, response.as_bytes())];
         if !cfg.postgres_changes.is_empty() && !ctx.postgres {
-            out.push(Action::Send(message::system(
+            reply.push(message::system(
                 vsn,
                 jr,
                 wire,
                 "postgres_changes",
                 false,
                 "Postgres changes are not available: corecast runs without a database (set DATABASE_URL)",
-            )));
+            ));
         }
         out.push(Action::Subscribe(Box::new(Subscription {
             topic,
@@ -457,6 +414,7 @@ impl Session {
             resume: cfg.resume,
             postgres_changes: cfg.postgres_changes,
             claims,
+            reply,
         })));
     }
 
@@ -508,9 +466,7 @@ impl Session {
             id: None,
         }));
         if c.ack && mr.is_some() {
-            out.push(Action::Send(message::reply(
-                self.vsn, jr, mr, &c.wire, true, b"{}",
-            )));
+            out.push(Action::Send(message::reply(self.vsn, jr, mr, &c.wire, true, b"{}")));
         }
     }
 
@@ -535,9 +491,7 @@ impl Session {
         let vsn = self.vsn;
         let wire = self.channels[idx].wire.clone();
         let err = |out: &mut Vec<Action>, reason: &str| {
-            out.push(Action::Send(message::error_reply(
-                vsn, jr, mr, &wire, reason,
-            )))
+            out.push(Action::Send(message::error_reply(vsn, jr, mr, &wire, reason)))
         };
         let Ok(push) = serde_json::from_str::<Push<'_>>(payload.get()) else {
             return err(out, "presence payload must be an object");
@@ -548,16 +502,11 @@ impl Session {
         }
         if !self.take_presence_call(now, ctx) {
             // Supabase closes the channel here; a reply keeps the connection and channel usable.
-            return err(
-                out,
-                "PresenceRateLimitReached: Client presence rate limit exceeded",
-            );
+            return err(out, "PresenceRateLimitReached: Client presence rate limit exceeded");
         }
         let c = &self.channels[idx];
         if event == "untrack" {
-            out.push(Action::Untrack {
-                topic: c.topic.clone(),
-            });
+            out.push(Action::Untrack { topic: c.topic.clone() });
         } else {
             let meta = push.payload.map_or("", RawValue::get);
             if !meta.trim_start().starts_with('{') {
@@ -566,11 +515,7 @@ impl Session {
             if meta.len() > ctx.presence_max_bytes {
                 return err(
                     out,
-                    &format!(
-                        "Track message size exceeded: {} bytes, limit {}",
-                        meta.len(),
-                        ctx.presence_max_bytes
-                    ),
+                    &format!("Track message size exceeded: {} bytes, limit {}", meta.len(), ctx.presence_max_bytes),
                 );
             }
             out.push(Action::Track {
@@ -579,26 +524,15 @@ impl Session {
                 meta: Bytes::copy_from_slice(meta.as_bytes()),
             });
         }
-        out.push(Action::Send(message::reply(
-            vsn, jr, mr, &wire, true, b"{}",
-        )));
+        out.push(Action::Send(message::reply(vsn, jr, mr, &wire, true, b"{}")));
     }
 
-    fn access_token(
-        &mut self,
-        now: Now,
-        idx: usize,
-        payload: &RawValue,
-        ctx: &SessionCtx,
-        out: &mut Vec<Action>,
-    ) {
+    fn access_token(&mut self, now: Now, idx: usize, payload: &RawValue, ctx: &SessionCtx, out: &mut Vec<Action>) {
         #[derive(Deserialize)]
         struct Push {
             access_token: Option<String>,
         }
-        let token = serde_json::from_str::<Push>(payload.get())
-            .ok()
-            .and_then(|p| p.access_token);
+        let token = serde_json::from_str::<Push>(payload.get()).ok().and_then(|p| p.access_token);
         let Some(token) = token.filter(|t| !t.starts_with("sb_") && !t.is_empty()) else {
             return;
         };
@@ -608,14 +542,9 @@ impl Session {
         match ctx.verifier.verify(Some(&token), now.unix_secs) {
             Ok(claims) => {
                 let c = &mut self.channels[idx];
-                if c.topic.is_private()
-                    && !ctx.verifier.development_mode()
-                    && !claims.allows_private(c.topic.name())
-                {
-                    let msg = format!(
-                        "You no longer have permission to read from this Channel topic: {}",
-                        c.topic.name()
-                    );
+                if c.topic.is_private() && !ctx.verifier.development_mode() && !claims.allows_private(c.topic.name()) {
+                    let msg =
+                        format!("You no longer have permission to read from this Channel topic: {}", c.topic.name());
                     let c = self.channels.remove(idx);
                     return close_channel(self.vsn, &c, &msg, out);
                 }
@@ -670,32 +599,15 @@ impl Session {
 
 /// Pushes `system` error + `phx_close` for a channel and unsubscribes it.
 fn close_channel(vsn: Vsn, c: &Channel, message: &str, out: &mut Vec<Action>) {
-    out.push(Action::Send(message::system(
-        vsn,
-        c.join_ref.as_deref(),
-        &c.wire,
-        "system",
-        false,
-        message,
-    )));
-    out.push(Action::Send(message::channel_control(
-        vsn,
-        c.join_ref.as_deref(),
-        &c.wire,
-        "phx_close",
-    )));
+    out.push(Action::Send(message::system(vsn, c.join_ref.as_deref(), &c.wire, "system", false, message)));
+    out.push(Action::Send(message::channel_control(vsn, c.join_ref.as_deref(), &c.wire, "phx_close")));
     out.push(Action::Unsubscribe(c.topic.clone()));
 }
 
 /// Compares a raw JSON ref token (`"6"` or `6`) with a bare ref string (`6`).
 fn ref_matches(token: Option<&str>, bare: &str) -> bool {
     match token {
-        Some(t) => {
-            t.strip_prefix('"')
-                .and_then(|t| t.strip_suffix('"'))
-                .unwrap_or(t)
-                == bare
-        }
+        Some(t) => t.strip_prefix('"').and_then(|t| t.strip_suffix('"')).unwrap_or(t) == bare,
         None => false,
     }
 }
@@ -710,10 +622,9 @@ pub fn parse_persist(metadata: &str) -> Persist {
     };
     match m.get("persist") {
         Some(serde_json::Value::Bool(true)) => Persist::Default,
-        Some(serde_json::Value::Object(o)) => o
-            .get("ttl")
-            .and_then(|t| t.as_u64())
-            .map_or(Persist::Default, Persist::Ttl),
+        Some(serde_json::Value::Object(o)) => {
+            o.get("ttl").and_then(|t| t.as_u64()).map_or(Persist::Default, Persist::Ttl)
+        }
         _ => Persist::No,
     }
 }
@@ -726,17 +637,9 @@ fn fastrand_u128(now: Now, seq: u32) -> u128 {
 
 /// Formats 128 random bits as a version-4 UUID string.
 pub fn format_uuid(r: u128) -> String {
-    let r =
-        (r & !(0xf000u128 << 64) | (0x4000u128 << 64)) & !(0xc000u128 << 48) | (0x8000u128 << 48);
+    let r = (r & !(0xf000u128 << 64) | (0x4000u128 << 64)) & !(0xc000u128 << 48) | (0x8000u128 << 48);
     let h = format!("{r:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 #[cfg(test)]
@@ -757,10 +660,7 @@ mod tests {
     }
 
     fn now() -> Now {
-        Now {
-            mono: Instant::now(),
-            unix_secs: 1_700_000_000,
-        }
+        Now { mono: Instant::now(), unix_secs: 1_700_000_000 }
     }
 
     /// Runs one text message and returns (frames as strings, other actions).
@@ -769,11 +669,16 @@ mod tests {
         s.handle_text(now(), msg.as_bytes(), &ctx(), &mut out);
         let mut frames = Vec::new();
         let mut rest = Vec::new();
+        let text = |b: &Bytes| {
+            let (_, n) = parse_header(b).unwrap().unwrap();
+            String::from_utf8(b[n..].to_vec()).unwrap()
+        };
         for a in out {
             match a {
-                Action::Send(b) => {
-                    let (_, n) = parse_header(&b).unwrap().unwrap();
-                    frames.push(String::from_utf8(b[n..].to_vec()).unwrap());
+                Action::Send(b) => frames.push(text(&b)),
+                Action::Subscribe(s) => {
+                    frames.extend(s.reply.iter().map(text));
+                    rest.push(Action::Subscribe(s));
                 }
                 a => rest.push(a),
             }
@@ -790,10 +695,7 @@ mod tests {
     #[test]
     fn heartbeat_is_answered() {
         let (f, _) = run(&mut v2(), r#"[null,"7","phoenix","heartbeat",{}]"#);
-        assert_eq!(
-            f,
-            vec![r#"[null,"7","phoenix","phx_reply",{"status":"ok","response":{}}]"#]
-        );
+        assert_eq!(f, vec![r#"[null,"7","phoenix","phx_reply",{"status":"ok","response":{}}]"#]);
     }
 
     #[test]
@@ -802,9 +704,7 @@ mod tests {
         let (f, a) = run(&mut s, JOIN);
         assert_eq!(
             f,
-            vec![
-                r#"["6","6","realtime:room1","phx_reply",{"status":"ok","response":{"postgres_changes":[]}}]"#
-            ]
+            vec![r#"["6","6","realtime:room1","phx_reply",{"status":"ok","response":{"postgres_changes":[]}}]"#]
         );
         assert!(
             matches!(&a[..], [Action::Subscribe(sub)] if sub.presence && sub.broadcast_self && &*sub.presence_key == "u1")
@@ -813,8 +713,7 @@ mod tests {
         assert_eq!(
             f,
             vec![
-                r#"["6","10","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#
-                    .to_string(),
+                r#"["6","10","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#.to_string(),
                 r#"["6","6","realtime:room1","phx_close",{}]"#.to_string(),
             ]
         );
@@ -847,25 +746,17 @@ mod tests {
         let (f, a) = run(&mut s, &JOIN.replace(r#""6","6""#, r#""9","9""#));
         assert_eq!(f[0], r#"["6","6","realtime:room1","phx_close",{}]"#);
         assert!(f[1].starts_with(r#"["9","9","realtime:room1","phx_reply""#));
-        assert!(matches!(
-            &a[..],
-            [Action::Unsubscribe(_), Action::Subscribe(_)]
-        ));
+        assert!(matches!(&a[..], [Action::Unsubscribe(_), Action::Subscribe(_)]));
         // a push with the old join_ref is now stale and ignored
-        let (f, a) = run(
-            &mut s,
-            r#"["6","11","realtime:room1","broadcast",{"type":"broadcast","event":"e","payload":{}}]"#,
-        );
+        let (f, a) =
+            run(&mut s, r#"["6","11","realtime:room1","broadcast",{"type":"broadcast","event":"e","payload":{}}]"#);
         assert!(f.is_empty() && a.is_empty());
     }
 
     #[test]
     fn unmatched_topics() {
         let mut s = v2();
-        let (f, _) = run(
-            &mut s,
-            r#"["1","2","realtime:nope","broadcast",{"event":"e","payload":{}}]"#,
-        );
+        let (f, _) = run(&mut s, r#"["1","2","realtime:nope","broadcast",{"event":"e","payload":{}}]"#);
         assert_eq!(
             f,
             vec![
@@ -888,17 +779,11 @@ mod tests {
             &mut s,
             r#"["6","7","realtime:room1","broadcast",{"type":"broadcast","event":"cursor","payload":{"x":1}}]"#,
         );
-        assert_eq!(
-            f,
-            vec![r#"["6","7","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#]
-        );
+        assert_eq!(f, vec![r#"["6","7","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#]);
         let Action::Publish(p) = &a[0] else { panic!() };
         assert_eq!((&*p.event, p.exclude_sender), ("cursor", false));
         assert_eq!(p.payload, Payload::Json(Bytes::from_static(b"{\"x\":1}")));
-        let (f, a) = run(
-            &mut s,
-            r#"["6","8","realtime:room1","broadcast",{"type":"broadcast","payload":{}}]"#,
-        );
+        let (f, a) = run(&mut s, r#"["6","8","realtime:room1","broadcast",{"type":"broadcast","payload":{}}]"#);
         assert!(f[0].contains("needs an `event`") && a.is_empty());
     }
 
@@ -907,15 +792,11 @@ mod tests {
         let mut s = v2();
         run(&mut s, JOIN);
         let hex = "0301010e06000136377265616c74696d653a726f6f6d31637572736f727b2278223a327d";
-        let bytes: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
         let mut out = Vec::new();
         s.handle_binary(&bytes, &mut out);
-        let Action::Publish(p) = &out[0] else {
-            panic!("{out:?}")
-        };
+        let Action::Publish(p) = &out[0] else { panic!("{out:?}") };
         assert!(p.binary_frame);
         assert!(matches!(&out[1], Action::Send(_)), "ack reply");
     }
@@ -924,10 +805,7 @@ mod tests {
     fn limits_channels_and_joins() {
         let mut s = v2();
         for i in 0..3 {
-            let (f, _) = run(
-                &mut s,
-                &format!(r#"["{i}","{i}","realtime:r{i}","phx_join",{{}}]"#),
-            );
+            let (f, _) = run(&mut s, &format!(r#"["{i}","{i}","realtime:r{i}","phx_join",{{}}]"#));
             assert!(f[0].contains(r#""status":"ok""#));
         }
         let (f, _) = run(&mut s, r#"["9","9","realtime:r9","phx_join",{}]"#);
@@ -939,13 +817,11 @@ mod tests {
         let mut errors = 0;
         for i in 0..5 {
             let mut out = Vec::new();
-            s.handle_text(
-                n,
-                format!(r#"["{i}","{i}","realtime:a","phx_join",{{}}]"#).as_bytes(),
-                &c,
-                &mut out,
-            );
-            errors += out.iter().filter(|a| matches!(a, Action::Send(b) if String::from_utf8_lossy(b).contains("ClientJoinRateLimitReached"))).count();
+            s.handle_text(n, format!(r#"["{i}","{i}","realtime:a","phx_join",{{}}]"#).as_bytes(), &c, &mut out);
+            errors += out
+                .iter()
+                .filter(|a| matches!(a, Action::Send(b) if String::from_utf8_lossy(b).contains("ClientJoinRateLimitReached")))
+                .count();
         }
         assert_eq!(errors, 3);
     }
@@ -953,10 +829,7 @@ mod tests {
     #[test]
     fn malformed_json_closes_1007() {
         let (_, a) = run(&mut v2(), "{not json");
-        assert!(matches!(
-            &a[..],
-            [Action::Close(CloseCode::InvalidPayload, _)]
-        ));
+        assert!(matches!(&a[..], [Action::Close(CloseCode::InvalidPayload, _)]));
     }
 
     #[test]
@@ -976,13 +849,9 @@ mod tests {
             r#"["6","8","realtime:room1","presence",{"type":"presence","event":"track","payload":{"online":true}}]"#,
         );
         assert!(f[0].contains(r#""status":"ok""#));
-        assert!(
-            matches!(&a[..], [Action::Track { meta, .. }] if &meta[..] == b"{\"online\":true}")
-        );
-        let (f, a) = run(
-            &mut s,
-            r#"["6","9","realtime:room1","presence",{"type":"presence","event":"track","payload":[1]}]"#,
-        );
+        assert!(matches!(&a[..], [Action::Track { meta, .. }] if &meta[..] == b"{\"online\":true}"));
+        let (f, a) =
+            run(&mut s, r#"["6","9","realtime:room1","presence",{"type":"presence","event":"track","payload":[1]}]"#);
         assert!(f[0].contains("must be a map") && a.is_empty());
     }
 
@@ -1000,35 +869,19 @@ mod tests {
         let mut c = ctx();
         c.verifier = Arc::new(Verifier::new(Some(secret)));
         let n = now();
-        let mut s = Session::new(
-            Vsn::V2,
-            c.verifier
-                .verify(Some(&tok(n.unix_secs + 10)), n.unix_secs)
-                .unwrap(),
-        );
+        let mut s = Session::new(Vsn::V2, c.verifier.verify(Some(&tok(n.unix_secs + 10)), n.unix_secs).unwrap());
         let mut out = Vec::new();
         s.handle_text(n, JOIN.as_bytes(), &c, &mut out);
         assert_eq!(s.poll_timeout(), Some(n.unix_secs + 10));
         out.clear();
-        s.handle_timeout(
-            Now {
-                unix_secs: n.unix_secs + 10,
-                ..n
-            },
-            &mut out,
-        );
+        s.handle_timeout(Now { unix_secs: n.unix_secs + 10, ..n }, &mut out);
         assert_eq!(out.len(), 3);
         assert_eq!(s.channel_count(), 0);
         // an invalid refreshed token also closes the channel
         let mut out = Vec::new();
         s.handle_text(n, JOIN.as_bytes(), &c, &mut out);
         out.clear();
-        s.handle_text(
-            n,
-            br#"["6","20","realtime:room1","access_token",{"access_token":"bad.token.x"}]"#,
-            &c,
-            &mut out,
-        );
+        s.handle_text(n, br#"["6","20","realtime:room1","access_token",{"access_token":"bad.token.x"}]"#, &c, &mut out);
         assert_eq!(out.len(), 3, "{out:?}");
     }
 

@@ -31,11 +31,7 @@ impl Topic {
             return Err(TopicError::TooLong);
         }
         let hash = stable_hash(name.as_bytes(), private);
-        Ok(Self {
-            name: Arc::from(name),
-            private,
-            hash,
-        })
+        Ok(Self { name: Arc::from(name), private, hash })
     }
 
     /// The name without the `realtime:` prefix.
@@ -75,12 +71,7 @@ impl Hash for Topic {
 
 impl fmt::Debug for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}{}",
-            if self.private { "private:" } else { "" },
-            self.name
-        )
+        write!(f, "{}{}", if self.private { "private:" } else { "" }, self.name)
     }
 }
 

@@ -109,10 +109,7 @@ impl WsConn {
                 return Err(WsError::Protocol("client frames must be masked"));
             };
             if hdr.payload_len > limits.max_frame as u64 {
-                return Err(WsError::TooBig {
-                    size: hdr.payload_len,
-                    limit: limits.max_frame,
-                });
+                return Err(WsError::TooBig { size: hdr.payload_len, limit: limits.max_frame });
             }
             let len = hdr.payload_len as usize;
             if buf.len() - pos - hlen < len {
@@ -145,9 +142,7 @@ impl WsConn {
             }
             OpCode::Text | OpCode::Binary => {
                 if self.partial.is_some() {
-                    return Err(WsError::Protocol(
-                        "new data frame inside a fragmented message",
-                    ));
+                    return Err(WsError::Protocol("new data frame inside a fragmented message"));
                 }
                 if fin {
                     deliver(opcode, payload, on_event)?;
@@ -161,10 +156,7 @@ impl WsConn {
                 };
                 let size = data.len() + payload.len();
                 if size > limits.max_message {
-                    return Err(WsError::TooBig {
-                        size: size as u64,
-                        limit: limits.max_message,
-                    });
+                    return Err(WsError::TooBig { size: size as u64, limit: limits.max_message });
                 }
                 data.extend_from_slice(payload);
                 if fin {
@@ -178,11 +170,7 @@ impl WsConn {
     }
 }
 
-fn deliver(
-    opcode: OpCode,
-    data: &[u8],
-    on_event: &mut impl FnMut(WsEvent<'_>),
-) -> Result<(), WsError> {
+fn deliver(opcode: OpCode, data: &[u8], on_event: &mut impl FnMut(WsEvent<'_>)) -> Result<(), WsError> {
     if opcode == OpCode::Text {
         if std::str::from_utf8(data).is_err() {
             return Err(WsError::InvalidUtf8);
@@ -214,10 +202,7 @@ fn parse_close(payload: &[u8]) -> Result<(u16, &str), WsError> {
 mod tests {
     use super::*;
 
-    const LIMITS: WsLimits = WsLimits {
-        max_frame: 1 << 16,
-        max_message: 1 << 17,
-    };
+    const LIMITS: WsLimits = WsLimits { max_frame: 1 << 16, max_message: 1 << 17 };
 
     fn masked(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mask = [0x37, 0xfa, 0x21, 0x3d];
@@ -269,11 +254,7 @@ mod tests {
         let mut stream = masked(true, 1, b"hello");
         stream.extend(masked(true, 2, &[1, 2, 3]));
         stream.extend(masked(true, 9, b"p"));
-        let expect = vec![
-            Ev::Text("hello".into()),
-            Ev::Bin(vec![1, 2, 3]),
-            Ev::Ping(b"p".to_vec()),
-        ];
+        let expect = vec![Ev::Text("hello".into()), Ev::Bin(vec![1, 2, 3]), Ev::Ping(b"p".to_vec())];
         // Every split point gives the same events.
         for cut in 0..stream.len() {
             let mut ws = WsConn::new();
@@ -301,51 +282,16 @@ mod tests {
     #[test]
     fn errors_map_to_close_codes() {
         let unmasked = [0x81u8, 0x02, b'h', b'i'];
-        assert_eq!(
-            feed(&mut WsConn::new(), &unmasked)
-                .1
-                .unwrap_err()
-                .close_code()
-                .as_u16(),
-            1002
-        );
+        assert_eq!(feed(&mut WsConn::new(), &unmasked).1.unwrap_err().close_code().as_u16(), 1002);
         let bad_utf8 = masked(true, 1, &[0xff, 0xfe]);
-        assert_eq!(
-            feed(&mut WsConn::new(), &bad_utf8)
-                .1
-                .unwrap_err()
-                .close_code()
-                .as_u16(),
-            1007
-        );
+        assert_eq!(feed(&mut WsConn::new(), &bad_utf8).1.unwrap_err().close_code().as_u16(), 1007);
         let big = masked(true, 2, &vec![0u8; LIMITS.max_frame + 1]);
-        assert_eq!(
-            feed(&mut WsConn::new(), &big[..14])
-                .1
-                .unwrap_err()
-                .close_code()
-                .as_u16(),
-            1009
-        );
+        assert_eq!(feed(&mut WsConn::new(), &big[..14]).1.unwrap_err().close_code().as_u16(), 1009);
         let orphan = masked(true, 0, b"x");
-        assert_eq!(
-            feed(&mut WsConn::new(), &orphan)
-                .1
-                .unwrap_err()
-                .close_code()
-                .as_u16(),
-            1002
-        );
+        assert_eq!(feed(&mut WsConn::new(), &orphan).1.unwrap_err().close_code().as_u16(), 1002);
         let mut two = masked(false, 1, b"a");
         two.extend(masked(true, 1, b"b"));
-        assert_eq!(
-            feed(&mut WsConn::new(), &two)
-                .1
-                .unwrap_err()
-                .close_code()
-                .as_u16(),
-            1002
-        );
+        assert_eq!(feed(&mut WsConn::new(), &two).1.unwrap_err().close_code().as_u16(), 1002);
     }
 
     #[test]

@@ -104,9 +104,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, WsError>
     let b0 = buf[0];
     let b1 = buf[1];
     if b0 & 0x70 != 0 {
-        return Err(WsError::Protocol(
-            "reserved bits set without a negotiated extension",
-        ));
+        return Err(WsError::Protocol("reserved bits set without a negotiated extension"));
     }
     let opcode = OpCode::from_u8(b0 & 0x0f).ok_or(WsError::Protocol("unknown opcode"))?;
     let fin = b0 & 0x80 != 0;
@@ -158,15 +156,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<(FrameHeader, usize)>, WsError>
     } else {
         None
     };
-    Ok(Some((
-        FrameHeader {
-            fin,
-            opcode,
-            mask,
-            payload_len,
-        },
-        pos,
-    )))
+    Ok(Some((FrameHeader { fin, opcode, mask, payload_len }, pos)))
 }
 
 /// XORs `data` with `mask`, where `data` starts `offset` bytes into the frame payload.
@@ -366,11 +356,7 @@ mod tests {
         use tungstenite::protocol::frame::{coding, Frame};
         for n in [3usize, 200, 70_000] {
             let payload = vec![b'a'; n];
-            let f = Frame::message(
-                payload.clone(),
-                coding::OpCode::Data(coding::Data::Text),
-                true,
-            );
+            let f = Frame::message(payload.clone(), coding::OpCode::Data(coding::Data::Text), true);
             let mut expect = Vec::new();
             f.format(&mut expect).unwrap();
             assert_eq!(frame(OpCode::Text, &payload).to_vec(), expect);

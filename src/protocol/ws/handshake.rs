@@ -22,26 +22,17 @@ pub fn accept(req: &Request<'_>) -> Result<Vec<u8>, HandshakeError> {
         return Err(HandshakeError::NotGet);
     }
     let upgrade = req.header("upgrade").unwrap_or("");
-    if !upgrade
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
-    {
+    if !upgrade.split(',').any(|t| t.trim().eq_ignore_ascii_case("websocket")) {
         return Err(HandshakeError::NoUpgradeHeader);
     }
     let conn = req.header("connection").unwrap_or("");
-    if !conn
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-    {
+    if !conn.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")) {
         return Err(HandshakeError::NoConnectionUpgrade);
     }
     if req.header("sec-websocket-version").map(str::trim) != Some("13") {
         return Err(HandshakeError::BadVersion);
     }
-    let key = req
-        .header("sec-websocket-key")
-        .map(str::trim)
-        .ok_or(HandshakeError::BadKey)?;
+    let key = req.header("sec-websocket-key").map(str::trim).ok_or(HandshakeError::BadKey)?;
     match base64::engine::general_purpose::STANDARD.decode(key) {
         Ok(raw) if raw.len() == 16 => {}
         _ => return Err(HandshakeError::BadKey),
@@ -61,10 +52,7 @@ mod tests {
 
     #[test]
     fn rfc_example_key() {
-        assert_eq!(
-            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
+        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         assert_eq!(
             accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
             tungstenite::handshake::derive_accept_key(b"dGhlIHNhbXBsZSBub25jZQ==")
@@ -72,9 +60,7 @@ mod tests {
     }
 
     fn req(raw: &str) -> Result<Vec<u8>, HandshakeError> {
-        let (r, _) = crate::protocol::http::parse_request(raw.as_bytes(), 8192)
-            .unwrap()
-            .unwrap();
+        let (r, _) = crate::protocol::http::parse_request(raw.as_bytes(), 8192).unwrap().unwrap();
         accept(&r)
     }
 
@@ -84,22 +70,10 @@ mod tests {
         let resp = String::from_utf8(req(ok).unwrap()).unwrap();
         assert!(resp.starts_with("HTTP/1.1 101"));
         assert!(resp.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
-        assert_eq!(
-            req(&ok.replace("Upgrade: websocket", "Upgrade: h2c")),
-            Err(HandshakeError::NoUpgradeHeader)
-        );
-        assert_eq!(
-            req(&ok.replace("Version: 13", "Version: 8")),
-            Err(HandshakeError::BadVersion)
-        );
-        assert_eq!(
-            req(&ok.replace("dGhlIHNhbXBsZSBub25jZQ==", "short")),
-            Err(HandshakeError::BadKey)
-        );
-        assert_eq!(
-            req(&ok.replace("keep-alive, Upgrade", "close")),
-            Err(HandshakeError::NoConnectionUpgrade)
-        );
+        assert_eq!(req(&ok.replace("Upgrade: websocket", "Upgrade: h2c")), Err(HandshakeError::NoUpgradeHeader));
+        assert_eq!(req(&ok.replace("Version: 13", "Version: 8")), Err(HandshakeError::BadVersion));
+        assert_eq!(req(&ok.replace("dGhlIHNhbXBsZSBub25jZQ==", "short")), Err(HandshakeError::BadKey));
+        assert_eq!(req(&ok.replace("keep-alive, Upgrade", "close")), Err(HandshakeError::NoConnectionUpgrade));
         assert_eq!(req(&ok.replace("GET", "POST")), Err(HandshakeError::NotGet));
     }
 }

@@ -1,0 +1,132 @@
+//! REST broadcast endpoints, health and metrics.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::util::{http, jwt, unix_now, Client, Msg, Server};
+
+#[test]
+fn batch_and_single_publish_reach_subscribers() {
+    let srv = Server::start(&[]);
+    let mut sub = Client::connect(&srv.ws_url("2.0.0"));
+    sub.join_v2("news", "1", json!({}));
+    let mut private = Client::connect(&srv.ws_url("2.0.0"));
+    private.join_v2("news", "1", json!({"private": true}));
+
+    let body = json!({"messages": [
+        {"topic": "news", "event": "a", "payload": {"n": 1}},
+        {"topic": "news", "event": "b", "payload": {"n": 2}, "id": "my-id-1"},
+        {"topic": "news", "event": "p", "payload": {"n": 3}, "private": true}
+    ]});
+    let (st, head, _) = http(
+        srv.addr,
+        "POST",
+        "/realtime/v1/api/broadcast",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(st, 202, "{head}");
+    assert!(head.contains("Access-Control-Allow-Origin: *"));
+    let m = sub.recv_json();
+    assert_eq!((m[4]["event"].as_str(), m[4]["payload"]["n"].as_i64()), (Some("a"), Some(1)));
+    let m = sub.recv_json();
+    assert_eq!(m[4]["meta"]["id"], "my-id-1");
+    // Private and public channels of one name are separate topics.
+    let m = private.recv_json();
+    assert_eq!(m[4]["payload"]["n"], 3);
+    assert!(sub.try_recv(Duration::from_millis(200)).is_none());
+
+    let (st, _, _) = http(
+        srv.addr,
+        "POST",
+        "/realtime/v1/api/broadcast/news/events/ev2?apikey=x&vsn=2.0.0",
+        &[("Content-Type", "application/json")],
+        br#"{"b":2}"#,
+    );
+    assert_eq!(st, 202);
+    let m = sub.recv_json();
+    assert_eq!((m[4]["event"].as_str(), &m[4]["payload"]), (Some("ev2"), &json!({"b": 2})));
+    let (st, _, _) = http(
+        srv.addr,
+        "POST",
+        "/api/broadcast/news/events/bin",
+        &[("Content-Type", "application/octet-stream")],
+        &[0, 1, 2, 255],
+    );
+    assert_eq!(st, 202);
+    let Msg::Binary(b) = sub.recv() else { panic!("expected kind 4") };
+    assert_eq!(b[0], 4);
+    assert_eq!(b[4], 0);
+    assert!(b.ends_with(&[0, 1, 2, 255]));
+}
+
+#[test]
+fn rest_errors_are_precise() {
+    let srv = Server::start(&[]);
+    let post = |path: &str, ct: &str, body: &[u8]| {
+        let (st, _, b) = http(srv.addr, "POST", path, &[("Content-Type", ct)], body);
+        (st, String::from_utf8_lossy(&b).into_owned())
+    };
+    let (st, b) = post("/realtime/v1/api/broadcast", "application/json", b"{nope");
+    assert_eq!(st, 400, "{b}");
+    assert!(b.contains("invalid JSON"));
+    let (st, b) =
+        post("/realtime/v1/api/broadcast", "application/json", br#"{"messages":[{"event":"e","payload":{}}]}"#);
+    assert_eq!(st, 422);
+    assert!(b.contains("messages[0]") && b.contains("topic"), "{b}");
+    let (st, b) = post(
+        "/realtime/v1/api/broadcast",
+        "application/json",
+        br#"{"messages":[{"topic":"t","event":"e","payload":5}]}"#,
+    );
+    assert_eq!(st, 422);
+    assert!(b.contains("payload"), "{b}");
+    let (st, _) = post("/realtime/v1/api/broadcast", "application/json", br#"{"other":1}"#);
+    assert_eq!(st, 422);
+    let (st, _) = post("/realtime/v1/api/broadcast/t/events/e", "application/json", b"{bad");
+    assert_eq!(st, 400);
+    let (st, _) = post("/realtime/v1/api/broadcast/t/events/e", "image/png", b"x");
+    assert_eq!(st, 415);
+    let (st, _, _) = http(srv.addr, "GET", "/realtime/v1/api/broadcast", &[], b"");
+    assert_eq!(st, 405);
+    let (st, _, b) = http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[], &vec![b'x'; 2 << 20]);
+    assert_eq!(st, 413, "{}", String::from_utf8_lossy(&b));
+}
+
+#[test]
+fn rest_auth_with_secret() {
+    let secret = "rest-secret-rest-secret-rest-secret!";
+    let srv = Server::start(&["--jwt-secret", secret]);
+    let body = br#"{"messages":[{"topic":"t","event":"e","payload":{}}]}"#;
+    let (st, _, b) = http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[], body);
+    assert_eq!(st, 401, "{}", String::from_utf8_lossy(&b));
+    let anon = jwt(secret, json!({"role": "anon", "exp": unix_now() + 60}));
+    let bearer = format!("Bearer {anon}");
+    let (st, _, _) = http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[("Authorization", &bearer)], body);
+    assert_eq!(st, 202);
+    let (st, _, _) = http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[("apikey", &anon)], body);
+    assert_eq!(st, 202);
+    // Private topics need service_role or a matching `topics` claim.
+    let private = br#"{"messages":[{"topic":"secret","event":"e","payload":{},"private":true}]}"#;
+    let (st, _, _) = http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[("Authorization", &bearer)], private);
+    assert_eq!(st, 403);
+    let svc = format!("Bearer {}", jwt(secret, json!({"role": "service_role"})));
+    let (st, _, _) = http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[("Authorization", &svc)], private);
+    assert_eq!(st, 202);
+}
+
+#[test]
+fn health_metrics_and_cors_preflight() {
+    let srv = Server::start(&[]);
+    let (st, _, b) = http(srv.addr, "GET", "/health", &[], b"");
+    assert_eq!((st, b.as_slice()), (200, &b"{\"status\":\"ok\"}"[..]));
+    let (st, _, b) = http(srv.addr, "GET", "/metrics", &[], b"");
+    assert_eq!(st, 200);
+    let text = String::from_utf8(b).unwrap();
+    assert!(text.contains("# TYPE corecast_connections gauge"));
+    assert!(text.contains("corecast_sends_total{shard=\"1\"}"));
+    let (st, head, _) = http(srv.addr, "OPTIONS", "/realtime/v1/api/broadcast", &[("Origin", "http://x")], b"");
+    assert_eq!(st, 204);
+    assert!(head.contains("Access-Control-Allow-Headers"));
+}

@@ -1,0 +1,325 @@
+//! Test harness: start the real server binary, WebSocket and HTTP clients.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tungstenite::{stream::MaybeTlsStream, Message, WebSocket};
+
+/// A running `corecast` process.
+pub struct Server {
+    pub addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts `corecast --listen 127.0.0.1:0 --shards 2` plus `args`.
+    pub fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like [`Server::start`] with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corecast"));
+        cmd.args(["--listen", "127.0.0.1:0", "--shards", "2", "--cpus", "0,1"]).args(args);
+        cmd.env_remove("DATABASE_URL").env("RUST_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn corecast");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("corecast did not report ready");
+        let addr = line
+            .strip_prefix("corecast listening on http://")
+            .and_then(|r| r.split(' ').next())
+            .expect("ready line")
+            .parse()
+            .unwrap();
+        Server { addr, child: Some(child) }
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn ws_url(&self, vsn: &str) -> String {
+        format!("ws://{}/realtime/v1/websocket?apikey=test&vsn={vsn}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, Duration) {
+        let mut child = self.child.take().unwrap();
+        let t = Instant::now();
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        (status, t.elapsed())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A WebSocket client (tungstenite over a blocking socket with a read timeout).
+pub struct Client {
+    pub ws: WebSocket<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub fn connect(url: &str) -> Client {
+        Self::connect_shard(url).0
+    }
+
+    /// Connects and also returns the shard serving the socket (`X-Corecast-Shard`).
+    pub fn connect_shard(url: &str) -> (Client, usize) {
+        let (ws, resp) = tungstenite::connect(url).expect("websocket connect");
+        assert_eq!(resp.status(), 101);
+        let shard = resp
+            .headers()
+            .get("x-corecast-shard")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        (Client { ws }, shard)
+    }
+
+    /// Connects until it gets a socket on `shard` (the kernel spreads sockets by hash).
+    pub fn connect_on(url: &str, shard: usize) -> Client {
+        for _ in 0..200 {
+            let (c, s) = Self::connect_shard(url);
+            if s == shard {
+                return c;
+            }
+        }
+        panic!("no connection landed on shard {shard}");
+    }
+
+    pub fn send_text(&mut self, s: &str) {
+        self.ws.send(Message::text(s)).unwrap();
+    }
+
+    pub fn send_json(&mut self, v: &Value) {
+        self.send_text(&v.to_string());
+    }
+
+    pub fn send_binary(&mut self, b: Vec<u8>) {
+        self.ws.send(Message::binary(b)).unwrap();
+    }
+
+    /// Next data message (text parsed as JSON, binary kept as bytes).
+    pub fn recv(&mut self) -> Msg {
+        loop {
+            match self.ws.read().expect("read") {
+                Message::Text(t) => return Msg::Json(serde_json::from_str(&t).expect("server sent invalid JSON")),
+                Message::Binary(b) => return Msg::Binary(b.to_vec()),
+                Message::Close(c) => return Msg::Close(c.map(|c| (u16::from(c.code), c.reason.to_string()))),
+                _ => {}
+            }
+        }
+    }
+
+    pub fn recv_json(&mut self) -> Value {
+        match self.recv() {
+            Msg::Json(v) => v,
+            other => panic!("expected JSON, got {other:?}"),
+        }
+    }
+
+    /// Waits up to `d` for a message; `None` on timeout.
+    pub fn try_recv(&mut self, d: Duration) -> Option<Msg> {
+        if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+            s.set_read_timeout(Some(d)).unwrap();
+        }
+        let r = match self.ws.read() {
+            Ok(Message::Text(t)) => Some(Msg::Json(serde_json::from_str(&t).unwrap())),
+            Ok(Message::Binary(b)) => Some(Msg::Binary(b.to_vec())),
+            Ok(Message::Close(c)) => Some(Msg::Close(c.map(|c| (u16::from(c.code), c.reason.to_string())))),
+            Ok(_) => None,
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                None
+            }
+            Err(e) => Some(Msg::Error(e.to_string())),
+        };
+        if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        r
+    }
+
+    /// Joins `topic` (without the `realtime:` prefix) with vsn-2 framing; returns the reply.
+    pub fn join_v2(&mut self, topic: &str, join_ref: &str, config: Value) -> Value {
+        self.send_json(
+            &serde_json::json!([join_ref, join_ref, format!("realtime:{topic}"), "phx_join", {"config": config}]),
+        );
+        self.recv_json()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Msg {
+    Json(Value),
+    Binary(Vec<u8>),
+    Close(Option<(u16, String)>),
+    Error(String),
+}
+
+/// A raw TCP connection that completed the WebSocket upgrade; for malformed-frame tests.
+pub struct Raw {
+    pub s: TcpStream,
+    pub buf: Vec<u8>,
+}
+
+impl Raw {
+    pub fn upgrade(addr: SocketAddr, query: &str) -> Raw {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET /realtime/v1/websocket?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed during upgrade");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert!(buf.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf));
+        let rest = buf[end..].to_vec();
+        Raw { s, buf: rest }
+    }
+
+    /// Sends one masked client frame.
+    pub fn frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        self.s.write_all(&masked_frame(fin, opcode, payload)).unwrap();
+    }
+
+    /// Reads one server frame: (opcode, payload), or `None` when the socket closed.
+    pub fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 2 {
+                let op = self.buf[0] & 0x0f;
+                let mut len = (self.buf[1] & 0x7f) as usize;
+                let mut pos = 2;
+                if len == 126 && self.buf.len() >= 4 {
+                    len = u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize;
+                    pos = 4;
+                } else if len == 127 && self.buf.len() >= 10 {
+                    len = u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize;
+                    pos = 10;
+                }
+                if !(len >= 126 && pos == 2) && self.buf.len() >= pos + len {
+                    let payload = self.buf[pos..pos + len].to_vec();
+                    self.buf.drain(..pos + len);
+                    return Some((op, payload));
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads frames until a close frame; returns its code and reason.
+    pub fn read_close(&mut self) -> Option<(u16, String)> {
+        while let Some((op, p)) = self.read_frame() {
+            if op == 8 {
+                let code = if p.len() >= 2 { u16::from_be_bytes([p[0], p[1]]) } else { 1005 };
+                return Some((code, String::from_utf8_lossy(&p[2.min(p.len())..]).into_owned()));
+            }
+        }
+        None
+    }
+}
+
+/// A masked client frame.
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    match payload.len() {
+        n if n < 126 => v.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            v.push(0x80 | 126);
+            v.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            v.push(0x80 | 127);
+            v.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    v.extend_from_slice(&mask);
+    v.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    v
+}
+
+/// A minimal HTTP/1.1 request; returns (status, headers, body).
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n", body.len());
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("connection")) {
+        req.push_str("Connection: close\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let end = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("response head") + 4;
+    let head = String::from_utf8_lossy(&resp[..end]).into_owned();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head, resp[end..].to_vec())
+}
+
+/// A signed HS256 token.
+pub fn jwt(secret: &str, claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
