@@ -31,6 +31,9 @@ pub struct LocalSub {
     pub join_ref: Option<Arc<str>>,
 }
 
+/// Frames held per connection until a subscription is in effect, in join order.
+pub type Held = Vec<(ConnId, Vec<Bytes>)>;
+
 /// Subscribers of one topic on this shard.
 #[derive(Debug, Default)]
 pub struct LocalTopic {
@@ -39,7 +42,7 @@ pub struct LocalTopic {
     presence_count: u32,
     /// Per format: while the owner has not yet acknowledged this shard's interest, the frames
     /// (join replies) held for each new subscriber, released in order on the acknowledgement.
-    pending: [Option<Vec<(ConnId, Vec<Bytes>)>>; 3],
+    pending: [Option<Held>; 3],
 }
 
 /// A change in what this shard needs from a topic's owner.
@@ -131,7 +134,7 @@ impl Registry {
     }
 
     /// The owner acknowledged interest in `format`: returns the held frames, in join order.
-    pub fn release(&mut self, topic: &Topic, format: Format) -> Vec<(ConnId, Vec<Bytes>)> {
+    pub fn release(&mut self, topic: &Topic, format: Format) -> Held {
         self.topics.get_mut(topic).and_then(|t| t.pending[format.index()].take()).unwrap_or_default()
     }
 
