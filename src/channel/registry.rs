@@ -29,6 +29,8 @@ pub struct LocalSub {
     pub presence: bool,
     /// Join ref (raw JSON token) for frames that must carry it (`presence_state`).
     pub join_ref: Option<Arc<str>>,
+    /// The channel has `postgres_changes` bindings registered with the ingest thread.
+    pub pg: bool,
 }
 
 /// Frames held per connection until a subscription is in effect, in join order.
@@ -69,6 +71,11 @@ impl Registry {
     /// Local subscribers of `topic`.
     pub fn get(&self, topic: &Topic) -> Option<&LocalTopic> {
         self.topics.get(topic)
+    }
+
+    /// `conn`'s subscription to `topic`, if any.
+    pub fn sub(&self, topic: &Topic, conn: ConnId) -> Option<&LocalSub> {
+        self.topics.get(topic)?.subs.iter().find(|s| s.conn == conn)
     }
 
     /// Number of topics with local subscribers.
@@ -168,7 +175,7 @@ mod tests {
     use super::*;
 
     fn sub(i: u32, f: Format) -> LocalSub {
-        LocalSub { conn: ConnId { index: i, generation: 0 }, format: f, presence: false, join_ref: None }
+        LocalSub { conn: ConnId { index: i, generation: 0 }, format: f, presence: false, join_ref: None, pg: false }
     }
 
     #[test]

@@ -13,8 +13,9 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::auth::Verifier;
 use crate::config::Config;
+use crate::ingest::IngestHandle;
 use crate::protocol::ws::CloseCode;
-use crate::shard::mesh::{full_mesh, MeshEnds};
+use crate::shard::mesh::{full_mesh, MeshEnds, ShardMsg, INBOX_CAPACITY};
 use crate::shard::stats::ShardStats;
 use crate::shard::{close_slot, conn, Kind, Shard};
 use crate::transport::listener::bind_reuseport;
@@ -31,6 +32,8 @@ pub enum BootError {
     Executor { shard: usize, cpu: usize, message: String },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start the Postgres ingest: {0}")]
+    Ingest(String),
 }
 
 /// Runs the server until SIGINT/SIGTERM; calls `ready` with the bound address once every
@@ -44,17 +47,23 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
     let verifier = Arc::new(Verifier::new(cfg.jwt_secret.as_deref()));
     let stats: Arc<[ShardStats]> = (0..cfg.shards).map(|_| ShardStats::default()).collect();
     let (ready_tx, ready_rx) = mpsc::channel();
+    let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::bounded(INBOX_CAPACITY)).unzip();
+    let ingest = match &cfg.database_url {
+        Some(_) => Some(crate::ingest::start(&cfg, inbox_tx).map_err(BootError::Ingest)?),
+        None => None,
+    };
     let mut handles = Vec::with_capacity(cfg.shards);
-    for (id, (ends, fd)) in full_mesh(cfg.shards).into_iter().zip(fds).enumerate() {
+    for (id, ((ends, fd), inbox)) in full_mesh(cfg.shards).into_iter().zip(fds).zip(inbox_rx).enumerate() {
         let cpu = cfg.cpus[id];
         let (cfg, verifier, stats, stop, ready_tx) =
             (cfg.clone(), verifier.clone(), stats.clone(), stop.clone(), ready_tx.clone());
+        let ingest = ingest.clone();
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .io_memory(256 << 10)
             .ring_depth(1024)
             .preempt_timer(Duration::from_millis(5))
-            .spawn(move || shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx))
+            .spawn(move || shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx, ingest, inbox))
             .map_err(|e| BootError::Executor { shard: id, cpu, message: e.to_string() })?;
         handles.push(h);
     }
@@ -102,9 +111,12 @@ async fn shard_main(
     fd: RawFd,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<()>,
+    ingest: Option<IngestHandle>,
+    inbox: flume::Receiver<ShardMsg>,
 ) {
     let mesh = ends.connect().await;
-    let shard = Rc::new(Shard::new(id, cfg, verifier, stats));
+    let shard = Rc::new(Shard::new(id, cfg, verifier, stats, ingest));
+    glommio::spawn_local(shard.clone().inbox_loop(inbox)).detach();
     glommio::spawn_local(shard.clone().flush_loop()).detach();
     for (peer, tx) in mesh.senders.into_iter().enumerate() {
         if let Some(tx) = tx {

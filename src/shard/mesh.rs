@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 
 use crate::channel::broadcast::Frames;
@@ -40,7 +41,17 @@ pub enum ShardMsg {
     Publish { publish: Box<Publish>, origin: Option<Origin> },
     /// From a topic's owner to a shard with subscribers: queue these frames to them.
     Deliver { topic: Topic, frames: Arc<Frames>, exclude: Option<Origin> },
+    /// From the ingest thread: queue each frame on each listed connection of this shard
+    /// (Postgres changes, `system` messages). A frame is encoded once for all its connections.
+    ToConns { items: Vec<(Bytes, Vec<ConnId>)> },
+    /// From the ingest thread: the decision on a private join held by this shard.
+    JoinDecision { conn: ConnId, topic: Topic, allowed: bool, reason: String },
+    /// From the ingest thread: end this channel with a `system` error and `phx_close`.
+    CloseChannel { conn: ConnId, topic: Topic, message: String },
 }
+
+/// Capacity of each shard's inbox from non-shard threads (the ingest thread).
+pub const INBOX_CAPACITY: usize = 1024;
 
 /// One batch on the wire between two shards.
 pub type Batch = Vec<ShardMsg>;

@@ -37,6 +37,7 @@ use crate::channel::registry::{ConnId, InterestChange, LocalSub, Registry};
 use crate::channel::topic::OwnedTopic;
 use crate::channel::Format;
 use crate::config::Config;
+use crate::ingest::{IngestHandle, IngestMsg, PgSubscribe};
 use crate::protocol::phoenix::session::{format_uuid, Action, Publish, SessionCtx, Subscription};
 use crate::protocol::phoenix::{Session, Topic, Vsn};
 use crate::protocol::ws::frame::close_frame;
@@ -150,6 +151,10 @@ pub struct Shard {
     pub scratch: RefCell<Vec<u8>>,
     pub stats: Arc<[ShardStats]>,
     pub shutdown: Event,
+    /// The Postgres ingest thread, when a database is configured.
+    pub ingest: Option<IngestHandle>,
+    /// Private joins waiting for the database's decision.
+    pending_auth: RefCell<HashMap<(ConnId, Topic), Subscription, ahash::RandomState>>,
     next_generation: Cell<u32>,
     rng: RefCell<fastrand::Rng>,
 }
@@ -162,7 +167,13 @@ impl std::fmt::Debug for Shard {
 
 impl Shard {
     /// A shard `id` of `cfg.shards`.
-    pub fn new(id: usize, cfg: Arc<Config>, verifier: Arc<Verifier>, stats: Arc<[ShardStats]>) -> Self {
+    pub fn new(
+        id: usize,
+        cfg: Arc<Config>,
+        verifier: Arc<Verifier>,
+        stats: Arc<[ShardStats]>,
+        ingest: Option<IngestHandle>,
+    ) -> Self {
         let l = &cfg.limits;
         let ctx = SessionCtx {
             max_channels: l.max_channels_per_connection,
@@ -171,7 +182,7 @@ impl Shard {
             presence_window: std::time::Duration::from_secs(30),
             presence_max_bytes: l.presence_max_bytes,
             verifier,
-            postgres: cfg.database_url.is_some(),
+            postgres: ingest.is_some(),
         };
         let shards = cfg.shards;
         Self {
@@ -189,6 +200,8 @@ impl Shard {
             scratch: RefCell::new(vec![0u8; 64 << 10]),
             stats,
             shutdown: Event::default(),
+            ingest,
+            pending_auth: RefCell::new(HashMap::default()),
             next_generation: Cell::new(0),
             rng: RefCell::new(fastrand::Rng::with_seed(
                 0x5eed ^ (id as u64) ^ Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64,
@@ -300,7 +313,20 @@ impl Shard {
         for action in actions.drain(..) {
             match action {
                 Action::Send(frame) => self.send(id, frame),
-                Action::Subscribe(sub) => self.subscribe(id, *sub),
+                Action::Subscribe(sub) => match &self.ingest {
+                    Some(ingest) if sub.authorize => {
+                        let (topic, claims) = (sub.topic.clone(), sub.claims.clone());
+                        self.pending_auth.borrow_mut().insert((id, topic.clone()), *sub);
+                        ingest.send(IngestMsg::AuthorizeJoin { shard: self.id, conn: id, topic, claims });
+                    }
+                    _ => self.subscribe(id, *sub),
+                },
+                Action::Reauthorized { topic, claims } => {
+                    let pg = self.registry.borrow().sub(&topic, id).is_some_and(|s| s.pg);
+                    if let Some(ingest) = self.ingest.as_ref().filter(|_| pg || topic.is_private()) {
+                        ingest.send(IngestMsg::Reauth { shard: self.id, conn: id, topic, claims });
+                    }
+                }
                 Action::Unsubscribe(topic) => self.unsubscribe(id, &topic),
                 Action::Publish(p) => {
                     let owner = p.topic.owner(self.shards);
@@ -328,7 +354,8 @@ impl Shard {
             Vsn::V1 => Format::V1,
             Vsn::V2 => Format::V2,
         };
-        let local = LocalSub { conn: id, format, presence: sub.presence, join_ref: sub.join_ref.clone() };
+        let pg = self.ingest.is_some() && !sub.postgres_changes.is_empty();
+        let local = LocalSub { conn: id, format, presence: sub.presence, join_ref: sub.join_ref.clone(), pg };
         let changes = self.registry.borrow_mut().add(&sub.topic, local);
         ShardStats::gauge(&self.my_stats().subscriptions, 1);
         ShardStats::add(&self.my_stats().joins, 1);
@@ -336,6 +363,17 @@ impl Shard {
         let added = changes.contains(&InterestChange::Added(format));
         // Interest changes first: a local owner registers them synchronously.
         self.interest_changed(&sub.topic, changes);
+        if let (true, Some(ingest)) = (pg, &self.ingest) {
+            ingest.send(IngestMsg::Subscribe(Box::new(PgSubscribe {
+                shard: self.id,
+                conn: id,
+                topic: sub.topic.clone(),
+                join_ref: sub.join_ref.clone(),
+                vsn: sub.vsn,
+                bindings: sub.postgres_changes.clone(),
+                claims: sub.claims.clone(),
+            })));
+        }
         let wait = remote_owner && (added || self.registry.borrow().is_pending(&sub.topic, format));
         if wait {
             self.registry.borrow_mut().hold(&sub.topic, format, id, sub.reply);
@@ -347,6 +385,14 @@ impl Shard {
     }
 
     fn unsubscribe(&self, id: ConnId, topic: &Topic) {
+        let held = self.pending_auth.borrow_mut().remove(&(id, topic.clone())).is_some();
+        let pg = self.registry.borrow().sub(topic, id).is_some_and(|s| s.pg);
+        if let Some(ingest) = self.ingest.as_ref().filter(|_| held || pg) {
+            ingest.send(IngestMsg::Unsubscribe { shard: self.id, conn: id, topic: topic.clone() });
+        }
+        if held {
+            return;
+        }
         let changes = self.registry.borrow_mut().remove(topic, id);
         ShardStats::gauge(&self.my_stats().subscriptions, -1);
         self.interest_changed(topic, changes);
@@ -392,6 +438,41 @@ impl Shard {
                 if present && from != self.id {
                     self.route(from, ShardMsg::InterestAck { topic, format });
                 }
+            }
+            ShardMsg::ToConns { items } => {
+                for (frame, conns) in items {
+                    for conn in conns {
+                        self.send(conn, frame.clone());
+                    }
+                }
+            }
+            ShardMsg::JoinDecision { conn, topic, allowed, reason } => {
+                let Some(sub) = self.pending_auth.borrow_mut().remove(&(conn, topic.clone())) else { return };
+                if allowed {
+                    self.subscribe(conn, sub);
+                    return;
+                }
+                tracing::debug!(%reason, ?topic, "private join refused");
+                let reply = self
+                    .with_slot(conn, |slot| match &mut slot.kind {
+                        Kind::Ws(ws) => {
+                            ws.session.reject_join(&topic, sub.join_ref.as_deref(), sub.join_msg_ref.as_deref())
+                        }
+                        Kind::Http => None,
+                    })
+                    .flatten();
+                if let Some(reply) = reply {
+                    self.send(conn, reply);
+                }
+            }
+            ShardMsg::CloseChannel { conn, topic, message } => {
+                let mut actions = Vec::new();
+                self.with_slot(conn, |slot| {
+                    if let Kind::Ws(ws) = &mut slot.kind {
+                        ws.session.close_topic(&topic, &message, &mut actions);
+                    }
+                });
+                self.run_actions(conn, &mut actions);
             }
             ShardMsg::InterestAck { topic, format } => {
                 let held = self.registry.borrow_mut().release(&topic, format);
@@ -571,6 +652,15 @@ impl Shard {
                     w.wake();
                 }
             }
+        }
+    }
+
+    /// Handles messages from non-shard threads (the ingest thread). Runs until all senders
+    /// are gone.
+    pub async fn inbox_loop(self: Rc<Self>, rx: flume::Receiver<ShardMsg>) {
+        while let Ok(msg) = rx.recv_async().await {
+            self.handle(msg);
+            glommio::yield_if_needed().await;
         }
     }
 

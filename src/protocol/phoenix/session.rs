@@ -66,6 +66,8 @@ pub enum Action {
     Track { topic: Topic, key: Arc<str>, meta: Bytes },
     /// Stop tracking this connection's presence on a topic.
     Untrack { topic: Topic },
+    /// The channel's token was refreshed and verified: new claims for its authorization.
+    Reauthorized { topic: Topic, claims: Arc<Claims> },
     /// Close the WebSocket with this code and reason.
     Close(CloseCode, String),
 }
@@ -91,6 +93,12 @@ pub struct Subscription {
     /// registered the subscription, so a message published after the client saw its reply
     /// always reaches it.
     pub reply: Vec<Bytes>,
+    /// A private join the database must authorize first (RLS on the messages table); on a
+    /// refusal the shard calls [`Session::reject_join`] and sends [`Subscription::join_msg_ref`]
+    /// an error reply instead of `reply`.
+    pub authorize: bool,
+    /// The `ref` of the `phx_join` (raw JSON token), for a deferred error reply.
+    pub join_msg_ref: Option<Arc<str>>,
 }
 
 /// Payload of a broadcast.
@@ -359,11 +367,11 @@ impl Session {
             },
             None => self.claims.clone(),
         };
-        if cfg.private && !ctx.verifier.development_mode() && !claims.allows_private(name) {
-            return err(
-                out,
-                &format!("Unauthorized: You do not have permissions to read from this Channel topic: {name}"),
-            );
+        // Private channels: development mode allows every join; with a database, RLS policies
+        // decide (asynchronously, see `Subscription::authorize`); otherwise the token's claims.
+        let authorize = cfg.private && !ctx.verifier.development_mode() && ctx.postgres;
+        if cfg.private && !ctx.verifier.development_mode() && !ctx.postgres && !claims.allows_private(name) {
+            return err(out, &unauthorized(name));
         }
         if let Some(i) = existing {
             let old = self.channels.remove(i);
@@ -415,6 +423,8 @@ impl Session {
             postgres_changes: cfg.postgres_changes,
             claims,
             reply,
+            authorize,
+            join_msg_ref: mr.map(Arc::from),
         })));
     }
 
@@ -542,18 +552,39 @@ impl Session {
         match ctx.verifier.verify(Some(&token), now.unix_secs) {
             Ok(claims) => {
                 let c = &mut self.channels[idx];
-                if c.topic.is_private() && !ctx.verifier.development_mode() && !claims.allows_private(c.topic.name()) {
+                if c.topic.is_private()
+                    && !ctx.verifier.development_mode()
+                    && !ctx.postgres
+                    && !claims.allows_private(c.topic.name())
+                {
                     let msg =
                         format!("You no longer have permission to read from this Channel topic: {}", c.topic.name());
                     let c = self.channels.remove(idx);
                     return close_channel(self.vsn, &c, &msg, out);
                 }
-                c.claims = claims;
+                c.claims = claims.clone();
+                out.push(Action::Reauthorized { topic: c.topic.clone(), claims });
             }
             Err(e) => {
                 let c = self.channels.remove(idx);
                 close_channel(self.vsn, &c, &e.to_string(), out);
             }
+        }
+    }
+
+    /// The database refused a held private join: forget the channel (if `join_ref` still names
+    /// it) and return the error reply for the client.
+    pub fn reject_join(&mut self, topic: &Topic, join_ref: Option<&str>, msg_ref: Option<&str>) -> Option<Bytes> {
+        let idx = self.channels.iter().position(|c| &c.topic == topic && c.join_ref.as_deref() == join_ref)?;
+        let c = self.channels.remove(idx);
+        Some(message::error_reply(self.vsn, join_ref, msg_ref, &c.wire, &unauthorized(topic.name())))
+    }
+
+    /// Ends the channel on `topic` with a `system` error carrying `message`, then `phx_close`.
+    pub fn close_topic(&mut self, topic: &Topic, message: &str, out: &mut Vec<Action>) {
+        if let Some(idx) = self.channels.iter().position(|c| &c.topic == topic) {
+            let c = self.channels.remove(idx);
+            close_channel(self.vsn, &c, message, out);
         }
     }
 
@@ -595,6 +626,11 @@ impl Session {
         let r = fastrand_u128(now, self.key_seq);
         Arc::from(format_uuid(r).as_str())
     }
+}
+
+/// The join error for a private topic the token may not read.
+fn unauthorized(name: &str) -> String {
+    format!("Unauthorized: You do not have permissions to read from this Channel topic: {name}")
 }
 
 /// Pushes `system` error + `phx_close` for a channel and unsubscribes it.
