@@ -47,6 +47,7 @@ struct BaselineBrief {
     generator_ceiling_per_sec: f64,
     generator_ceiling_cpu: f64,
     generator_bound: bool,
+    generator_per_cpu_sec: f64,
 }
 
 #[derive(Serialize)]
@@ -150,6 +151,7 @@ pub fn compare(sc: ScenarioKind, args: &RunArgs, servers: &[ServerKind], with_ba
             generator_ceiling_per_sec: b.generator_ceiling_per_sec,
             generator_ceiling_cpu: b.generator_ceiling_cpu,
             generator_bound: b.generator_bound,
+            generator_per_cpu_sec: b.generator_per_cpu_sec,
         }),
         results: rows,
         runs: &runs,
@@ -293,7 +295,7 @@ fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> 
     if let Some(b) = base {
         let _ = writeln!(
             s,
-            "{:<10} {:>13} raw sendmsg: {:.2} µs/send → floor {:.2} ms for {} subscribers/shard; generator ceiling {}/s ({:.0}% CPU{})",
+            "{:<10} {:>13} raw sendmsg: {:.2} µs/send → floor {:.2} ms for {} subscribers/shard; generator {}/s measured ({:.0}% CPU), {}/s per generator CPU-second",
             "baseline",
             "",
             b.us_per_send,
@@ -301,7 +303,7 @@ fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> 
             b.subscribers,
             si(b.generator_ceiling_per_sec),
             b.generator_ceiling_cpu * 100.0,
-            if b.generator_bound { ", generator-bound" } else { ", sender-bound" }
+            si(b.generator_per_cpu_sec)
         );
     }
     let _ = write!(

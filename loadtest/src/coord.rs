@@ -198,6 +198,12 @@ impl Fleet {
         }
     }
 
+    /// Connect again every client the server closed; returns how many came back.
+    pub fn reconnect(&mut self) -> Result<ConnectSummary, String> {
+        self.send_all(&Cmd::Reconnect);
+        self.wait_connected(Duration::from_secs(300))
+    }
+
     /// Wait until every worker has connected and joined its clients.
     pub fn wait_connected(&mut self, timeout: Duration) -> Result<ConnectSummary, String> {
         let t0 = Instant::now();

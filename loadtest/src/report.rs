@@ -320,17 +320,18 @@ pub fn run_md(r: &RunResult, m: &Machine, charts: &[String]) -> String {
         );
         let _ = writeln!(
             s,
-            "| rate/publisher | deliveries/s | p99 ms | lost | frames/send | result |\n|---|---|---|---|---|---|"
+            "| rate/publisher | deliveries/s | p99 ms | lost | frames/send | generator CPU | result |\n|---|---|---|---|---|---|---|"
         );
         for st in &sw.steps {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.2} | {} | {} | {} |",
+                "| {} | {} | {:.2} | {} | {} | {:.0}% | {} |",
                 si(st.rate_per_publisher),
                 si(st.deliveries_per_sec),
                 st.p99_ms,
                 st.lost,
                 opt(st.frames_per_send, 2),
+                st.generator_cpu * 100.0,
                 if st.pass { "pass".to_string() } else { format!("fail: {}", st.why) }
             );
         }
@@ -384,17 +385,15 @@ pub fn baseline_md(b: &BaselineResult) -> String {
     let _ = writeln!(
         s,
         "\nPer-send cost **{:.2} µs** → fan-out floor for {} subscribers on one shard **{:.2} ms**. \
-         Generator consumed at most **{}/s** ({:.0}% of its core; {}).",
+         Generator: at most **{}/s** measured ({:.0}% of its core{}); **{}/s per generator CPU-second** \
+         (its ceiling extrapolated to one full core).",
         b.us_per_send,
         b.subscribers,
         b.floor_ms,
         si(b.generator_ceiling_per_sec),
         b.generator_ceiling_cpu * 100.0,
-        if b.generator_bound {
-            "the sender waited for it: this is the generator's ceiling"
-        } else {
-            "the sender was the limit, so the generator's ceiling is higher"
-        }
+        if b.generator_bound { ", saturated" } else { ", not saturated" },
+        si(b.generator_per_cpu_sec)
     );
     s
 }

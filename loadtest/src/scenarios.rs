@@ -249,6 +249,8 @@ pub struct SweepStep {
     pub pass: bool,
     pub why: String,
     pub frames_per_send: Option<f64>,
+    /// Generator CPU utilisation during the step (>= 0.9: the generator may be the limit).
+    pub generator_cpu: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -503,6 +505,11 @@ fn body(
         }
     }
     fleet.quit();
+    if let Some(cpu) = r.headline_phase().map(|p| p.generator_cpu_secs / p.active_secs.max(1e-3)) {
+        if cpu >= 0.9 {
+            r.notes.push(format!("generator CPU {:.0}%: the generator may be the bottleneck of this run", cpu * 100.0));
+        }
+    }
     if let Some((closed, shortfall)) = r.headline_phase().map(|p| (p.closed, p.shortfall)) {
         if closed > 0 {
             r.notes.push(format!("{closed} subscriber connections closed during the run"));
@@ -575,11 +582,12 @@ fn sweep(
         let (pass, why) = judge(&o, rate * pubs, args.p99_limit_ms);
         if !args.quiet {
             eprintln!(
-                "{label} sweep: {} msg/s → {} deliveries/s, p99 {:.1} ms, lost {}: {}",
+                "{label} sweep: {} msg/s → {} deliveries/s, p99 {:.1} ms, lost {}, generator CPU {:.0}%: {}",
                 si(rate * pubs),
                 si(o.deliveries_per_sec),
                 o.p99_ms,
                 o.lost,
+                100.0 * o.generator_cpu_secs / o.active_secs.max(1e-3),
                 if pass { "PASS".to_string() } else { format!("FAIL ({why})") }
             );
         }
@@ -591,8 +599,23 @@ fn sweep(
             pass,
             why,
             frames_per_send: fps,
+            generator_cpu: o.generator_cpu_secs / o.active_secs.max(1e-3),
         });
+        let closed = o.closed;
         r.phases.push(o);
+        if closed > 0 {
+            let c = fleet.reconnect()?;
+            if !args.quiet {
+                eprintln!(
+                    "{label} sweep: the server closed {closed} connections; reconnected {} ({} failed)",
+                    c.ok, c.failed
+                );
+            }
+            if c.failed > 0 {
+                r.notes.push(format!("sweep stopped: {} connections could not reconnect", c.failed));
+                break;
+            }
+        }
         if pass {
             if lo.is_none_or(|l| rate > l) {
                 lo = Some(rate);

@@ -213,7 +213,10 @@ fn field(b: &[u8], key: &[u8]) -> Option<u64> {
 /// path for the order we write them in (`{"s":1,"t":2,"p":3`), then each key on its own.
 #[inline]
 pub fn scan_fields(b: &[u8]) -> Option<Fields> {
-    if let Some(at) = memchr::memmem::find(b, b"{\"s\":") {
+    // `{"s":` located by its `{` (a few per message) rather than a general substring search,
+    // which would build a searcher per call.
+    let at = memchr::memchr_iter(b'{', b).find(|&i| b.get(i + 1..i + 5) == Some(b"\"s\":"));
+    if let Some(at) = at {
         let (seq, i) = digits(b, at + 5)?;
         if b.get(i..i + 5) == Some(b",\"t\":") {
             if let Some((t_ns, j)) = digits(b, i + 5) {

@@ -81,6 +81,9 @@ pub enum Cmd {
     End {
         sent: Vec<(u64, u64)>,
     },
+    /// Connect again the clients the server closed; answered by `Ev::Connected` (counting
+    /// only those clients).
+    Reconnect,
     Quit,
 }
 
@@ -444,6 +447,9 @@ impl Worker {
         while self.inflight < conc && self.next_start < self.conns.len() {
             let ci = self.next_start;
             self.next_start += 1;
+            if self.conns[ci].state != St::Pending {
+                continue;
+            }
             let id = self.conns[ci].id as usize;
             let src = if self.spec.src_addrs.is_empty() {
                 None
@@ -462,7 +468,8 @@ impl Worker {
                         // the server takes them" does not mean megabytes queued in our socket.
                         sys::set_sndbuf(fd, 64 << 10);
                     }
-                    let ev = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP) as u32;
+                    // Edge-triggered: every readable event is read until the socket is empty (a short recv).
+                    let ev = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
                     if let Err(e) = self.ep.add(fd, ev, ci as u64) {
                         self.note_error(format!("epoll add: {e}"));
                     }
@@ -475,6 +482,31 @@ impl Worker {
             }
         }
         self.maybe_connected(now);
+    }
+
+    fn reconnect(&mut self) {
+        for c in &mut self.conns {
+            if c.state == St::Closed {
+                c.state = St::Pending;
+                c.step = 0;
+                c.want_out = false;
+                c.rbuf.clear();
+                c.wbuf.clear();
+                c.wpos = 0;
+                c.frag.clear();
+                c.stream.clear();
+                c.tracks.clear();
+                c.next_hb = u64::MAX;
+            }
+        }
+        self.next_start = 0;
+        self.joined = 0;
+        self.failed = 0;
+        self.connect_hist.reset();
+        self.connected_sent = false;
+        let now = sys::now_ns();
+        self.connect_t0 = now;
+        self.start_connects(now);
     }
 
     fn maybe_connected(&mut self, now: u64) {
@@ -609,6 +641,7 @@ impl Worker {
                 Ok(Cmd::Phase(p)) => self.start_phase(p),
                 Ok(Cmd::End { sent }) => self.end_phase(&sent),
                 Ok(Cmd::Quit) => self.quit = true,
+                Ok(Cmd::Reconnect) => self.reconnect(),
                 Err(e) => emit(&Ev::Fatal { msg: format!("bad command: {e}") }),
             }
         }
@@ -817,7 +850,8 @@ fn queue_send(ep: &Epoll, ci: usize, c: &mut Conn, data: &[u8]) -> io::Result<()
         c.wbuf.extend_from_slice(&data[n..]);
         if !c.want_out {
             c.want_out = true;
-            let _ = ep.modify(c.fd, (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP) as u32, ci as u64);
+            let _ =
+                ep.modify(c.fd, (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32, ci as u64);
         }
     }
     Ok(())
@@ -875,7 +909,7 @@ impl Worker {
         let c = &mut self.conns[ci];
         if c.want_out != on && c.fd >= 0 {
             c.want_out = on;
-            let mut ev = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+            let mut ev = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
             if on {
                 ev |= libc::EPOLLOUT as u32;
             }
