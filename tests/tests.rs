@@ -5,6 +5,7 @@
 //! - `ws`: WebSocket, Phoenix protocol and broadcast behaviour with Rust clients;
 //! - `bad_input`: malformed frames/JSON/requests, floods, slow readers;
 //! - `rest`: REST endpoints;
+//! - `presence`: presence across shards;
 //! - `lifecycle`: start-up flags, shutdown;
 //! - `interop`: the unmodified `@supabase/realtime-js` under Node (tests/js).
 
@@ -12,5 +13,6 @@ mod util;
 
 mod bad_input;
 mod lifecycle;
+mod presence;
 mod rest;
 mod ws;

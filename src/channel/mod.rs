@@ -1,9 +1,11 @@
 //! Per-shard domain state as plain data (no executor, no sockets, no clock):
 //! - [`registry`]: which local connections subscribe to which topics, in which wire format;
 //! - [`topic`]: state of the topics this shard owns (offsets, epoch, which shards listen);
-//! - [`broadcast`]: encode a message once per wire format into shareable frames.
+//! - [`broadcast`]: encode a message once per wire format into shareable frames;
+//! - [`presence`]: a topic's presence state and coalesced diffs, on its owner.
 
 pub mod broadcast;
+pub mod presence;
 pub mod registry;
 pub mod topic;
 

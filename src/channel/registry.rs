@@ -31,6 +31,8 @@ pub struct LocalSub {
     pub join_ref: Option<Arc<str>>,
     /// The channel has `postgres_changes` bindings registered with the ingest thread.
     pub pg: bool,
+    /// The connection tracks presence on this topic (the owner must be told when it goes).
+    pub tracked: bool,
 }
 
 /// Frames held per connection until a subscription is in effect, in join order.
@@ -145,20 +147,17 @@ impl Registry {
         self.topics.get_mut(topic).and_then(|t| t.pending[format.index()].take()).unwrap_or_default()
     }
 
-    /// Enables presence for `conn` on `topic` (a `track` implicitly does); returns whether it
-    /// changed.
-    pub fn enable_presence(&mut self, topic: &Topic, conn: ConnId) -> bool {
-        let Some(t) = self.topics.get_mut(topic) else {
-            return false;
-        };
-        let Some(s) = t.subs.iter_mut().find(|s| s.conn == conn) else {
-            return false;
-        };
-        if s.presence {
-            return false;
+    /// Records whether `conn` tracks presence on `topic`; tracking also enables presence
+    /// diffs for it (as in Supabase, though no `presence_state` is sent for that). Returns
+    /// whether the subscription exists.
+    pub fn set_tracked(&mut self, topic: &Topic, conn: ConnId, tracked: bool) -> bool {
+        let Some(t) = self.topics.get_mut(topic) else { return false };
+        let Some(s) = t.subs.iter_mut().find(|s| s.conn == conn) else { return false };
+        s.tracked = tracked;
+        if tracked && !s.presence {
+            s.presence = true;
+            t.presence_count += 1;
         }
-        s.presence = true;
-        t.presence_count += 1;
         true
     }
 }
@@ -175,7 +174,14 @@ mod tests {
     use super::*;
 
     fn sub(i: u32, f: Format) -> LocalSub {
-        LocalSub { conn: ConnId { index: i, generation: 0 }, format: f, presence: false, join_ref: None, pg: false }
+        LocalSub {
+            conn: ConnId { index: i, generation: 0 },
+            format: f,
+            presence: false,
+            join_ref: None,
+            pg: false,
+            tracked: false,
+        }
     }
 
     #[test]

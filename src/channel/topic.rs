@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use crate::channel::presence::Presence;
 use crate::channel::{Format, FormatSet};
 
 /// Owner-side topic state.
@@ -19,17 +20,19 @@ pub struct OwnedTopic {
     next_offset: u64,
     /// `interest[shard]`: formats that shard's subscribers use.
     interest: Vec<FormatSet>,
+    /// Presence, once anyone tracked or asked for it.
+    pub presence: Option<Presence>,
 }
 
 impl OwnedTopic {
     /// A new stream with a fresh `epoch` for a cluster of `shards`.
     pub fn new(epoch: Arc<str>, shards: usize) -> Self {
-        Self { epoch, next_offset: 1, interest: vec![FormatSet::default(); shards] }
+        Self { epoch, next_offset: 1, interest: vec![FormatSet::default(); shards], presence: None }
     }
 
     /// A stream continuing an existing one (recovered from durable history).
     pub fn resume(epoch: Arc<str>, last_offset: u64, shards: usize) -> Self {
-        Self { epoch, next_offset: last_offset + 1, interest: vec![FormatSet::default(); shards] }
+        Self { epoch, next_offset: last_offset + 1, interest: vec![FormatSet::default(); shards], presence: None }
     }
 
     /// The stream's epoch.

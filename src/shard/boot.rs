@@ -118,6 +118,7 @@ async fn shard_main(
     let shard = Rc::new(Shard::new(id, cfg, verifier, stats, ingest));
     glommio::spawn_local(shard.clone().inbox_loop(inbox)).detach();
     glommio::spawn_local(shard.clone().flush_loop()).detach();
+    glommio::spawn_local(shard.clone().presence_flush_loop()).detach();
     for (peer, tx) in mesh.senders.into_iter().enumerate() {
         if let Some(tx) = tx {
             glommio::spawn_local(shard.clone().mesh_send_loop(peer, tx)).detach();

@@ -15,7 +15,7 @@ use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender
 use crate::channel::broadcast::Frames;
 use crate::channel::registry::ConnId;
 use crate::channel::Format;
-use crate::protocol::phoenix::session::Publish;
+use crate::protocol::phoenix::session::{Publish, ReplyTo};
 use crate::protocol::phoenix::Topic;
 
 /// Batches in flight per channel before the sender waits.
@@ -41,6 +41,20 @@ pub enum ShardMsg {
     Publish { publish: Box<Publish>, origin: Option<Origin> },
     /// From a topic's owner to a shard with subscribers: queue these frames to them.
     Deliver { topic: Topic, frames: Arc<Frames>, exclude: Option<Origin> },
+    /// To a topic's owner: track (or update) `conn`'s presence under `key`.
+    Track { topic: Topic, from: usize, conn: ConnId, key: Arc<str>, meta: Bytes, reply: ReplyTo },
+    /// To a topic's owner: `conn` on shard `from` stopped tracking (untrack, leave, rejoin or
+    /// disconnect).
+    PresenceLeave { topic: Topic, from: usize, conn: ConnId },
+    /// To a topic's owner: `conn` on shard `from` joined with presence; send it the state.
+    PresenceSync { topic: Topic, from: usize, conn: ConnId },
+    /// From a topic's owner: the answer to a [`ShardMsg::Track`].
+    TrackResult { topic: Topic, conn: ConnId, reply: ReplyTo, error: Option<String> },
+    /// From a topic's owner: the presence state body (`{"<key>":{"metas":[..]}}`) for `conn`,
+    /// shared by every joiner of the same coalescing window.
+    PresenceState { topic: Topic, conn: ConnId, body: Bytes },
+    /// From a topic's owner: a coalesced `presence_diff`, for presence-enabled subscribers.
+    DeliverPresence { topic: Topic, frames: Arc<Frames> },
     /// From the ingest thread: queue each frame on each listed connection of this shard
     /// (Postgres changes, `system` messages). A frame is encoded once for all its connections.
     ToConns { items: Vec<(Bytes, Vec<ConnId>)> },

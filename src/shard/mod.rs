@@ -17,6 +17,7 @@
 pub mod boot;
 pub mod conn;
 pub mod mesh;
+pub mod presence;
 pub mod rest;
 pub mod stats;
 
@@ -155,6 +156,11 @@ pub struct Shard {
     pub ingest: Option<IngestHandle>,
     /// Private joins waiting for the database's decision.
     pending_auth: RefCell<HashMap<(ConnId, Topic), Subscription, ahash::RandomState>>,
+    /// Owned topics with a presence diff waiting for the end of the coalescing window.
+    presence_dirty: RefCell<Vec<Topic>>,
+    presence_waker: RefCell<Option<Waker>>,
+    /// Prefix of this shard's `phx_ref`s (random per process, so refs never repeat).
+    presence_prefix: Box<str>,
     next_generation: Cell<u32>,
     rng: RefCell<fastrand::Rng>,
 }
@@ -202,6 +208,9 @@ impl Shard {
             shutdown: Event::default(),
             ingest,
             pending_auth: RefCell::new(HashMap::default()),
+            presence_dirty: RefCell::new(Vec::new()),
+            presence_waker: RefCell::new(None),
+            presence_prefix: format!("{:08x}.", fastrand::u32(..)).into(),
             next_generation: Cell::new(0),
             rng: RefCell::new(fastrand::Rng::with_seed(
                 0x5eed ^ (id as u64) ^ Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64,
@@ -333,9 +342,8 @@ impl Shard {
                     let origin = Some(Origin { shard: self.id, conn: id });
                     self.route(owner, ShardMsg::Publish { publish: Box::new(p), origin });
                 }
-                Action::Track { .. } | Action::Untrack { .. } => {
-                    // Presence state is kept by the topic's owner (see presence module).
-                }
+                Action::Track { topic, key, meta, reply } => self.track(id, topic, key, meta, reply),
+                Action::Untrack { topic } => self.untrack(id, &topic),
                 Action::Close(code, reason) => {
                     if code == CloseCode::InvalidPayload || code == CloseCode::Protocol {
                         ShardStats::add(&self.my_stats().protocol_errors, 1);
@@ -355,7 +363,8 @@ impl Shard {
             Vsn::V2 => Format::V2,
         };
         let pg = self.ingest.is_some() && !sub.postgres_changes.is_empty();
-        let local = LocalSub { conn: id, format, presence: sub.presence, join_ref: sub.join_ref.clone(), pg };
+        let local =
+            LocalSub { conn: id, format, presence: sub.presence, join_ref: sub.join_ref.clone(), pg, tracked: false };
         let changes = self.registry.borrow_mut().add(&sub.topic, local);
         ShardStats::gauge(&self.my_stats().subscriptions, 1);
         ShardStats::add(&self.my_stats().joins, 1);
@@ -382,6 +391,11 @@ impl Shard {
                 self.send(id, f);
             }
         }
+        if sub.presence {
+            // After the interest on the same FIFO: the state follows the join reply.
+            let owner = sub.topic.owner(self.shards);
+            self.route(owner, ShardMsg::PresenceSync { topic: sub.topic, from: self.id, conn: id });
+        }
     }
 
     fn unsubscribe(&self, id: ConnId, topic: &Topic) {
@@ -393,6 +407,7 @@ impl Shard {
         if held {
             return;
         }
+        self.untrack(id, topic);
         let changes = self.registry.borrow_mut().remove(topic, id);
         ShardStats::gauge(&self.my_stats().subscriptions, -1);
         self.interest_changed(topic, changes);
@@ -474,6 +489,16 @@ impl Shard {
                 });
                 self.run_actions(conn, &mut actions);
             }
+            ShardMsg::Track { topic, from, conn, key, meta, reply } => {
+                self.owner_track(topic, from, conn, &key, meta, reply)
+            }
+            ShardMsg::PresenceLeave { topic, from, conn } => self.owner_untrack(&topic, from, conn),
+            ShardMsg::PresenceSync { topic, from, conn } => self.owner_sync(topic, from, conn),
+            ShardMsg::TrackResult { topic, conn, reply, error } => {
+                self.send(conn, reply.frame(&topic, error.as_deref()));
+            }
+            ShardMsg::PresenceState { topic, conn, body } => self.deliver_presence_state(&topic, conn, body),
+            ShardMsg::DeliverPresence { topic, frames } => self.deliver_presence_diff(&topic, &frames),
             ShardMsg::InterestAck { topic, format } => {
                 let held = self.registry.borrow_mut().release(&topic, format);
                 for (conn, frames) in held {

@@ -1,0 +1,197 @@
+//! Presence on the shards: the owner side (state, limits, coalesced diffs) and the subscriber
+//! side (forwarding tracks, delivering state and diffs).
+//!
+//! The topic's owner keeps its [`crate::channel::presence::Presence`]. A `track` travels to the
+//! owner, which answers the push (so a refusal has a precise reason) and records the change;
+//! diffs collect for `--presence-diff-ms` and then go out as one `presence_diff` per
+//! subscriber, encoded once per wire format. A join with presence enabled asks the owner for
+//! the state after its interest (same FIFO channel), so `presence_state` follows the join reply;
+//! the state body is encoded once per window and shared by all joiners of that window.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::channel::broadcast::Frames;
+use crate::channel::presence::{MemberId, Presence, Tracked};
+use crate::channel::registry::ConnId;
+use crate::channel::Format;
+use crate::protocol::json::write_str;
+use crate::protocol::phoenix::message::{self, Vsn};
+use crate::protocol::phoenix::session::ReplyTo;
+use crate::protocol::phoenix::Topic;
+use crate::protocol::ws::frame::{write_header, OpCode};
+use crate::shard::mesh::ShardMsg;
+use crate::shard::Shard;
+
+fn member(shard: usize, conn: ConnId) -> MemberId {
+    (shard, ((conn.index as u64) << 32) | conn.generation as u64)
+}
+
+impl Shard {
+    /// Subscriber side: forwards a track to the owner (which replies).
+    pub(super) fn track(&self, id: ConnId, topic: Topic, key: Arc<str>, meta: Bytes, reply: ReplyTo) {
+        if !self.registry.borrow_mut().set_tracked(&topic, id, true) {
+            // The join is still waiting for the database's authorization.
+            self.send(id, reply.frame(&topic, Some("presence needs a joined channel: wait for the join reply")));
+            return;
+        }
+        let owner = topic.owner(self.shards);
+        self.route(owner, ShardMsg::Track { topic, from: self.id, conn: id, key, meta, reply });
+    }
+
+    /// Subscriber side: stops tracking (untrack, leave, rejoin, disconnect), if tracked.
+    pub(super) fn untrack(&self, id: ConnId, topic: &Topic) {
+        let tracked = self.registry.borrow().sub(topic, id).is_some_and(|s| s.tracked);
+        if tracked {
+            self.registry.borrow_mut().set_tracked(topic, id, false);
+            let owner = topic.owner(self.shards);
+            self.route(owner, ShardMsg::PresenceLeave { topic: topic.clone(), from: self.id, conn: id });
+        }
+    }
+
+    /// Owner side: a track.
+    pub(super) fn owner_track(&self, topic: Topic, from: usize, conn: ConnId, key: &str, meta: Bytes, reply: ReplyTo) {
+        let max = self.cfg.limits.presence_max_entries;
+        let result = {
+            let mut owned = self.owned.borrow_mut();
+            match owned.get_mut(&topic) {
+                None => Err("presence needs a joined channel".to_string()),
+                Some(t) => {
+                    let p = t.presence.get_or_insert_with(|| Presence::new(&self.presence_prefix));
+                    let had_diff = p.has_diff();
+                    let r = p.track(member(from, conn), key, meta, max).map_err(|e| e.to_string());
+                    if matches!(r, Ok(Tracked::Joined | Tracked::Updated)) && !had_diff {
+                        self.presence_dirty.borrow_mut().push(topic.clone());
+                    }
+                    r.map(|_| ())
+                }
+            }
+        };
+        self.wake_presence_flush();
+        self.route(from, ShardMsg::TrackResult { topic, conn, reply, error: result.err() });
+    }
+
+    /// Owner side: a member went away.
+    pub(super) fn owner_untrack(&self, topic: &Topic, from: usize, conn: ConnId) {
+        let mut owned = self.owned.borrow_mut();
+        let Some(p) = owned.get_mut(topic).and_then(|t| t.presence.as_mut()) else { return };
+        let had_diff = p.has_diff();
+        if p.untrack(member(from, conn)) && !had_diff && p.has_diff() {
+            self.presence_dirty.borrow_mut().push(topic.clone());
+        }
+        drop(owned);
+        self.wake_presence_flush();
+    }
+
+    /// Owner side: a joiner wants the state.
+    pub(super) fn owner_sync(&self, topic: Topic, from: usize, conn: ConnId) {
+        let body = {
+            let mut owned = self.owned.borrow_mut();
+            match owned.get_mut(&topic) {
+                Some(t) => t.presence.get_or_insert_with(|| Presence::new(&self.presence_prefix)).state(),
+                None => Bytes::from_static(b"{}"),
+            }
+        };
+        self.route(from, ShardMsg::PresenceState { topic, conn, body });
+    }
+
+    fn wake_presence_flush(&self) {
+        if !self.presence_dirty.borrow().is_empty() {
+            if let Some(w) = self.presence_waker.borrow_mut().take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Subscriber side: `presence_state` for one connection, built as three pieces so the
+    /// (possibly large) shared body is never copied: frame header + prefix with this
+    /// connection's join ref, the body, and the closing bytes.
+    pub(super) fn deliver_presence_state(&self, topic: &Topic, conn: ConnId, body: Bytes) {
+        let Some((format, join_ref)) = self.registry.borrow().sub(topic, conn).map(|s| (s.format, s.join_ref.clone()))
+        else {
+            return;
+        };
+        let wire = topic.wire_name();
+        let mut prefix = Vec::with_capacity(wire.len() + 48);
+        let suffix: &'static [u8] = match format {
+            Format::V2 => {
+                prefix.push(b'[');
+                prefix.extend_from_slice(join_ref.as_deref().unwrap_or("null").as_bytes());
+                prefix.extend_from_slice(b",null,");
+                write_str(&mut prefix, &wire);
+                prefix.extend_from_slice(b",\"presence_state\",");
+                b"]"
+            }
+            Format::V1 => {
+                prefix.extend_from_slice(b"{\"topic\":");
+                write_str(&mut prefix, &wire);
+                prefix.extend_from_slice(b",\"event\":\"presence_state\",\"payload\":");
+                b",\"ref\":null}"
+            }
+            Format::Sse => return,
+        };
+        let mut head = Vec::with_capacity(10 + prefix.len());
+        write_header(&mut head, OpCode::Text, true, prefix.len() + body.len() + suffix.len());
+        head.extend_from_slice(&prefix);
+        for piece in [Bytes::from(head), body, Bytes::from_static(suffix)] {
+            self.send(conn, piece);
+        }
+    }
+
+    /// Subscriber side: a diff for every presence-enabled subscriber of `topic`.
+    pub(super) fn deliver_presence_diff(&self, topic: &Topic, frames: &Frames) {
+        let registry = self.registry.borrow();
+        let Some(local) = registry.get(topic) else { return };
+        let mut conns = self.conns.borrow_mut();
+        for sub in local.subs.iter().filter(|s| s.presence) {
+            let Some(frame) = frames.get(sub.format) else { continue };
+            let Some(slot) = conns.get_mut(sub.conn.index as usize) else { continue };
+            if slot.generation == sub.conn.generation {
+                self.enqueue(sub.conn.index, slot, frame.clone());
+            }
+        }
+    }
+
+    /// Owner side: at the end of each coalescing window, sends every pending diff. Runs
+    /// forever.
+    pub async fn presence_flush_loop(self: Rc<Self>) {
+        let window = self.cfg.limits.presence_diff;
+        loop {
+            futures_lite::future::poll_fn(|cx| {
+                if self.presence_dirty.borrow().is_empty() {
+                    *self.presence_waker.borrow_mut() = Some(cx.waker().clone());
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+            glommio::timer::sleep(window).await;
+            let topics = std::mem::take(&mut *self.presence_dirty.borrow_mut());
+            for topic in topics {
+                let out = {
+                    let mut owned = self.owned.borrow_mut();
+                    let Some(t) = owned.get_mut(&topic) else { continue };
+                    let Some(diff) = t.presence.as_mut().and_then(Presence::take_diff) else { continue };
+                    let formats = t.formats();
+                    let wire = topic.wire_name();
+                    let mut by_format: [Option<Bytes>; 3] = [None, None, None];
+                    for (f, vsn) in [(Format::V1, Vsn::V1), (Format::V2, Vsn::V2)] {
+                        if formats.contains(f) {
+                            by_format[f.index()] =
+                                Some(message::encode(vsn, None, None, &wire, "presence_diff", &diff));
+                        }
+                    }
+                    let targets: Vec<usize> = t.listening_shards().collect();
+                    (Arc::new(Frames { by_format, offset: 0 }), targets)
+                };
+                let (frames, targets) = out;
+                for shard in targets {
+                    self.route(shard, ShardMsg::DeliverPresence { topic: topic.clone(), frames: frames.clone() });
+                }
+            }
+        }
+    }
+}
