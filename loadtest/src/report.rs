@@ -76,8 +76,10 @@ fn fmt_tick(v: f64) -> String {
         format!("{v:.0}")
     } else if v.abs() >= 1.0 {
         format!("{v:.1}")
-    } else {
+    } else if v.abs() >= 0.01 || v == 0.0 {
         format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
     }
 }
 
@@ -120,10 +122,16 @@ pub fn line_chart(
         esc(title)
     );
     // y grid
-    for i in 0..=5 {
-        let yt = ymin_t + (ymax_t - ymin_t) * i as f64 / 5.0;
+    // Linear: 5 even steps. Log: one line per decade.
+    let grid: Vec<f64> = if log_y {
+        let (a, b) = (ymin_t.round() as i32, ymax_t.round() as i32);
+        (a..=b).map(|e| e as f64).collect()
+    } else {
+        (0..=5).map(|i| ymin_t + (ymax_t - ymin_t) * i as f64 / 5.0).collect()
+    };
+    for yt in grid {
         let yv = if log_y { 10f64.powf(yt) } else { yt };
-        let py = t + ph - ph * i as f64 / 5.0;
+        let py = t + ph - (yt - ymin_t) / (ymax_t - ymin_t).max(1e-9) * ph;
         let _ = writeln!(
             s,
             r##"<line x1="{l}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,

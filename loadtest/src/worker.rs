@@ -784,6 +784,21 @@ impl Worker {
             if c.publ {
                 expected = expected.saturating_sub(*own.get(&c.id).unwrap_or(&0));
             }
+            if std::env::var_os("LOADTEST_DEBUG").is_some() {
+                for t in &c.tracks {
+                    let pc = t.publisher % PHASE_STRIDE;
+                    let sent_p = own.get(&pc).copied().unwrap_or(0);
+                    if t.next > sent_p {
+                        eprintln!(
+                            "debug: sub {} saw publisher {} seq {} but it reported {} sent",
+                            c.id,
+                            t.publisher,
+                            t.next - 1,
+                            sent_p
+                        );
+                    }
+                }
+            }
             let lost = expected.saturating_sub(c.uniq);
             if lost > 0 {
                 r.lost += lost;
@@ -1255,6 +1270,12 @@ impl Worker {
     /// A message that should carry measurement fields.
     #[inline]
     fn on_data(&mut self, ci: usize, m: &[u8], now: u64) {
+        if !self.conns[ci].sub {
+            // A publish-only client that had to join the room to publish (Phoenix, ws,
+            // Socket.IO) also receives the other publishers' messages: not a subscriber.
+            self.other += 1;
+            return;
+        }
         let Some(f) = wire::scan_fields(m) else {
             self.other += 1;
             return;
