@@ -95,13 +95,22 @@ pub struct RawConfig {
     #[arg(long, env = "CORECAST_PRESENCE_DIFF_MS", default_value_t = 20)]
     pub presence_diff_ms: u64,
 
-    /// Messages kept per topic in the recent window (resume) and the durable log.
+    /// Persisted (`persist`) messages kept per topic in the durable history.
     #[arg(long, env = "CORECAST_HISTORY_MAX_MESSAGES", default_value_t = 1000)]
     pub history_max_messages: usize,
 
-    /// Seconds a message stays in the recent window and durable history.
+    /// Seconds a persisted message is kept (unless its own `ttl` is shorter).
     #[arg(long, env = "CORECAST_HISTORY_MAX_AGE_SECS", default_value_t = 72 * 3600)]
     pub history_max_age_secs: u64,
+
+    /// Messages per topic in the recent window that backs resume for every message (persisted
+    /// or not). Memory: up to this many messages per active topic.
+    #[arg(long, env = "CORECAST_WINDOW_MESSAGES", default_value_t = 256)]
+    pub window_messages: usize,
+
+    /// Seconds a message stays in the recent window.
+    #[arg(long, env = "CORECAST_WINDOW_AGE_SECS", default_value_t = 300)]
+    pub window_age_secs: u64,
 
     /// Largest HTTP request head (bytes).
     #[arg(long, env = "CORECAST_MAX_HEAD_BYTES", default_value_t = 16 << 10)]
@@ -140,7 +149,21 @@ pub struct Limits {
     pub presence_diff: Duration,
     pub history_max_messages: usize,
     pub history_max_age: Duration,
+    pub window_messages: usize,
+    pub window_age: Duration,
     pub max_head_bytes: usize,
+}
+
+impl Limits {
+    /// The history bounds in the form the channel layer uses.
+    pub fn history(&self) -> crate::channel::history::HistoryLimits {
+        crate::channel::history::HistoryLimits {
+            window_messages: self.window_messages,
+            window_age_ms: self.window_age.as_millis() as u64,
+            durable_messages: self.history_max_messages,
+            durable_age_ms: self.history_max_age.as_millis() as u64,
+        }
+    }
 }
 
 /// A configuration value that parsed but makes no sense.
@@ -213,6 +236,7 @@ impl RawConfig {
             ("presence-max-bytes", self.presence_max_bytes),
             ("presence-calls-per-30s", self.presence_calls_per_30s as usize),
             ("history-max-messages", self.history_max_messages),
+            ("window-messages", self.window_messages),
             ("max-head-bytes", self.max_head_bytes),
         ] {
             if v == 0 {
@@ -245,6 +269,8 @@ impl RawConfig {
                 presence_diff: Duration::from_millis(self.presence_diff_ms),
                 history_max_messages: self.history_max_messages,
                 history_max_age: Duration::from_secs(self.history_max_age_secs),
+                window_messages: self.window_messages,
+                window_age: Duration::from_secs(self.window_age_secs),
                 max_head_bytes: self.max_head_bytes,
             },
         })

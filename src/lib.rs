@@ -18,4 +18,5 @@ pub mod config;
 pub mod ingest;
 pub mod protocol;
 pub mod shard;
+pub mod store;
 pub mod transport;

@@ -67,3 +67,18 @@ fn idle_sockets_are_closed() {
     }
     assert!(t.elapsed() < Duration::from_secs(4));
 }
+
+#[test]
+fn a_data_dir_is_used_by_one_process_at_a_time() {
+    let srv = Server::start(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_corecast"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "1"])
+        .arg("--data-dir")
+        .arg(&srv.data_dir)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another corecast process"), "{err}");
+}

@@ -6,12 +6,14 @@
 //! - `bad_input`: malformed frames/JSON/requests, floods, slow readers;
 //! - `rest`: REST endpoints;
 //! - `presence`: presence across shards;
+//! - `history`: history, persistence, resume and replay;
 //! - `lifecycle`: start-up flags, shutdown;
 //! - `interop`: the unmodified `@supabase/realtime-js` under Node (tests/js).
 
 mod util;
 
 mod bad_input;
+mod history;
 mod lifecycle;
 mod presence;
 mod rest;

@@ -37,10 +37,12 @@ pub struct Message<'a> {
     pub id: &'a str,
     pub epoch: &'a str,
     pub offset: u64,
+    /// Sent from history (replay or resume), marked `meta.replayed: true`.
+    pub replayed: bool,
 }
 
-/// `{"id":"..","offset":N,"epoch":".."}`.
-pub fn meta_json(id: &str, offset: u64, epoch: &str) -> Vec<u8> {
+/// `{"id":"..","offset":N,"epoch":".."[,"replayed":true]}`.
+pub fn meta_json(id: &str, offset: u64, epoch: &str, replayed: bool) -> Vec<u8> {
     let mut m = Vec::with_capacity(id.len() + epoch.len() + 40);
     m.extend_from_slice(b"{\"id\":");
     write_str(&mut m, id);
@@ -48,13 +50,16 @@ pub fn meta_json(id: &str, offset: u64, epoch: &str) -> Vec<u8> {
     write_u64(&mut m, offset);
     m.extend_from_slice(b",\"epoch\":");
     write_str(&mut m, epoch);
+    if replayed {
+        m.extend_from_slice(b",\"replayed\":true");
+    }
     m.push(b'}');
     m
 }
 
 /// Encodes `msg` once for each format in `formats`.
 pub fn encode(msg: &Message<'_>, formats: FormatSet) -> Frames {
-    let meta = meta_json(msg.id, msg.offset, msg.epoch);
+    let meta = meta_json(msg.id, msg.offset, msg.epoch, msg.replayed);
     let mut by_format: [Option<Bytes>; 3] = [None, None, None];
     if formats.contains(Format::V2) {
         by_format[Format::V2.index()] = match msg.payload {
@@ -93,6 +98,7 @@ mod tests {
             id: "i",
             epoch: "ep",
             offset: 3,
+            replayed: false,
         };
         let mut fs = FormatSet::default();
         fs.insert(Format::V2);
@@ -112,6 +118,7 @@ mod tests {
             id: "i",
             epoch: "ep",
             offset: 1,
+            replayed: false,
         };
         let mut fs = FormatSet::default();
         fs.insert(Format::V1);

@@ -5,6 +5,7 @@
 //! - [`presence`]: a topic's presence state and coalesced diffs, on its owner.
 
 pub mod broadcast;
+pub mod history;
 pub mod presence;
 pub mod registry;
 pub mod topic;

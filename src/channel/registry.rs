@@ -33,6 +33,9 @@ pub struct LocalSub {
     pub pg: bool,
     /// The connection tracks presence on this topic (the owner must be told when it goes).
     pub tracked: bool,
+    /// Waiting for its backlog from the owner: live messages are skipped until it arrives
+    /// (they are in the backlog).
+    pub awaiting_backlog: bool,
 }
 
 /// Frames held per connection until a subscription is in effect, in join order.
@@ -147,6 +150,13 @@ impl Registry {
         self.topics.get_mut(topic).and_then(|t| t.pending[format.index()].take()).unwrap_or_default()
     }
 
+    /// Marks `conn`'s backlog on `topic` as delivered.
+    pub fn backlog_done(&mut self, topic: &Topic, conn: ConnId) {
+        if let Some(s) = self.topics.get_mut(topic).and_then(|t| t.subs.iter_mut().find(|s| s.conn == conn)) {
+            s.awaiting_backlog = false;
+        }
+    }
+
     /// Records whether `conn` tracks presence on `topic`; tracking also enables presence
     /// diffs for it (as in Supabase, though no `presence_state` is sent for that). Returns
     /// whether the subscription exists.
@@ -181,6 +191,7 @@ mod tests {
             join_ref: None,
             pg: false,
             tracked: false,
+            awaiting_backlog: false,
         }
     }
 

@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use crate::channel::history::History;
 use crate::channel::presence::Presence;
 use crate::channel::{Format, FormatSet};
 
@@ -22,17 +23,31 @@ pub struct OwnedTopic {
     interest: Vec<FormatSet>,
     /// Presence, once anyone tracked or asked for it.
     pub presence: Option<Presence>,
+    /// Recent window and durable messages.
+    pub history: History,
 }
 
 impl OwnedTopic {
     /// A new stream with a fresh `epoch` for a cluster of `shards`.
     pub fn new(epoch: Arc<str>, shards: usize) -> Self {
-        Self { epoch, next_offset: 1, interest: vec![FormatSet::default(); shards], presence: None }
+        Self {
+            epoch,
+            next_offset: 1,
+            interest: vec![FormatSet::default(); shards],
+            presence: None,
+            history: History::default(),
+        }
     }
 
     /// A stream continuing an existing one (recovered from durable history).
     pub fn resume(epoch: Arc<str>, last_offset: u64, shards: usize) -> Self {
-        Self { epoch, next_offset: last_offset + 1, interest: vec![FormatSet::default(); shards], presence: None }
+        Self {
+            epoch,
+            next_offset: last_offset + 1,
+            interest: vec![FormatSet::default(); shards],
+            presence: None,
+            history: History::default(),
+        }
     }
 
     /// The stream's epoch.
@@ -77,6 +92,14 @@ impl OwnedTopic {
     /// Whether no shard listens.
     pub fn is_idle(&self) -> bool {
         self.interest.iter().all(|f| f.is_empty())
+    }
+
+    /// Whether the topic can be forgotten: nobody listens, nothing is stored, nobody is
+    /// tracked. Forgetting it ends its stream (a later message starts a new epoch).
+    pub fn is_disposable(&self) -> bool {
+        self.is_idle()
+            && self.history.is_empty()
+            && self.presence.as_ref().is_none_or(|p| p.is_empty() && !p.has_diff())
     }
 }
 

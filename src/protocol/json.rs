@@ -71,6 +71,23 @@ impl Digits {
     }
 }
 
+/// Formats Unix milliseconds as RFC 3339 UTC with milliseconds: `2025-11-19T00:22:40.877Z`.
+pub fn iso8601_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms % 1000)
+}
+
 /// Returns `s` as a JSON string literal.
 pub fn quote(s: &str) -> String {
     let mut v = Vec::with_capacity(s.len() + 2);
@@ -88,6 +105,13 @@ mod tests {
         for s in ["plain", "q\"uote", "back\\slash", "nl\n\t\r", "\u{1}\u{1f}", "ünï ☃", ""] {
             assert_eq!(quote(s), serde_json::to_string(s).unwrap());
         }
+    }
+
+    #[test]
+    fn formats_timestamps() {
+        assert_eq!(iso8601_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601_ms(1_763_511_760_877), "2025-11-19T00:22:40.877Z");
+        assert_eq!(iso8601_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]

@@ -14,10 +14,12 @@ use glommio::{LocalExecutorBuilder, Placement};
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::ingest::IngestHandle;
+use crate::protocol::phoenix::Topic;
 use crate::protocol::ws::CloseCode;
 use crate::shard::mesh::{full_mesh, MeshEnds, ShardMsg, INBOX_CAPACITY};
 use crate::shard::stats::ShardStats;
 use crate::shard::{close_slot, conn, Kind, Shard};
+use crate::store::log::{self, Record, RecoveredTopic};
 use crate::transport::listener::bind_reuseport;
 
 /// How long shutdown waits for connections to close after sending 1001.
@@ -34,6 +36,8 @@ pub enum BootError {
     Signals(std::io::Error),
     #[error("cannot start the Postgres ingest: {0}")]
     Ingest(String),
+    #[error("cannot use the data directory {dir}: {message}")]
+    DataDir { dir: String, message: String },
 }
 
 /// Runs the server until SIGINT/SIGTERM; calls `ready` with the bound address once every
@@ -42,6 +46,7 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
     let cfg = Arc::new(cfg);
     let (fds, addr) =
         bind_reuseport(cfg.listen, cfg.shards).map_err(|source| BootError::Listen { addr: cfg.listen, source })?;
+    let (_lock, log_generation, mut recovered) = prepare_history(&cfg)?;
     let stop = Arc::new(AtomicBool::new(false));
     install_signals(stop.clone())?;
     let verifier = Arc::new(Verifier::new(cfg.jwt_secret.as_deref()));
@@ -58,12 +63,15 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
         let (cfg, verifier, stats, stop, ready_tx) =
             (cfg.clone(), verifier.clone(), stats.clone(), stop.clone(), ready_tx.clone());
         let ingest = ingest.clone();
+        let recovered = std::mem::take(&mut recovered[id]);
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .io_memory(256 << 10)
             .ring_depth(1024)
             .preempt_timer(Duration::from_millis(5))
-            .spawn(move || shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx, ingest, inbox))
+            .spawn(move || {
+                shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx, ingest, inbox, log_generation, recovered)
+            })
             .map_err(|e| BootError::Executor { shard: id, cpu, message: e.to_string() })?;
         handles.push(h);
     }
@@ -113,9 +121,15 @@ async fn shard_main(
     ready: mpsc::Sender<()>,
     ingest: Option<IngestHandle>,
     inbox: flume::Receiver<ShardMsg>,
+    log_generation: u64,
+    recovered: Vec<(Topic, RecoveredTopic)>,
 ) {
     let mesh = ends.connect().await;
-    let shard = Rc::new(Shard::new(id, cfg, verifier, stats, ingest));
+    let shard = Rc::new(Shard::new(id, cfg, verifier, stats, ingest, Some(log_generation)));
+    for (topic, rt) in recovered {
+        shard.restore_topic(topic, rt);
+    }
+    glommio::spawn_local(shard.clone().log_loop()).detach();
     glommio::spawn_local(shard.clone().inbox_loop(inbox)).detach();
     glommio::spawn_local(shard.clone().flush_loop()).detach();
     glommio::spawn_local(shard.clone().presence_flush_loop()).detach();
@@ -169,6 +183,84 @@ async fn drain(shard: &Rc<Shard>) {
     while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
+    // Checkpoints let each topic's stream keep its epoch across the restart.
+    shard.write_checkpoints();
+    shard.log_stop.fire();
+    shard.wake_log();
+    let _ = glommio::timer::timeout(Duration::from_secs(2), async {
+        shard.log_closed.wait().await;
+        Ok(())
+    })
+    .await;
+}
+
+/// Recovered topics, per current shard.
+type PerShard = Vec<Vec<(Topic, RecoveredTopic)>>;
+
+/// Locks the data directory, recovers the history log, and rewrites it as one compacted
+/// snapshot per current shard (topics may move between shards when the shard count changes).
+/// Returns the lock (held for the process's life), this process's segment generation and the
+/// recovered topics per shard.
+fn prepare_history(cfg: &Config) -> Result<(std::fs::File, u64, PerShard), BootError> {
+    let dir = &cfg.data_dir;
+    let err = |message: String| BootError::DataDir { dir: dir.display().to_string(), message };
+    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    let lock = std::fs::File::create(dir.join("LOCK")).map_err(|e| err(e.to_string()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(std::os::unix::io::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(err("it is in use by another corecast process".into()));
+    }
+    let rec = log::recover(dir).map_err(|e| err(e.to_string()))?;
+    let newest = rec
+        .files
+        .iter()
+        .filter_map(|f| f.file_name()?.to_str()?.split('-').next()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    let generation = crate::shard::history::unix_ms().max(newest + 1);
+    let now = crate::shard::history::unix_ms();
+    let limits = cfg.limits.history();
+    let mut per_shard: Vec<Vec<(Topic, RecoveredTopic)>> = (0..cfg.shards).map(|_| Vec::new()).collect();
+    let mut snapshots: Vec<Vec<Record>> = (0..cfg.shards).map(|_| Vec::new()).collect();
+    let (topics, records) = (rec.topics.len(), rec.records);
+    for (topic, mut rt) in rec.topics {
+        rt.messages.retain(|m| {
+            now.saturating_sub(m.created_ms) <= limits.durable_age_ms && m.expires_ms.is_none_or(|e| e > now)
+        });
+        let owner = topic.owner(cfg.shards);
+        for m in &rt.messages {
+            snapshots[owner].push(Record::Message { topic: topic.clone(), msg: (**m).clone() });
+        }
+        if let (Some(e), true, false) = (&rt.epoch, rt.clean, rt.messages.is_empty()) {
+            snapshots[owner].push(Record::Checkpoint {
+                topic: topic.clone(),
+                epoch: e.clone(),
+                last_offset: rt.last_offset,
+            });
+        }
+        if !rt.messages.is_empty() {
+            per_shard[owner].push((topic, rt));
+        }
+    }
+    for (shard, recs) in snapshots.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+        log::write_snapshot(&dir.join(log::segment_name(generation, 0, shard)), recs)
+            .map_err(|e| err(e.to_string()))?;
+    }
+    log::sync_dir(dir).map_err(|e| err(e.to_string()))?;
+    for f in &rec.files {
+        let _ = std::fs::remove_file(f);
+    }
+    log::sync_dir(dir).map_err(|e| err(e.to_string()))?;
+    if records > 0 || rec.dropped_bytes > 0 {
+        tracing::info!(
+            records,
+            topics,
+            dropped_bytes = rec.dropped_bytes,
+            dir = %dir.display(),
+            "history: recovered the durable log"
+        );
+    }
+    Ok((lock, generation, per_shard))
 }
 
 /// Housekeeping every 100 ms: the shutdown flag, idle timeouts, token expiry.
@@ -186,6 +278,7 @@ async fn sweep_loop(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
         if !tick.is_multiple_of(10) {
             continue;
         }
+        shard.expire_topics();
         let now = conn::now();
         let mut expired = Vec::new();
         let mut idle_conns = Vec::new();

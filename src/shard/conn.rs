@@ -38,6 +38,8 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Why [`wait`] returned.
 enum Wake {
     Read(usize),
+    /// A deferred HTTP response was queued.
+    HttpReady,
     Eof,
     Close(Closing),
     Failed,
@@ -63,10 +65,31 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             Ok(())
         })
         .await;
+        // Lingering close: stop writing, then read and discard what the peer still sends
+        // (say, the body of a refused request) for a moment. Closing with unread input would
+        // make the kernel answer with a reset that can destroy the response just sent.
+        shard.unregister(id);
+        let _ = stream.shutdown(std::net::Shutdown::Write).await;
+        let _ = glommio::timer::timeout(DRAIN_UNREAD, async {
+            let mut sink = [0u8; 4096];
+            let mut total = 0usize;
+            while total < 4 << 20 {
+                match futures_lite::AsyncReadExt::read(&mut stream, &mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+            Ok(())
+        })
+        .await;
+    } else {
+        shard.unregister(id);
     }
-    shard.unregister(id);
     let _ = stream.shutdown(std::net::Shutdown::Both).await;
 }
+
+/// How long a closed connection's unread input is drained before the socket is closed.
+const DRAIN_UNREAD: Duration = Duration::from_millis(500);
 
 /// Writes out what is queued (used after a graceful close was requested).
 async fn linger(shard: &Shard, id: ConnId, stream: &mut TcpStream) {
@@ -89,6 +112,7 @@ async fn drive(shard: &Rc<Shard>, id: ConnId, stream: &mut TcpStream) -> Option<
     let leftover = 'http: loop {
         match wait(shard, id, stream).await {
             Wake::Read(n) => pending.extend_from_slice(&shard.scratch.borrow()[..n]),
+            Wake::HttpReady => {}
             Wake::Eof | Wake::Failed => return None,
             Wake::Close(c) => return Some(c),
         }
@@ -98,6 +122,20 @@ async fn drive(shard: &Rc<Shard>, id: ConnId, stream: &mut TcpStream) -> Option<
                 Step::Continue => continue,
                 Step::Close => return Some(Closing::Graceful),
                 Step::Upgraded => break 'http std::mem::take(&mut pending),
+                Step::Deferred { keep_alive } => {
+                    // Another shard answers; later requests wait so responses stay in order.
+                    loop {
+                        match wait(shard, id, stream).await {
+                            Wake::Read(n) => pending.extend_from_slice(&shard.scratch.borrow()[..n]),
+                            Wake::HttpReady => break,
+                            Wake::Eof | Wake::Failed => return None,
+                            Wake::Close(c) => return Some(c),
+                        }
+                    }
+                    if !keep_alive {
+                        return Some(Closing::Graceful);
+                    }
+                }
             }
         }
     };
@@ -123,6 +161,7 @@ async fn drive(shard: &Rc<Shard>, id: ConnId, stream: &mut TcpStream) -> Option<
                     return Some(Closing::Graceful);
                 }
             }
+            Wake::HttpReady => {}
             Wake::Eof | Wake::Failed => return None,
             Wake::Close(c) => return Some(c),
         }
@@ -135,6 +174,10 @@ enum Step {
     Continue,
     Close,
     Upgraded,
+    /// The response comes later (from the topic's owner shard).
+    Deferred {
+        keep_alive: bool,
+    },
 }
 
 /// Parses and handles one request at the front of `pending`, consuming it.
@@ -167,7 +210,7 @@ fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
             }
             ShardStats::add(&shard.my_stats().http_requests, 1);
             let body = &pending[head_len..head_len + body_len];
-            (rest::handle(shard, &req, body), head_len + body_len)
+            (rest::handle(shard, id, &req, body), head_len + body_len)
         }
     };
     pending.drain(..consumed);
@@ -180,6 +223,7 @@ fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
                 Step::Close
             }
         }
+        Outcome::Deferred { keep_alive } => Step::Deferred { keep_alive },
         Outcome::Upgrade { response, vsn, claims } => {
             shard.send(id, response.into());
             shard.with_slot(id, |s| {
@@ -265,6 +309,9 @@ async fn wait(shard: &Shard, id: ConnId, stream: &mut TcpStream) -> Wake {
             };
             if let Some(c) = slot.closing {
                 return Poll::Ready(Wake::Close(c));
+            }
+            if std::mem::take(&mut slot.http_ready) {
+                return Poll::Ready(Wake::HttpReady);
             }
             while slot.blocked {
                 let Some(front) = slot.outbox.front() else {

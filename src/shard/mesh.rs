@@ -55,6 +55,16 @@ pub enum ShardMsg {
     PresenceState { topic: Topic, conn: ConnId, body: Bytes },
     /// From a topic's owner: a coalesced `presence_diff`, for presence-enabled subscribers.
     DeliverPresence { topic: Topic, frames: Arc<Frames> },
+    /// To a topic's owner: send `conn` (on shard `from`) the messages it asks for, encoded
+    /// for `format`. Sent after the interest on the same FIFO, so live messages sequenced
+    /// after the backlog follow it with no gap and no duplicate.
+    BacklogRequest { topic: Topic, from: usize, conn: ConnId, format: Format, want: Backlog },
+    /// From a topic's owner: the backlog frames (or a `system` error), in order.
+    BacklogReply { topic: Topic, conn: ConnId, frames: Vec<Bytes> },
+    /// To a topic's owner: a history page for an HTTP request on shard `from`.
+    HistoryRequest { topic: Topic, from: usize, conn: ConnId, before: Option<u64>, limit: usize, keep_alive: bool },
+    /// From a topic's owner: the complete HTTP response for a history request.
+    HistoryReply { conn: ConnId, response: Bytes },
     /// From the ingest thread: queue each frame on each listed connection of this shard
     /// (Postgres changes, `system` messages). A frame is encoded once for all its connections.
     ToConns { items: Vec<(Bytes, Vec<ConnId>)> },
@@ -66,6 +76,15 @@ pub enum ShardMsg {
 
 /// Capacity of each shard's inbox from non-shard threads (the ingest thread).
 pub const INBOX_CAPACITY: usize = 1024;
+
+/// What a joining subscriber wants from history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backlog {
+    /// Every message after `offset` of stream `epoch` (gapless resume), or a `system` error.
+    Resume { epoch: String, offset: u64 },
+    /// The newest `limit` messages published at or after `since_ms` (realtime-js replay).
+    Replay { since_ms: u64, limit: u32 },
+}
 
 /// One batch on the wire between two shards.
 pub type Batch = Vec<ShardMsg>;

@@ -16,6 +16,7 @@
 
 pub mod boot;
 pub mod conn;
+pub mod history;
 pub mod mesh;
 pub mod presence;
 pub mod rest;
@@ -33,19 +34,19 @@ use bytes::Bytes;
 use slab::Slab;
 
 use crate::auth::Verifier;
-use crate::channel::broadcast::{self, Frames};
+use crate::channel::broadcast::Frames;
 use crate::channel::registry::{ConnId, InterestChange, LocalSub, Registry};
 use crate::channel::topic::OwnedTopic;
 use crate::channel::Format;
 use crate::config::Config;
 use crate::ingest::{IngestHandle, IngestMsg, PgSubscribe};
-use crate::protocol::phoenix::session::{format_uuid, Action, Publish, SessionCtx, Subscription};
+use crate::protocol::phoenix::session::{Action, SessionCtx, Subscription};
 use crate::protocol::phoenix::{Session, Topic, Vsn};
 use crate::protocol::ws::frame::close_frame;
 use crate::protocol::ws::{CloseCode, WsConn};
 use crate::transport::{Flush, Outbox};
 
-use self::mesh::{Origin, ShardMsg};
+use self::mesh::{Backlog, Origin, ShardMsg};
 use self::stats::ShardStats;
 
 /// Outgoing batch size above which readers on this shard pause until peers catch up.
@@ -93,6 +94,9 @@ pub struct Slot {
     pub closing: Option<Closing>,
     pub last_rx: Instant,
     pub kind: Kind,
+    /// A deferred HTTP response (answered by another shard) has been queued: the connection
+    /// may go on with its next request.
+    pub http_ready: bool,
 }
 
 /// Wakers waiting for an event, woken all at once.
@@ -161,6 +165,14 @@ pub struct Shard {
     presence_waker: RefCell<Option<Waker>>,
     /// Prefix of this shard's `phx_ref`s (random per process, so refs never repeat).
     presence_prefix: Box<str>,
+    /// Generation of this process's log segments; `None` when persistence is off.
+    log_generation: Option<u64>,
+    /// Encoded records waiting for the log writer.
+    log_buf: RefCell<Vec<u8>>,
+    log_waker: RefCell<Option<Waker>>,
+    /// Asks the log writer to flush and close; it fires `log_closed` when done.
+    pub log_stop: Event,
+    pub log_closed: Event,
     next_generation: Cell<u32>,
     rng: RefCell<fastrand::Rng>,
 }
@@ -179,6 +191,7 @@ impl Shard {
         verifier: Arc<Verifier>,
         stats: Arc<[ShardStats]>,
         ingest: Option<IngestHandle>,
+        log_generation: Option<u64>,
     ) -> Self {
         let l = &cfg.limits;
         let ctx = SessionCtx {
@@ -211,6 +224,11 @@ impl Shard {
             presence_dirty: RefCell::new(Vec::new()),
             presence_waker: RefCell::new(None),
             presence_prefix: format!("{:08x}.", fastrand::u32(..)).into(),
+            log_generation,
+            log_buf: RefCell::new(Vec::new()),
+            log_waker: RefCell::new(None),
+            log_stop: Event::default(),
+            log_closed: Event::default(),
             next_generation: Cell::new(0),
             rng: RefCell::new(fastrand::Rng::with_seed(
                 0x5eed ^ (id as u64) ^ Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64,
@@ -238,6 +256,7 @@ impl Shard {
             closing: None,
             last_rx: Instant::now(),
             kind: Kind::Http,
+            http_ready: false,
         }) as u32;
         ShardStats::gauge(&self.my_stats().connections, 1);
         ConnId { index, generation }
@@ -363,8 +382,20 @@ impl Shard {
             Vsn::V2 => Format::V2,
         };
         let pg = self.ingest.is_some() && !sub.postgres_changes.is_empty();
-        let local =
-            LocalSub { conn: id, format, presence: sub.presence, join_ref: sub.join_ref.clone(), pg, tracked: false };
+        let want = match (&sub.resume, &sub.replay) {
+            (Some(r), _) => Some(Backlog::Resume { epoch: r.epoch.clone(), offset: r.offset }),
+            (None, Some(r)) => Some(Backlog::Replay { since_ms: r.since_ms, limit: r.limit }),
+            (None, None) => None,
+        };
+        let local = LocalSub {
+            conn: id,
+            format,
+            presence: sub.presence,
+            join_ref: sub.join_ref.clone(),
+            pg,
+            tracked: false,
+            awaiting_backlog: want.is_some(),
+        };
         let changes = self.registry.borrow_mut().add(&sub.topic, local);
         ShardStats::gauge(&self.my_stats().subscriptions, 1);
         ShardStats::add(&self.my_stats().joins, 1);
@@ -391,9 +422,16 @@ impl Shard {
                 self.send(id, f);
             }
         }
+        let owner = sub.topic.owner(self.shards);
+        // Both after the interest on the same FIFO: they follow the join reply, and live
+        // messages sequenced after the backlog follow the backlog.
+        if let Some(want) = want {
+            self.route(
+                owner,
+                ShardMsg::BacklogRequest { topic: sub.topic.clone(), from: self.id, conn: id, format, want },
+            );
+        }
         if sub.presence {
-            // After the interest on the same FIFO: the state follows the join reply.
-            let owner = sub.topic.owner(self.shards);
             self.route(owner, ShardMsg::PresenceSync { topic: sub.topic, from: self.id, conn: id });
         }
     }
@@ -446,7 +484,7 @@ impl Shard {
                 }
                 let t = owned.entry(topic.clone()).or_insert_with(|| OwnedTopic::new(self.new_epoch(), self.shards));
                 t.set_interest(from, format, present);
-                if t.is_idle() {
+                if t.is_disposable() {
                     owned.remove(&topic);
                 }
                 drop(owned);
@@ -498,6 +536,23 @@ impl Shard {
                 self.send(conn, reply.frame(&topic, error.as_deref()));
             }
             ShardMsg::PresenceState { topic, conn, body } => self.deliver_presence_state(&topic, conn, body),
+            ShardMsg::BacklogRequest { topic, from, conn, format, want } => {
+                self.owner_backlog(topic, from, conn, format, want)
+            }
+            ShardMsg::BacklogReply { topic, conn, frames } => self.deliver_backlog(&topic, conn, frames),
+            ShardMsg::HistoryRequest { topic, from, conn, before, limit, keep_alive } => {
+                let response = self.owner_history(&topic, before, limit, keep_alive);
+                self.route(from, ShardMsg::HistoryReply { conn, response });
+            }
+            ShardMsg::HistoryReply { conn, response } => {
+                self.send(conn, response);
+                self.with_slot(conn, |s| {
+                    s.http_ready = true;
+                    if let Some(w) = s.waker.take() {
+                        w.wake();
+                    }
+                });
+            }
             ShardMsg::DeliverPresence { topic, frames } => self.deliver_presence_diff(&topic, &frames),
             ShardMsg::InterestAck { topic, format } => {
                 let held = self.registry.borrow_mut().release(&topic, format);
@@ -512,42 +567,6 @@ impl Shard {
         }
     }
 
-    /// Owner side: assign the next offset, encode once per format in use, send to every
-    /// listening shard.
-    fn sequence(&self, p: Publish, origin: Option<Origin>) {
-        ShardStats::add(&self.my_stats().published, 1);
-        let (frames, targets) = {
-            let mut owned = self.owned.borrow_mut();
-            let Some(t) = owned.get_mut(&p.topic) else {
-                // Nobody listens: the message has no subscriber to reach (history comes later).
-                return;
-            };
-            let offset = t.next_offset();
-            let formats = t.formats();
-            let id = match &p.id {
-                Some(id) => id.to_string(),
-                None => format_uuid(self.rng.borrow_mut().u128(..)),
-            };
-            let wire = p.topic.wire_name();
-            let msg = broadcast::Message {
-                wire_topic: &wire,
-                event: &p.event,
-                payload: &p.payload,
-                binary_frame: p.binary_frame,
-                id: &id,
-                epoch: t.epoch(),
-                offset,
-            };
-            let frames = Arc::new(broadcast::encode(&msg, formats));
-            let targets: Vec<usize> = t.listening_shards().collect();
-            (frames, targets)
-        };
-        let exclude = if p.exclude_sender { origin } else { None };
-        for shard in targets {
-            self.route(shard, ShardMsg::Deliver { topic: p.topic.clone(), frames: frames.clone(), exclude });
-        }
-    }
-
     /// Queues `frames` to every local subscriber of `topic`.
     fn deliver(&self, topic: &Topic, frames: &Frames, exclude: Option<Origin>) {
         let registry = self.registry.borrow();
@@ -558,7 +577,7 @@ impl Shard {
         let mut conns = self.conns.borrow_mut();
         let mut n = 0u64;
         for sub in &local.subs {
-            if Some(sub.conn) == skip {
+            if Some(sub.conn) == skip || sub.awaiting_backlog {
                 continue;
             }
             let Some(frame) = frames.get(sub.format) else {
@@ -574,6 +593,13 @@ impl Shard {
             n += 1;
         }
         ShardStats::add(&self.my_stats().deliveries, n);
+    }
+
+    /// Wakes the log writer (after `log_stop` fired).
+    pub fn wake_log(&self) {
+        if let Some(w) = self.log_waker.borrow_mut().take() {
+            w.wake();
+        }
     }
 
     fn new_epoch(&self) -> Arc<str> {

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::auth::{AuthError, Claims};
+use crate::channel::registry::ConnId;
 use crate::protocol::error::HandshakeError;
 use crate::protocol::http::{self, percent_decode, Request};
 use crate::protocol::phoenix::session::{Payload, Persist, Publish};
@@ -37,6 +38,8 @@ pub enum Outcome {
     Respond { bytes: Vec<u8>, keep_alive: bool },
     /// Send the `101` response and switch to WebSocket with this session setup.
     Upgrade { response: Vec<u8>, vsn: Vsn, claims: Arc<Claims> },
+    /// Another shard sends the response; then continue if `keep_alive`.
+    Deferred { keep_alive: bool },
 }
 
 fn respond(bytes: Vec<u8>, keep_alive: bool) -> Outcome {
@@ -44,7 +47,7 @@ fn respond(bytes: Vec<u8>, keep_alive: bool) -> Outcome {
 }
 
 /// Routes one request with its complete body.
-pub fn handle(shard: &Shard, req: &Request<'_>, body: &[u8]) -> Outcome {
+pub fn handle(shard: &Shard, id: ConnId, req: &Request<'_>, body: &[u8]) -> Outcome {
     let ka = req.keep_alive();
     if req.method == "OPTIONS" {
         return respond(http::response(204, "text/plain", b"", ka), ka);
@@ -68,6 +71,12 @@ pub fn handle(shard: &Shard, req: &Request<'_>, body: &[u8]) -> Outcome {
         }
         return respond(batch(shard, req, body, ka), ka);
     }
+    if let Some(topic) = api.strip_prefix("/api/channels/").and_then(|r| r.strip_suffix("/messages")) {
+        if req.method != "GET" {
+            return respond(http::json_error(405, "use GET", ka), ka);
+        }
+        return history(shard, id, req, &percent_decode(topic), ka);
+    }
     if let Some(rest) = api.strip_prefix("/api/broadcast/") {
         if let Some((topic, event)) = rest.split_once("/events/") {
             if req.method != "POST" {
@@ -78,6 +87,54 @@ pub fn handle(shard: &Shard, req: &Request<'_>, body: &[u8]) -> Outcome {
     }
     respond(http::json_error(404, &format!("no route for {} {}", req.method, req.path), ka), ka)
 }
+
+/// `GET /realtime/v1/api/channels/{topic}/messages?limit=50&before=<offset>[&private=true]`:
+/// validated here, answered by the topic's owner shard.
+fn history(shard: &Shard, id: ConnId, req: &Request<'_>, topic: &str, ka: bool) -> Outcome {
+    let claims = match authenticate(shard, token(req, true).as_deref()) {
+        Ok(c) => c,
+        Err(e) => return respond(http::json_error(401, &e.to_string(), ka), ka),
+    };
+    let private = match req.query_param("private").map(|v| parse_bool(&v)) {
+        None => false,
+        Some(Some(b)) => b,
+        Some(None) => return respond(http::json_error(400, "private must be true or false", ka), ka),
+    };
+    let limit = match req.query_param("limit") {
+        None => 50,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_HISTORY_PAGE).contains(&n) => n,
+            _ => {
+                let msg = format!("limit must be a number from 1 to {MAX_HISTORY_PAGE}, got {v:?}");
+                return respond(http::json_error(400, &msg, ka), ka);
+            }
+        },
+    };
+    let before = match req.query_param("before") {
+        None => None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                let msg = format!("before must be a message offset (a non-negative integer), got {v:?}");
+                return respond(http::json_error(400, &msg, ka), ka);
+            }
+        },
+    };
+    let topic = match Topic::new(topic, private) {
+        Ok(t) => t,
+        Err(e) => return respond(http::json_error(400, &e.to_string(), ka), ka),
+    };
+    if !may_publish(shard, &claims, &topic) {
+        let msg = format!("not allowed to read private topic {:?}", topic.name());
+        return respond(http::json_error(403, &msg, ka), ka);
+    }
+    let owner = topic.owner(shard.shards);
+    shard.route(owner, ShardMsg::HistoryRequest { topic, from: shard.id, conn: id, before, limit, keep_alive: ka });
+    Outcome::Deferred { keep_alive: ka }
+}
+
+/// Largest history page.
+pub const MAX_HISTORY_PAGE: usize = 1000;
 
 fn get_only(req: &Request<'_>, f: impl FnOnce() -> Vec<u8>) -> Outcome {
     let ka = req.keep_alive();

@@ -14,18 +14,56 @@ use tungstenite::{stream::MaybeTlsStream, Message, WebSocket};
 pub struct Server {
     pub addr: SocketAddr,
     child: Option<Child>,
+    /// The data directory (removed on drop unless kept for a restart).
+    pub data_dir: std::path::PathBuf,
+    args: Vec<String>,
+    keep_dir: bool,
+}
+
+/// A fresh, unique temporary directory.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("corecast-test-{tag}-{}-{:016x}", std::process::id(), fastrand::u64(..)));
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
 
 impl Server {
-    /// Starts `corecast --listen 127.0.0.1:0 --shards 2` plus `args`.
+    /// Starts `corecast --listen 127.0.0.1:0 --shards 2` plus `args`, with its own data dir.
     pub fn start(args: &[&str]) -> Server {
         Self::start_with_env(args, &[])
     }
 
     /// Like [`Server::start`] with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::launch("127.0.0.1:0", &temp_dir("data"), args, env)
+    }
+
+    /// Stops this server (SIGTERM, clean) and starts a new one on the same port and data dir.
+    pub fn restart(mut self) -> Server {
+        self.keep_dir = true;
+        let (addr, dir, args) = (self.addr.to_string(), self.data_dir.clone(), self.args.clone());
+        let _ = self.terminate_inner();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::launch(&addr, &dir, &args, &[])
+    }
+
+    /// Kills this server (SIGKILL: no clean shutdown) and starts a new one on the same port and
+    /// data dir.
+    pub fn crash_and_restart(mut self) -> Server {
+        self.keep_dir = true;
+        let (addr, dir, args) = (self.addr.to_string(), self.data_dir.clone(), self.args.clone());
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::launch(&addr, &dir, &args, &[])
+    }
+
+    /// Starts the binary on `listen` with `data_dir`.
+    pub fn launch(listen: &str, data_dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_corecast"));
-        cmd.args(["--listen", "127.0.0.1:0", "--shards", "2", "--cpus", "0,1"]).args(args);
+        cmd.args(["--listen", listen, "--shards", "2", "--cpus", "0,1"]).arg("--data-dir").arg(data_dir).args(args);
         cmd.env_remove("DATABASE_URL").env("RUST_LOG", "warn");
         for (k, v) in env {
             cmd.env(k, v);
@@ -47,7 +85,13 @@ impl Server {
             .expect("ready line")
             .parse()
             .unwrap();
-        Server { addr, child: Some(child) }
+        Server {
+            addr,
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            keep_dir: false,
+        }
     }
 
     pub fn http(&self) -> String {
@@ -64,6 +108,15 @@ impl Server {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> (std::process::ExitStatus, Duration) {
+        self.terminate_inner()
+    }
+
+    /// Keeps the data directory when this server is dropped (the caller removes it).
+    pub fn keep_data(&mut self) {
+        self.keep_dir = true;
+    }
+
+    fn terminate_inner(&mut self) -> (std::process::ExitStatus, Duration) {
         let mut child = self.child.take().unwrap();
         let t = Instant::now();
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -77,6 +130,9 @@ impl Drop for Server {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if !self.keep_dir {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
 }
@@ -301,7 +357,8 @@ pub fn http(
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    // The server may answer (413) and stop reading before the whole body is sent.
+    let _ = s.write_all(body);
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
     let end = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("response head") + 4;

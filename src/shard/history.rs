@@ -1,0 +1,350 @@
+//! The owner side of a topic's message stream: sequencing (offsets, epoch), the recent window
+//! and durable history, backlogs for joiners (gapless resume, replay), history pages, and the
+//! shard's log writer.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use bytes::Bytes;
+use futures_lite::AsyncWriteExt;
+use glommio::io::{DmaFile, DmaStreamWriter, DmaStreamWriterBuilder};
+
+use crate::channel::broadcast::{self, Frames};
+use crate::channel::history::StoredMsg;
+use crate::channel::registry::ConnId;
+use crate::channel::topic::OwnedTopic;
+use crate::channel::{Format, FormatSet};
+use crate::protocol::http;
+use crate::protocol::json::{iso8601_ms, write_str, write_u64};
+use crate::protocol::phoenix::message;
+use crate::protocol::phoenix::session::{format_uuid, Payload, Persist, Publish};
+use crate::protocol::phoenix::{Topic, Vsn};
+use crate::shard::mesh::{Backlog, Origin, ShardMsg};
+use crate::shard::stats::ShardStats;
+use crate::shard::Shard;
+use crate::store::log::{self, Record, RecoveredTopic};
+
+/// Unix time in milliseconds.
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Shard {
+    /// Installs a topic recovered from the log at start-up.
+    pub fn restore_topic(&self, topic: Topic, rt: RecoveredTopic) {
+        let epoch = match (&rt.epoch, rt.clean) {
+            (Some(e), true) => e.clone(),
+            _ => {
+                // Not shut down cleanly: messages after the last durable one may be lost, so
+                // the stream continues under a new epoch (offsets keep growing).
+                self.new_epoch()
+            }
+        };
+        let mut t = OwnedTopic::resume(epoch, rt.last_offset, self.shards);
+        for m in rt.messages {
+            t.history.restore(m);
+        }
+        self.owned.borrow_mut().insert(topic, t);
+    }
+
+    /// Owner side: assign the next offset, store the message, encode it once per format in
+    /// use and send it to every listening shard.
+    pub(super) fn sequence(&self, p: Publish, origin: Option<Origin>) {
+        ShardStats::add(&self.my_stats().published, 1);
+        let now = unix_ms();
+        let limits = self.cfg.limits.history();
+        let (frames, targets) = {
+            let mut owned = self.owned.borrow_mut();
+            let t = owned.entry(p.topic.clone()).or_insert_with(|| OwnedTopic::new(self.new_epoch(), self.shards));
+            let offset = t.next_offset();
+            let id: Arc<str> = match &p.id {
+                Some(id) => id.clone(),
+                None => Arc::from(format_uuid(self.rng.borrow_mut().u128(..)).as_str()),
+            };
+            let expires_ms = match p.persist {
+                Persist::Ttl(s) => Some(now + s.saturating_mul(1000)),
+                _ => None,
+            };
+            let stored = Arc::new(StoredMsg {
+                offset,
+                epoch: t.epoch().clone(),
+                id,
+                event: p.event.clone(),
+                payload: p.payload.clone(),
+                binary_frame: p.binary_frame,
+                created_ms: now,
+                expires_ms,
+            });
+            let durable = p.persist != Persist::No;
+            if durable {
+                self.log_append(&Record::Message { topic: p.topic.clone(), msg: (*stored).clone() });
+            }
+            t.history.push(stored.clone(), durable, &limits);
+            let formats = t.formats();
+            if formats.is_empty() {
+                return;
+            }
+            let frames = Arc::new(encode_stored(&p.topic, &stored, formats, false));
+            (frames, t.listening_shards().collect::<Vec<usize>>())
+        };
+        let exclude = if p.exclude_sender { origin } else { None };
+        for shard in targets {
+            self.route(shard, ShardMsg::Deliver { topic: p.topic.clone(), frames: frames.clone(), exclude });
+        }
+    }
+
+    /// Owner side: a joiner's backlog.
+    pub(super) fn owner_backlog(&self, topic: Topic, from: usize, conn: ConnId, format: Format, want: Backlog) {
+        let mut fs = FormatSet::default();
+        fs.insert(format);
+        let frames: Vec<Bytes> = {
+            let owned = self.owned.borrow();
+            let t = owned.get(&topic);
+            match (&want, t) {
+                (Backlog::Replay { since_ms, limit }, Some(t)) => t
+                    .history
+                    .replay(*since_ms, *limit as usize)
+                    .iter()
+                    .filter_map(|m| encode_stored(&topic, m, fs, true).get(format).cloned())
+                    .collect(),
+                (Backlog::Replay { .. }, None) => Vec::new(),
+                (Backlog::Resume { epoch, offset }, Some(t)) if **t.epoch() == **epoch => {
+                    match t.history.resume(epoch, *offset, t.last_offset()) {
+                        Ok(msgs) => msgs
+                            .iter()
+                            .filter_map(|m| encode_stored(&topic, m, fs, true).get(format).cloned())
+                            .collect(),
+                        Err(gap) => vec![resume_error(
+                            &topic,
+                            format,
+                            &format!(
+                                "resume impossible: messages after offset {offset} are no longer available; \
+                                 the oldest resumable offset is {}",
+                                gap.oldest_available.saturating_sub(1)
+                            ),
+                            t.epoch(),
+                            gap.oldest_available,
+                        )],
+                    }
+                }
+                (Backlog::Resume { epoch, .. }, t) => {
+                    let (current, oldest) = t.map_or((Arc::from(""), 1), |t| (t.epoch().clone(), t.last_offset() + 1));
+                    vec![resume_error(
+                        &topic,
+                        format,
+                        &format!("resume impossible: unknown epoch {epoch:?} (the stream was lost or never existed)"),
+                        &current,
+                        oldest,
+                    )]
+                }
+            }
+        };
+        self.route(from, ShardMsg::BacklogReply { topic, conn, frames });
+    }
+
+    /// Subscriber side: the backlog arrived: queue it, then let live messages through.
+    pub(super) fn deliver_backlog(&self, topic: &Topic, conn: ConnId, frames: Vec<Bytes>) {
+        for f in frames {
+            self.send(conn, f);
+        }
+        self.registry.borrow_mut().backlog_done(topic, conn);
+    }
+
+    /// Owner side: a history page as a complete HTTP response.
+    pub(super) fn owner_history(&self, topic: &Topic, before: Option<u64>, limit: usize, keep_alive: bool) -> Bytes {
+        let owned = self.owned.borrow();
+        let mut body = Vec::with_capacity(256);
+        body.extend_from_slice(b"{\"epoch\":");
+        match owned.get(topic) {
+            Some(t) => write_str(&mut body, t.epoch()),
+            None => body.extend_from_slice(b"null"),
+        }
+        body.extend_from_slice(b",\"messages\":[");
+        if let Some(t) = owned.get(topic) {
+            for (i, m) in t.history.page(before, limit).iter().enumerate() {
+                if i > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(b"{\"id\":");
+                write_str(&mut body, &m.id);
+                body.extend_from_slice(b",\"offset\":");
+                write_u64(&mut body, m.offset);
+                body.extend_from_slice(b",\"epoch\":");
+                write_str(&mut body, &m.epoch);
+                body.extend_from_slice(b",\"event\":");
+                write_str(&mut body, &m.event);
+                body.extend_from_slice(b",\"payload\":");
+                match &m.payload {
+                    Payload::Json(p) => body.extend_from_slice(p),
+                    Payload::Binary(p) => {
+                        write_str(&mut body, &base64::engine::general_purpose::STANDARD.encode(p));
+                        body.extend_from_slice(b",\"encoding\":\"base64\"");
+                    }
+                }
+                body.extend_from_slice(b",\"created_at\":");
+                write_str(&mut body, &iso8601_ms(m.created_ms));
+                body.push(b'}');
+            }
+        }
+        body.extend_from_slice(b"]}");
+        Bytes::from(http::response(200, "application/json", &body, keep_alive))
+    }
+
+    /// Drops expired history and forgets topics nobody needs (called once a second).
+    pub(super) fn expire_topics(&self) {
+        let now = unix_ms();
+        let limits = self.cfg.limits.history();
+        self.owned.borrow_mut().retain(|_, t| {
+            t.history.expire(now, &limits);
+            !t.is_disposable()
+        });
+    }
+
+    /// Queues a record for the log writer (when the log is enabled).
+    fn log_append(&self, rec: &Record) {
+        if self.log_generation.is_none() {
+            return;
+        }
+        log::encode(rec, &mut self.log_buf.borrow_mut());
+        if let Some(w) = self.log_waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// At a clean shutdown: a checkpoint per topic with durable history, so its stream keeps
+    /// its epoch across the restart.
+    pub fn write_checkpoints(&self) {
+        let owned = self.owned.borrow();
+        for (topic, t) in owned.iter().filter(|(_, t)| t.history.has_durable()) {
+            self.log_append(&Record::Checkpoint {
+                topic: topic.clone(),
+                epoch: t.epoch().clone(),
+                last_offset: t.last_offset(),
+            });
+        }
+    }
+
+    fn snapshot_records(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for (topic, t) in self.owned.borrow().iter() {
+            for m in t.history.durable() {
+                log::encode(&Record::Message { topic: topic.clone(), msg: (**m).clone() }, &mut buf);
+            }
+        }
+        buf
+    }
+
+    /// The log writer: appends queued records, `fdatasync`s after each batch (records that
+    /// arrive during a sync form the next batch: group commit), compacts big segments, and
+    /// on shutdown flushes and closes. Runs until shutdown.
+    pub async fn log_loop(self: Rc<Self>) {
+        let Some(generation) = self.log_generation else { return };
+        let dir = self.cfg.data_dir.clone();
+        let mut seq = 1u32;
+        let mut w = match open_segment(&dir, generation, seq, self.id).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(shard = self.id, error = %e, "history log: cannot open a segment; persistence is off");
+                self.log_closed.fire();
+                return;
+            }
+        };
+        loop {
+            futures_lite::future::poll_fn(|cx| {
+                if self.log_buf.borrow().is_empty() && !self.log_stop.fired() {
+                    *self.log_waker.borrow_mut() = Some(cx.waker().clone());
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+            let buf = std::mem::take(&mut *self.log_buf.borrow_mut());
+            let result = async {
+                if !buf.is_empty() {
+                    w.write_all(&buf).await?;
+                    w.sync().await?;
+                }
+                Ok::<(), std::io::Error>(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::error!(shard = self.id, error = %e, "history log: write failed");
+            }
+            if self.log_stop.fired() && self.log_buf.borrow().is_empty() {
+                let _ = w.close().await;
+                self.log_closed.fire();
+                return;
+            }
+            if w.current_pos() > log::COMPACT_BYTES {
+                // Rewrite the live durable set into a fresh segment, then drop the old ones.
+                seq += 1;
+                match open_segment(&dir, generation, seq, self.id).await {
+                    Ok(mut nw) => {
+                        let snap = self.snapshot_records();
+                        if nw.write_all(&snap).await.is_ok() && nw.sync().await.is_ok() {
+                            let mut old = std::mem::replace(&mut w, nw);
+                            let _ = old.close().await;
+                            for s in 1..seq {
+                                let _ = std::fs::remove_file(dir.join(log::segment_name(generation, s, self.id)));
+                            }
+                            let _ = log::sync_dir(&dir);
+                        }
+                    }
+                    Err(e) => tracing::error!(shard = self.id, error = %e, "history log: compaction failed"),
+                }
+            }
+        }
+    }
+}
+
+async fn open_segment(
+    dir: &std::path::Path,
+    generation: u64,
+    seq: u32,
+    shard: usize,
+) -> std::io::Result<DmaStreamWriter> {
+    let path = dir.join(log::segment_name(generation, seq, shard));
+    let f = DmaFile::create(&path).await.map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(DmaStreamWriterBuilder::new(f).with_buffer_size(128 << 10).with_write_behind(2).build())
+}
+
+/// Frames of a stored message for `formats` (`replayed` marks history deliveries).
+fn encode_stored(topic: &Topic, m: &StoredMsg, formats: FormatSet, replayed: bool) -> Frames {
+    let wire = topic.wire_name();
+    broadcast::encode(
+        &broadcast::Message {
+            wire_topic: &wire,
+            event: &m.event,
+            payload: &m.payload,
+            binary_frame: m.binary_frame,
+            id: &m.id,
+            epoch: &m.epoch,
+            offset: m.offset,
+            replayed,
+        },
+        formats,
+    )
+}
+
+/// The `system` error for an impossible resume, with where resuming would work now.
+fn resume_error(topic: &Topic, format: Format, message: &str, epoch: &str, oldest: u64) -> Bytes {
+    let vsn = match format {
+        Format::V1 => Vsn::V1,
+        _ => Vsn::V2,
+    };
+    let wire = topic.wire_name();
+    let mut p = Vec::with_capacity(message.len() + 160);
+    p.extend_from_slice(b"{\"extension\":\"system\",\"status\":\"error\",\"message\":");
+    write_str(&mut p, message);
+    p.extend_from_slice(b",\"channel\":");
+    write_str(&mut p, topic.name());
+    p.extend_from_slice(b",\"epoch\":");
+    write_str(&mut p, epoch);
+    p.extend_from_slice(b",\"oldest_offset\":");
+    write_u64(&mut p, oldest);
+    p.push(b'}');
+    message::encode(vsn, None, None, &wire, "system", &p)
+}

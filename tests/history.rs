@@ -1,0 +1,261 @@
+//! History, persistence and gapless resume.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::util::{http, Client, Msg, Server};
+
+fn get_json(srv: &Server, path: &str) -> (u16, Value) {
+    let (st, _, body) = http(srv.addr, "GET", path, &[], b"");
+    (st, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+fn publish(srv: &Server, topic: &str, n: u64, persist: bool) {
+    let body = json!({"messages": [{"topic": topic, "event": "m", "payload": {"n": n}, "persist": persist}]});
+    let (st, _, _) = http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[], body.to_string().as_bytes());
+    assert_eq!(st, 202);
+}
+
+/// Waits until the history of `topic` has `n` messages (publishes are asynchronous).
+fn wait_history(srv: &Server, topic: &str, n: usize) -> Value {
+    for _ in 0..200 {
+        let (_, v) = get_json(srv, &format!("/realtime/v1/api/channels/{topic}/messages?limit=1000"));
+        if v["messages"].as_array().map_or(0, Vec::len) >= n {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("history of {topic} never reached {n} messages");
+}
+
+#[test]
+fn persisted_history_survives_restart_and_pages() {
+    let srv = Server::start(&[]);
+    for n in 1..=5 {
+        publish(&srv, "chat", n, true);
+    }
+    // a binary message persisted through the single-message endpoint
+    let (st, _, _) = http(
+        srv.addr,
+        "POST",
+        "/realtime/v1/api/broadcast/chat/events/bin?persist=true",
+        &[("Content-Type", "application/octet-stream")],
+        &[1, 2, 3],
+    );
+    assert_eq!(st, 202);
+    publish(&srv, "chat", 7, false); // in the recent window only
+    let before = wait_history(&srv, "chat", 7);
+    let epoch = before["epoch"].as_str().unwrap().to_string();
+    let msgs = before["messages"].as_array().unwrap();
+    assert_eq!(
+        msgs.iter().map(|m| m["offset"].as_u64().unwrap()).collect::<Vec<_>>(),
+        vec![7, 6, 5, 4, 3, 2, 1],
+        "newest first"
+    );
+    assert_eq!(msgs[1]["payload"], "AQID");
+    assert_eq!(msgs[1]["encoding"], "base64");
+    assert!(msgs[0]["created_at"].as_str().unwrap().ends_with('Z'));
+    assert!(msgs[0]["id"].is_string());
+    let (_, page) = get_json(&srv, "/realtime/v1/api/channels/chat/messages?limit=2&before=5");
+    assert_eq!(
+        page["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect::<Vec<_>>(),
+        vec![4, 3]
+    );
+
+    // Clean restart: persisted messages come back, the epoch continues, the offsets go on.
+    let srv = srv.restart();
+    let (_, after) = get_json(&srv, "/realtime/v1/api/channels/chat/messages");
+    assert_eq!(after["epoch"], epoch.as_str());
+    let offs: Vec<u64> = after["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offs, vec![6, 5, 4, 3, 2, 1], "the non-persisted message 7 is gone; the rest is back");
+    publish(&srv, "chat", 8, true);
+    let v = wait_history(&srv, "chat", 7);
+    assert_eq!(v["messages"][0]["offset"], 8);
+    assert_eq!(v["messages"][0]["epoch"], epoch.as_str());
+
+    // Crash: the durable messages survive, the stream gets a new epoch.
+    let srv = srv.crash_and_restart();
+    let (_, crashed) = get_json(&srv, "/realtime/v1/api/channels/chat/messages");
+    assert_ne!(crashed["epoch"], epoch.as_str());
+    assert_eq!(crashed["messages"].as_array().unwrap().len(), 7);
+}
+
+#[test]
+fn torn_log_tail_is_dropped_at_start() {
+    let srv = Server::start(&[]);
+    for n in 1..=3 {
+        publish(&srv, "torn", n, true);
+    }
+    wait_history(&srv, "torn", 3);
+    let mut srv = srv.restart(); // compacts into a fresh snapshot
+    srv.keep_data();
+    let dir = srv.data_dir.clone();
+    let (st, _) = srv.terminate();
+    assert!(st.success());
+    // Append half a record and some garbage to the newest segment.
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    files.sort();
+    let last = files.last().unwrap();
+    let mut data = std::fs::read(last).unwrap();
+    let good = data.len();
+    data.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9]);
+    std::fs::write(last, &data).unwrap();
+    assert!(std::fs::metadata(last).unwrap().len() as usize > good);
+    let srv = Server::launch("127.0.0.1:0", &dir, &[], &[]);
+    let (_, v) = get_json(&srv, "/realtime/v1/api/channels/torn/messages");
+    assert_eq!(v["messages"].as_array().unwrap().len(), 3, "{v}");
+    // The server is healthy and keeps persisting.
+    publish(&srv, "torn", 4, true);
+    wait_history(&srv, "torn", 4);
+    drop(srv);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_history_parameters_get_400() {
+    let srv = Server::start(&[]);
+    for q in ["limit=0", "limit=abc", "limit=5000", "before=-1", "before=x", "private=maybe"] {
+        let (st, v) = get_json(&srv, &format!("/realtime/v1/api/channels/t/messages?{q}"));
+        assert_eq!(st, 400, "{q}: {v}");
+        assert!(v["error"].is_string());
+    }
+    let (st, v) = get_json(&srv, "/realtime/v1/api/channels/never/messages");
+    assert_eq!(st, 200);
+    assert_eq!(v, json!({"epoch": null, "messages": []}));
+    let (st, _, _) = http(srv.addr, "POST", "/realtime/v1/api/channels/t/messages", &[], b"");
+    assert_eq!(st, 405);
+}
+
+#[test]
+fn gapless_resume_under_concurrent_publishing() {
+    let srv = Server::start(&["--window-messages", "100000"]);
+    let url = srv.ws_url("2.0.0");
+    let mut publ = Client::connect_on(&url, 1);
+    publ.join_v2("stream", "p", json!({}));
+    let mut sub = Client::connect_on(&url, 0);
+    sub.join_v2("stream", "s", json!({}));
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = 3000u64;
+    let publisher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for i in 0..total {
+                publ.send_json(&json!(["p", null, "realtime:stream", "broadcast", {"type": "broadcast", "event": "n", "payload": {"seq": i}}]));
+                if i % 100 == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            stop.store(true, Ordering::SeqCst);
+            publ
+        })
+    };
+    let mut seqs = Vec::new();
+    let mut last: Option<(String, u64)> = None;
+    // Read a while, then vanish mid-stream and come back with resume, twice, on both shards.
+    for (round, shard) in [(0, 1usize), (1, 0), (2, 1)] {
+        let want = 500 * (round + 1);
+        while seqs.len() < want {
+            let m = sub.recv_json();
+            seqs.push(m[4]["payload"]["seq"].as_u64().unwrap());
+            last =
+                Some((m[4]["meta"]["epoch"].as_str().unwrap().to_string(), m[4]["meta"]["offset"].as_u64().unwrap()));
+        }
+        drop(sub);
+        std::thread::sleep(Duration::from_millis(30)); // messages keep flowing while away
+        let (epoch, offset) = last.clone().unwrap();
+        sub = Client::connect_on(&url, shard);
+        let r = sub.join_v2("stream", "s", json!({"broadcast": {"resume": {"epoch": epoch, "offset": offset}}}));
+        assert_eq!(r[4]["status"], "ok");
+    }
+    while (seqs.len() as u64) < total {
+        let m = sub.recv_json();
+        seqs.push(m[4]["payload"]["seq"].as_u64().unwrap());
+    }
+    let _ = publisher.join().unwrap();
+    assert_eq!(seqs, (0..total).collect::<Vec<_>>(), "no gap, no duplicate, in order");
+    assert!(sub.try_recv(Duration::from_millis(200)).is_none());
+}
+
+#[test]
+fn resume_impossible_and_replay() {
+    let srv = Server::start(&["--window-messages", "5"]);
+    let url = srv.ws_url("2.0.0");
+    for n in 1..=10 {
+        publish(&srv, "w", n, false);
+    }
+    let v = wait_history(&srv, "w", 5);
+    let epoch = v["epoch"].as_str().unwrap().to_string();
+    // Inside the window: every message after offset 7.
+    let mut c = Client::connect(&url);
+    c.join_v2("w", "1", json!({"broadcast": {"resume": {"epoch": epoch, "offset": 7}}}));
+    let got: Vec<u64> = (0..3).map(|_| c.recv_json()[4]["meta"]["offset"].as_u64().unwrap()).collect();
+    assert_eq!(got, vec![8, 9, 10]);
+    // Outside the window: a system error naming the oldest resumable offset.
+    let mut c = Client::connect(&url);
+    c.join_v2("w", "1", json!({"broadcast": {"resume": {"epoch": epoch, "offset": 2}}}));
+    let m = c.recv_json();
+    assert_eq!(m[3], "system");
+    assert_eq!(m[4]["status"], "error");
+    assert!(m[4]["message"].as_str().unwrap().starts_with("resume impossible"));
+    assert_eq!(m[4]["oldest_offset"], 6);
+    assert_eq!(m[4]["epoch"], epoch.as_str());
+    // Unknown epoch.
+    let mut c = Client::connect(&url);
+    c.join_v2("w", "1", json!({"broadcast": {"resume": {"epoch": "nope", "offset": 2}}}));
+    let m = c.recv_json();
+    assert!(m[4]["message"].as_str().unwrap().contains("unknown epoch"), "{m}");
+    // The channel stays live after the error.
+    publish(&srv, "w", 11, false);
+    assert_eq!(c.recv_json()[4]["payload"]["n"], 11);
+    // realtime-js replay: messages since a time, marked replayed.
+    let mut c = Client::connect(&url);
+    c.join_v2("w", "1", json!({"broadcast": {"replay": {"since": 0, "limit": 2}}, "private": false}));
+    let a = c.recv_json();
+    let b = c.recv_json();
+    assert_eq!((a[4]["payload"]["n"].as_u64(), b[4]["payload"]["n"].as_u64()), (Some(10), Some(11)));
+    assert_eq!(a[4]["meta"]["replayed"], true);
+    let _ = Msg::Close(None);
+}
+
+#[test]
+fn persist_from_websocket_kind3_metadata() {
+    let srv = Server::start(&[]);
+    let mut c = Client::connect(&srv.ws_url("2.0.0"));
+    c.join_v2("wsp", "6", json!({"private": true}));
+    let meta = br#"{"persist":true}"#;
+    let (jr, topic, ev) = ("6", "realtime:wsp", "e");
+    let mut f = vec![3, jr.len() as u8, 0, topic.len() as u8, ev.len() as u8, meta.len() as u8, 1];
+    f.extend_from_slice(jr.as_bytes());
+    f.extend_from_slice(topic.as_bytes());
+    f.extend_from_slice(ev.as_bytes());
+    f.extend_from_slice(meta);
+    f.extend_from_slice(br#"{"x":1}"#);
+    c.send_binary(f);
+    let v = wait_history(&srv, "wsp", 0);
+    let _ = v;
+    let v = wait_private(&srv, "wsp");
+    assert_eq!(v["messages"][0]["payload"], json!({"x": 1}));
+    let srv = srv.restart();
+    let (_, v) = get_json(&srv, "/realtime/v1/api/channels/wsp/messages?private=true");
+    assert_eq!(v["messages"].as_array().unwrap().len(), 1);
+    let (_, v) = get_json(&srv, "/realtime/v1/api/channels/wsp/messages");
+    assert_eq!(v["messages"].as_array().unwrap().len(), 0, "public and private are separate topics");
+}
+
+fn wait_private(srv: &Server, topic: &str) -> Value {
+    for _ in 0..200 {
+        let (_, v) = get_json(srv, &format!("/realtime/v1/api/channels/{topic}/messages?private=true"));
+        if v["messages"].as_array().is_some_and(|m| !m.is_empty()) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no private history for {topic}");
+}
