@@ -287,8 +287,6 @@ impl Fleet {
         drain_max: Duration,
     ) -> Result<PhaseOutcome, String> {
         let nw = self.workers();
-        let cpu0: Vec<f64> = Vec::new();
-        let _ = cpu0;
         self.send_all(&Cmd::Phase(spec.clone()));
         let t0 = Instant::now();
         let mut delivered = vec![0u64; nw];

@@ -97,7 +97,7 @@ pub struct PhaseResult {
     pub reordered: u64,
     /// Messages of an earlier phase received during this one.
     pub late: u64,
-    /// Data frames without measurement fields.
+    /// Data frames without measurement fields, or received by publish-only clients.
     pub other: u64,
     pub lost: u64,
     pub subs_with_loss: u64,
