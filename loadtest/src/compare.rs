@@ -172,11 +172,15 @@ pub fn compare(sc: ScenarioKind, args: &RunArgs, servers: &[ServerKind], with_ba
                 let l = r.headline_phase()?.percentile_ladder();
                 (!l.is_empty()).then(|| (r.server.clone(), l))
             })
-            .chain(base.iter().flat_map(|b| {
-                b.runs.iter().filter(|r| r.target_rate.is_some() || r.frames_per_send == 1).take(1).filter_map(|r| {
-                    let l = r.outcome.percentile_ladder();
-                    (!l.is_empty()).then(|| (format!("raw {}", r.mode), l))
-                })
+            .chain(base.iter().filter_map(|b| {
+                // The raw sender's paced run (ai-tokens) or else its one-frame-per-send run.
+                let r = b
+                    .runs
+                    .iter()
+                    .find(|r| r.target_rate.is_some())
+                    .or_else(|| b.runs.iter().find(|r| r.frames_per_send == 1))?;
+                let l = r.outcome.percentile_ladder();
+                (!l.is_empty()).then(|| (format!("raw {}", r.mode), l))
             }))
             .collect();
         if !lat.is_empty() {
