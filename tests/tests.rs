@@ -14,6 +14,7 @@ mod util;
 
 mod bad_input;
 mod history;
+mod interop;
 mod lifecycle;
 mod presence;
 mod rest;
