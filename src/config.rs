@@ -54,13 +54,20 @@ pub struct RawConfig {
     #[arg(long, env = "CORECAST_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
-    /// Largest WebSocket frame payload accepted (bytes); larger closes with 1009.
-    #[arg(long, env = "CORECAST_MAX_FRAME_BYTES", default_value_t = 1 << 20)]
+    /// Largest WebSocket frame payload accepted (bytes); larger closes the socket with 1009.
+    #[arg(long, env = "CORECAST_MAX_FRAME_BYTES", default_value_t = 4 << 20)]
     pub max_frame_bytes: usize,
 
-    /// Largest reassembled WebSocket message and REST body accepted (bytes).
-    #[arg(long, env = "CORECAST_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    /// Largest reassembled WebSocket message and HTTP request body accepted (bytes); larger
+    /// closes the socket with 1009 (WebSocket) or gets 413 (HTTP).
+    #[arg(long, env = "CORECAST_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
+
+    /// Largest broadcast payload (bytes). A larger one is refused with the error reply
+    /// `payload_size_exceeded` (413 over REST) while the connection carries on. Supabase's
+    /// default is 3,000 KB.
+    #[arg(long, env = "CORECAST_MAX_PAYLOAD_BYTES", default_value_t = 3_000_000)]
+    pub max_payload_bytes: usize,
 
     /// Channels one connection may join at once (more: `ChannelRateLimitReached`).
     #[arg(long, env = "CORECAST_MAX_CHANNELS_PER_CONNECTION", default_value_t = 100)]
@@ -139,6 +146,7 @@ pub struct Config {
 pub struct Limits {
     pub max_frame_bytes: usize,
     pub max_message_bytes: usize,
+    pub max_payload_bytes: usize,
     pub max_channels_per_connection: usize,
     pub max_queue_bytes: usize,
     pub joins_per_second: u32,
@@ -228,6 +236,7 @@ impl RawConfig {
         for (name, v) in [
             ("max-frame-bytes", self.max_frame_bytes),
             ("max-message-bytes", self.max_message_bytes),
+            ("max-payload-bytes", self.max_payload_bytes),
             ("max-channels-per-connection", self.max_channels_per_connection),
             ("max-queue-bytes", self.max_queue_bytes),
             ("joins-per-second", self.joins_per_second as usize),
@@ -259,6 +268,7 @@ impl RawConfig {
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,
                 max_message_bytes: self.max_message_bytes,
+                max_payload_bytes: self.max_payload_bytes,
                 max_channels_per_connection: self.max_channels_per_connection,
                 max_queue_bytes: self.max_queue_bytes,
                 joins_per_second: self.joins_per_second,

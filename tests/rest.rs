@@ -90,7 +90,7 @@ fn rest_errors_are_precise() {
     assert_eq!(st, 415);
     let (st, _, _) = http(srv.addr, "GET", "/realtime/v1/api/broadcast", &[], b"");
     assert_eq!(st, 405);
-    let (st, _, b) = http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[], &vec![b'x'; 2 << 20]);
+    let (st, _, b) = http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[], &vec![b'x'; 5 << 20]);
     assert_eq!(st, 413, "{}", String::from_utf8_lossy(&b));
 }
 
@@ -129,4 +129,65 @@ fn health_metrics_and_cors_preflight() {
     let (st, head, _) = http(srv.addr, "OPTIONS", "/realtime/v1/api/broadcast", &[("Origin", "http://x")], b"");
     assert_eq!(st, 204);
     assert!(head.contains("Access-Control-Allow-Headers"));
+}
+
+#[test]
+fn chunked_bodies_are_accepted() {
+    let srv = Server::start(&[]);
+    let mut sub = Client::connect(&srv.ws_url("2.0.0"));
+    sub.join_v2("ch", "1", json!({}));
+    let body = br#"{"messages":[{"topic":"ch","event":"e","payload":{"chunked":true}}]}"#;
+    let (a, b) = body.split_at(20);
+    let mut chunked = format!("{:x}\r\n", a.len()).into_bytes();
+    chunked.extend_from_slice(a);
+    chunked.extend_from_slice(format!("\r\n{:x}\r\n", b.len()).as_bytes());
+    chunked.extend_from_slice(b);
+    chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+    let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"POST /realtime/v1/api/broadcast HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(&chunked).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
+    assert_eq!(sub.recv_json()[4]["payload"]["chunked"], true);
+}
+
+#[test]
+fn awaited_rest_publishes_keep_their_order() {
+    // Each request on a new connection (so on either shard); each waits for its 202.
+    let srv = Server::start(&[]);
+    let mut sub = Client::connect(&srv.ws_url("2.0.0"));
+    sub.join_v2("ordered", "1", json!({}));
+    for i in 0..300 {
+        let (st, _, _) = http(
+            srv.addr,
+            "POST",
+            "/realtime/v1/api/broadcast/ordered/events/o",
+            &[("Content-Type", "application/json")],
+            format!("{{\"i\":{i}}}").as_bytes(),
+        );
+        assert_eq!(st, 202);
+    }
+    for i in 0..300 {
+        assert_eq!(sub.recv_json()[4]["payload"]["i"], i);
+    }
+}
+
+#[test]
+fn oversize_payloads_are_refused_without_closing() {
+    let srv = Server::start(&["--max-payload-bytes", "1000"]);
+    let mut c = Client::connect(&srv.ws_url("2.0.0"));
+    c.join_v2("big", "1", json!({"broadcast": {"ack": true}}));
+    c.send_json(&json!(["1", "2", "realtime:big", "broadcast", {"type": "broadcast", "event": "e", "payload": {"x": "y".repeat(2000)}}]));
+    assert_eq!(
+        c.recv_json(),
+        json!(["1", "2", "realtime:big", "phx_reply", {"status": "error", "response": {"error": "payload_size_exceeded"}}])
+    );
+    c.send_text(r#"[null,"3","phoenix","heartbeat",{}]"#);
+    assert_eq!(c.recv_json()[1], "3", "the connection carries on");
+    let body = json!({"messages": [{"topic": "big", "event": "e", "payload": {"x": "y".repeat(2000)}}]});
+    let (st, _, b) = http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[], body.to_string().as_bytes());
+    assert_eq!(st, 413);
+    assert!(String::from_utf8_lossy(&b).contains("payload_size_exceeded"));
 }

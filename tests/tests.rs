@@ -7,6 +7,7 @@
 //! - `rest`: REST endpoints;
 //! - `presence`: presence across shards;
 //! - `history`: history, persistence, resume and replay;
+//! - `sse`: Server-Sent Events streams;
 //! - `lifecycle`: start-up flags, shutdown;
 //! - `interop`: the unmodified `@supabase/realtime-js` under Node (tests/js).
 
@@ -18,4 +19,5 @@ mod interop;
 mod lifecycle;
 mod presence;
 mod rest;
+mod sse;
 mod ws;

@@ -1,6 +1,8 @@
 //! Encode once, send everywhere: a published message becomes one frame per wire format in
 //! use, and the same `Bytes` goes to every subscriber of that format on every shard.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::channel::{Format, FormatSet};
@@ -14,8 +16,10 @@ pub struct Frames {
     /// Frame per [`Format::index`]; `None` where the format is unused or cannot carry the
     /// message (binary payloads never reach vsn 1.0.0 clients).
     pub by_format: [Option<Bytes>; 3],
-    /// The message's offset in its topic stream.
+    /// The message's offset in its topic stream (0 for presence diffs).
     pub offset: u64,
+    /// The stream's epoch (SSE streams put it in their resume token).
+    pub epoch: Arc<str>,
 }
 
 impl Frames {
@@ -74,7 +78,34 @@ pub fn encode(msg: &Message<'_>, formats: FormatSet) -> Frames {
             by_format[Format::V1.index()] = Some(broadcast_text(Vsn::V1, msg.wire_topic, msg.event, p, &meta));
         }
     }
-    Frames { by_format, offset: msg.offset }
+    if formats.contains(Format::Sse) {
+        by_format[Format::Sse.index()] = Some(sse_event(msg, &meta));
+    }
+    Frames { by_format, offset: msg.offset, epoch: Arc::from(msg.epoch) }
+}
+
+/// `event: broadcast` with data `{"topic","event","payload","meta"}`; a binary payload travels
+/// as base64 with `"encoding":"base64"`.
+fn sse_event(msg: &Message<'_>, meta: &[u8]) -> Bytes {
+    let name = msg.wire_topic.strip_prefix(crate::protocol::phoenix::topic::PREFIX).unwrap_or(msg.wire_topic);
+    let mut d = Vec::with_capacity(msg.payload.len() + meta.len() + name.len() + 64);
+    d.extend_from_slice(b"{\"topic\":");
+    write_str(&mut d, name);
+    d.extend_from_slice(b",\"event\":");
+    write_str(&mut d, msg.event);
+    d.extend_from_slice(b",\"payload\":");
+    match msg.payload {
+        Payload::Json(p) => d.extend_from_slice(p),
+        Payload::Binary(p) => {
+            use base64::Engine;
+            write_str(&mut d, &base64::engine::general_purpose::STANDARD.encode(p));
+            d.extend_from_slice(b",\"encoding\":\"base64\"");
+        }
+    }
+    d.extend_from_slice(b",\"meta\":");
+    d.extend_from_slice(meta);
+    d.push(b'}');
+    crate::protocol::sse::event("broadcast", &d)
 }
 
 #[cfg(test)]

@@ -40,16 +40,20 @@ impl<'a> Request<'a> {
         query_pairs(self.query).filter(move |(k, _)| k == name).map(|(_, v)| v)
     }
 
-    /// The declared body length: `Ok(0)` when there is none.
-    pub fn content_length(&self) -> Result<usize, HttpError> {
+    /// How the body is framed: a length (0 when there is none) or chunked.
+    pub fn body(&self) -> Result<Body, HttpError> {
         if let Some(te) = self.header("transfer-encoding") {
-            if !te.trim().eq_ignore_ascii_case("identity") {
-                return Err(HttpError::LengthRequired);
+            let te = te.trim();
+            if te.eq_ignore_ascii_case("chunked") {
+                return Ok(Body::Chunked);
+            }
+            if !te.eq_ignore_ascii_case("identity") {
+                return Err(HttpError::Malformed("unsupported Transfer-Encoding (only chunked)"));
             }
         }
         match self.header("content-length") {
-            None => Ok(0),
-            Some(v) => v.trim().parse().map_err(|_| HttpError::Malformed("bad Content-Length")),
+            None => Ok(Body::Length(0)),
+            Some(v) => v.trim().parse().map(Body::Length).map_err(|_| HttpError::Malformed("bad Content-Length")),
         }
     }
 
@@ -61,6 +65,59 @@ impl<'a> Request<'a> {
             _ => self.version == 1,
         }
     }
+}
+
+/// How a request body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    Length(usize),
+    Chunked,
+}
+
+/// Decodes a chunked body from the front of `buf` (RFC 9112 §7.1; extensions and trailers are
+/// skipped). `Ok(None)`: incomplete. `Ok(Some((body, consumed)))` when the last chunk and the
+/// trailer section are in. A body over `max` is an error.
+pub fn decode_chunked(buf: &[u8], max: usize) -> Result<Option<(Vec<u8>, usize)>, HttpError> {
+    let mut body = Vec::new();
+    let mut pos = 0;
+    loop {
+        let Some(eol) = find_crlf(&buf[pos..]) else {
+            return if buf.len() - pos > 1024 {
+                Err(HttpError::Malformed("chunk size line too long"))
+            } else {
+                Ok(None)
+            };
+        };
+        let line = std::str::from_utf8(&buf[pos..pos + eol]).map_err(|_| HttpError::Malformed("bad chunk size"))?;
+        let size_hex = line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_hex, 16).map_err(|_| HttpError::Malformed("bad chunk size"))?;
+        pos += eol + 2;
+        if size == 0 {
+            // Trailer section: header lines until an empty line.
+            loop {
+                let Some(eol) = find_crlf(&buf[pos..]) else { return Ok(None) };
+                pos += eol + 2;
+                if eol == 0 {
+                    return Ok(Some((body, pos)));
+                }
+            }
+        }
+        if body.len() + size > max {
+            return Err(HttpError::BodyTooLarge(max));
+        }
+        if buf.len() < pos + size + 2 {
+            return Ok(None);
+        }
+        body.extend_from_slice(&buf[pos..pos + size]);
+        if &buf[pos + size..pos + size + 2] != b"\r\n" {
+            return Err(HttpError::Malformed("chunk not followed by CRLF"));
+        }
+        pos += size + 2;
+    }
+}
+
+fn find_crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
 }
 
 /// Parses a request head from the front of `buf`.
@@ -238,13 +295,28 @@ mod tests {
     }
 
     #[test]
-    fn body_length_rules() {
+    fn body_framing_rules() {
         let (r, _) = parse_request(b"POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n", 8192).unwrap().unwrap();
-        assert_eq!(r.content_length(), Ok(12));
+        assert_eq!(r.body(), Ok(Body::Length(12)));
         let (r, _) = parse_request(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 8192).unwrap().unwrap();
-        assert_eq!(r.content_length(), Err(HttpError::LengthRequired));
+        assert_eq!(r.body(), Ok(Body::Chunked));
+        let (r, _) = parse_request(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 8192).unwrap().unwrap();
+        assert!(r.body().is_err());
         let (r, _) = parse_request(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 8192).unwrap().unwrap();
-        assert!(r.content_length().is_err());
+        assert!(r.body().is_err());
+    }
+
+    #[test]
+    fn chunked_bodies() {
+        let b = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        let (body, used) = decode_chunked(b, 100).unwrap().unwrap();
+        assert_eq!((body.as_slice(), &b[used..]), (&b"hello world"[..], &b"NEXT"[..]));
+        for cut in 0..used {
+            assert_eq!(decode_chunked(&b[..cut], 100).unwrap(), None, "cut {cut}");
+        }
+        assert_eq!(decode_chunked(b, 5).unwrap_err(), HttpError::BodyTooLarge(5));
+        assert!(decode_chunked(b"zz\r\n", 100).is_err());
+        assert!(decode_chunked(b"2\r\nabXX", 100).is_err());
     }
 
     #[test]

@@ -275,6 +275,9 @@ async fn sweep_loop(shard: Rc<Shard>, stop: Arc<AtomicBool>) {
             return;
         }
         tick += 1;
+        if tick.is_multiple_of(10 * crate::protocol::sse::KEEP_ALIVE_SECS) {
+            shard.sse_keep_alive();
+        }
         if !tick.is_multiple_of(10) {
             continue;
         }

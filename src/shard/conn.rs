@@ -122,6 +122,17 @@ async fn drive(shard: &Rc<Shard>, id: ConnId, stream: &mut TcpStream) -> Option<
                 Step::Continue => continue,
                 Step::Close => return Some(Closing::Graceful),
                 Step::Upgraded => break 'http std::mem::take(&mut pending),
+                Step::Sse => {
+                    // The stream only flows out; whatever the client sends is ignored.
+                    drop(pending);
+                    loop {
+                        match wait(shard, id, stream).await {
+                            Wake::Read(_) | Wake::HttpReady => {}
+                            Wake::Eof | Wake::Failed => return None,
+                            Wake::Close(c) => return Some(c),
+                        }
+                    }
+                }
                 Step::Deferred { keep_alive } => {
                     // Another shard answers; later requests wait so responses stay in order.
                     loop {
@@ -178,6 +189,8 @@ enum Step {
     Deferred {
         keep_alive: bool,
     },
+    /// The connection is now a Server-Sent Events stream.
+    Sse,
 }
 
 /// Parses and handles one request at the front of `pending`, consuming it.
@@ -193,24 +206,32 @@ fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
         }
         Ok(None) => return Step::NeedMore,
         Ok(Some((req, head_len))) => {
-            let body_len = match req.content_length() {
-                Ok(n) if n > limits.max_message_bytes => {
-                    let e = crate::protocol::error::HttpError::BodyTooLarge(limits.max_message_bytes);
-                    shard.send(id, http::json_error(e.status(), &e.to_string(), false).into());
-                    return Step::Close;
-                }
-                Ok(n) => n,
-                Err(e) => {
-                    shard.send(id, http::json_error(e.status(), &e.to_string(), false).into());
-                    return Step::Close;
-                }
+            let refuse = |e: crate::protocol::error::HttpError| {
+                shard.send(id, http::json_error(e.status(), &e.to_string(), false).into());
+                Step::Close
             };
-            if pending.len() < head_len + body_len {
-                return Step::NeedMore;
+            let max = limits.max_message_bytes;
+            match req.body() {
+                Ok(http::Body::Length(n)) if n > max => {
+                    return refuse(crate::protocol::error::HttpError::BodyTooLarge(max))
+                }
+                Ok(http::Body::Length(n)) => {
+                    if pending.len() < head_len + n {
+                        return Step::NeedMore;
+                    }
+                    ShardStats::add(&shard.my_stats().http_requests, 1);
+                    (rest::handle(shard, id, &req, &pending[head_len..head_len + n]), head_len + n)
+                }
+                Ok(http::Body::Chunked) => match http::decode_chunked(&pending[head_len..], max) {
+                    Ok(None) => return Step::NeedMore,
+                    Ok(Some((body, used))) => {
+                        ShardStats::add(&shard.my_stats().http_requests, 1);
+                        (rest::handle(shard, id, &req, &body), head_len + used)
+                    }
+                    Err(e) => return refuse(e),
+                },
+                Err(e) => return refuse(e),
             }
-            ShardStats::add(&shard.my_stats().http_requests, 1);
-            let body = &pending[head_len..head_len + body_len];
-            (rest::handle(shard, id, &req, body), head_len + body_len)
         }
     };
     pending.drain(..consumed);
@@ -224,6 +245,11 @@ fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
             }
         }
         Outcome::Deferred { keep_alive } => Step::Deferred { keep_alive },
+        Outcome::Sse(req) => {
+            shard.send(id, crate::protocol::sse::stream_head().into());
+            shard.sse_open(id, *req);
+            Step::Sse
+        }
         Outcome::Upgrade { response, vsn, claims } => {
             shard.send(id, response.into());
             shard.with_slot(id, |s| {
@@ -262,7 +288,7 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8], actions: &mut Vec<Action
             }
             WsEvent::Binary(b) => {
                 messages += 1;
-                session.handle_binary(b, actions);
+                session.handle_binary(b, &shard.ctx, actions);
             }
             WsEvent::Ping(p) => actions.push(Action::Send(frame(OpCode::Pong, p))),
             WsEvent::Pong => {}

@@ -23,7 +23,7 @@ use crate::protocol::phoenix::session::{format_uuid, Payload, Persist, Publish};
 use crate::protocol::phoenix::{Topic, Vsn};
 use crate::shard::mesh::{Backlog, Origin, ShardMsg};
 use crate::shard::stats::ShardStats;
-use crate::shard::Shard;
+use crate::shard::{Kind, Shard};
 use crate::store::log::{self, Record, RecoveredTopic};
 
 /// Unix time in milliseconds.
@@ -99,55 +99,79 @@ impl Shard {
     pub(super) fn owner_backlog(&self, topic: Topic, from: usize, conn: ConnId, format: Format, want: Backlog) {
         let mut fs = FormatSet::default();
         fs.insert(format);
-        let frames: Vec<Bytes> = {
+        let encode = |msgs: Vec<Arc<StoredMsg>>| -> Vec<(u64, Bytes)> {
+            msgs.iter()
+                .filter_map(|m| Some((m.offset, encode_stored(&topic, m, fs, true).get(format)?.clone())))
+                .collect()
+        };
+        let (frames, position) = {
             let owned = self.owned.borrow();
             let t = owned.get(&topic);
-            match (&want, t) {
-                (Backlog::Replay { since_ms, limit }, Some(t)) => t
-                    .history
-                    .replay(*since_ms, *limit as usize)
-                    .iter()
-                    .filter_map(|m| encode_stored(&topic, m, fs, true).get(format).cloned())
-                    .collect(),
-                (Backlog::Replay { .. }, None) => Vec::new(),
+            let position = t.map(|t| (t.epoch().clone(), t.last_offset()));
+            let frames = match (&want, t) {
+                (Backlog::Position, _) | (Backlog::Replay { .. }, None) => Vec::new(),
+                (Backlog::Replay { since_ms, limit }, Some(t)) => encode(t.history.replay(*since_ms, *limit as usize)),
                 (Backlog::Resume { epoch, offset }, Some(t)) if **t.epoch() == **epoch => {
                     match t.history.resume(epoch, *offset, t.last_offset()) {
-                        Ok(msgs) => msgs
-                            .iter()
-                            .filter_map(|m| encode_stored(&topic, m, fs, true).get(format).cloned())
-                            .collect(),
-                        Err(gap) => vec![resume_error(
-                            &topic,
-                            format,
-                            &format!(
-                                "resume impossible: messages after offset {offset} are no longer available; \
-                                 the oldest resumable offset is {}",
-                                gap.oldest_available.saturating_sub(1)
+                        Ok(msgs) => encode(msgs),
+                        Err(gap) => vec![(
+                            0,
+                            resume_error(
+                                &topic,
+                                format,
+                                &format!(
+                                    "resume impossible: messages after offset {offset} are no longer available; \
+                                     the oldest available message has offset {}",
+                                    gap.oldest_available
+                                ),
+                                t.epoch(),
+                                gap.oldest_available,
                             ),
-                            t.epoch(),
-                            gap.oldest_available,
                         )],
                     }
                 }
                 (Backlog::Resume { epoch, .. }, t) => {
                     let (current, oldest) = t.map_or((Arc::from(""), 1), |t| (t.epoch().clone(), t.last_offset() + 1));
-                    vec![resume_error(
-                        &topic,
-                        format,
-                        &format!("resume impossible: unknown epoch {epoch:?} (the stream was lost or never existed)"),
-                        &current,
-                        oldest,
+                    vec![(
+                        0,
+                        resume_error(
+                            &topic,
+                            format,
+                            &format!(
+                                "resume impossible: unknown epoch {epoch:?} (the stream was lost or never existed)"
+                            ),
+                            &current,
+                            oldest,
+                        ),
                     )]
                 }
-            }
+            };
+            (frames, position)
         };
-        self.route(from, ShardMsg::BacklogReply { topic, conn, frames });
+        self.route(from, ShardMsg::BacklogReply { topic, conn, frames, position });
     }
 
-    /// Subscriber side: the backlog arrived: queue it, then let live messages through.
-    pub(super) fn deliver_backlog(&self, topic: &Topic, conn: ConnId, frames: Vec<Bytes>) {
-        for f in frames {
-            self.send(conn, f);
+    /// Subscriber side: the backlog arrived: queue it (an SSE stream also gets its resume
+    /// token in front of each message), then let live messages through.
+    pub(super) fn deliver_backlog(
+        &self,
+        topic: &Topic,
+        conn: ConnId,
+        frames: Vec<(u64, Bytes)>,
+        position: Option<(Arc<str>, u64)>,
+    ) {
+        {
+            let mut conns = self.conns.borrow_mut();
+            let Some(slot) = conns.get_mut(conn.index as usize).filter(|s| s.generation == conn.generation) else {
+                return;
+            };
+            let pieces = match &mut slot.kind {
+                Kind::Sse(sse) => sse.backlog(topic, frames, position),
+                _ => frames.into_iter().map(|(_, f)| f).collect(),
+            };
+            for piece in pieces {
+                self.enqueue(conn.index, slot, piece);
+            }
         }
         self.registry.borrow_mut().backlog_done(topic, conn);
     }
@@ -346,5 +370,8 @@ fn resume_error(topic: &Topic, format: Format, message: &str, epoch: &str, oldes
     p.extend_from_slice(b",\"oldest_offset\":");
     write_u64(&mut p, oldest);
     p.push(b'}');
+    if format == Format::Sse {
+        return crate::shard::presence::sse_topic_event(topic, "system", &p);
+    }
     message::encode(vsn, None, None, &wire, "system", &p)
 }

@@ -37,8 +37,12 @@ pub enum ShardMsg {
     /// From a topic's owner: the interest is registered; every message sequenced from now on
     /// reaches the shard, so it may send the held join replies.
     InterestAck { topic: Topic, format: Format },
-    /// To a topic's owner: sequence and fan out this message.
-    Publish { publish: Box<Publish>, origin: Option<Origin> },
+    /// To a topic's owner: sequence and fan out this message; then tell `ack_to` (shard,
+    /// connection) with [`ShardMsg::Sequenced`].
+    Publish { publish: Box<Publish>, origin: Option<Origin>, ack_to: Option<(usize, ConnId)> },
+    /// From a topic's owner: a message from this connection was sequenced. `frame` is the
+    /// WebSocket `ack` reply; `None` counts down an HTTP publish request waiting for its 202.
+    Sequenced { conn: ConnId, frame: Option<Bytes> },
     /// From a topic's owner to a shard with subscribers: queue these frames to them.
     Deliver { topic: Topic, frames: Arc<Frames>, exclude: Option<Origin> },
     /// To a topic's owner: track (or update) `conn`'s presence under `key`.
@@ -59,8 +63,9 @@ pub enum ShardMsg {
     /// for `format`. Sent after the interest on the same FIFO, so live messages sequenced
     /// after the backlog follow it with no gap and no duplicate.
     BacklogRequest { topic: Topic, from: usize, conn: ConnId, format: Format, want: Backlog },
-    /// From a topic's owner: the backlog frames (or a `system` error), in order.
-    BacklogReply { topic: Topic, conn: ConnId, frames: Vec<Bytes> },
+    /// From a topic's owner: the backlog frames with their offsets (or a `system` error with
+    /// offset 0), in order, and the stream's position (epoch, newest offset) they lead up to.
+    BacklogReply { topic: Topic, conn: ConnId, frames: Vec<(u64, Bytes)>, position: Option<(Arc<str>, u64)> },
     /// To a topic's owner: a history page for an HTTP request on shard `from`.
     HistoryRequest { topic: Topic, from: usize, conn: ConnId, before: Option<u64>, limit: usize, keep_alive: bool },
     /// From a topic's owner: the complete HTTP response for a history request.
@@ -84,6 +89,8 @@ pub enum Backlog {
     Resume { epoch: String, offset: u64 },
     /// The newest `limit` messages published at or after `since_ms` (realtime-js replay).
     Replay { since_ms: u64, limit: u32 },
+    /// Nothing but the stream's current position (an SSE stream starting live).
+    Position,
 }
 
 /// One batch on the wire between two shards.
@@ -124,7 +131,21 @@ impl MeshEnds {
     /// Connects every end; completes once all peers have connected theirs. All ends connect
     /// concurrently: awaiting them one by one would deadlock (each `connect` waits for the
     /// peer's matching end).
+    ///
+    /// A timer ticks while the handshake runs. glommio 0.9 does not wake an executor when the
+    /// peer of a pending `connect` arrives: the waiting side re-checks only when its reactor
+    /// wakes for another reason, and at boot nothing else is scheduled, so without the tick a
+    /// shard that parked first could wait forever (seen as ~5% of 2-shard starts hanging).
     pub async fn connect(self) -> Mesh {
+        let tick = async {
+            loop {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        };
+        futures_lite::future::or(self.connect_all(), tick).await
+    }
+
+    async fn connect_all(self) -> Mesh {
         let senders: Vec<_> =
             self.senders.into_iter().map(|s| s.map(|s| glommio::spawn_local(s.connect()).detach())).collect();
         let receivers: Vec<_> =

@@ -20,6 +20,7 @@ pub mod history;
 pub mod mesh;
 pub mod presence;
 pub mod rest;
+pub mod sse;
 pub mod stats;
 
 use std::cell::{Cell, RefCell};
@@ -59,6 +60,89 @@ pub enum Kind {
     Http,
     /// An upgraded WebSocket with its Phoenix session.
     Ws(Box<WsState>),
+    /// A Server-Sent Events stream over several topics.
+    Sse(Box<SseState>),
+}
+
+/// State of an SSE stream: its topics (in request order) and, per topic, the position of the
+/// newest message delivered, which make up its resume token.
+///
+/// A fresh stream learns each topic's starting position from the topic's owner. Until all are
+/// known a complete token cannot be written, so messages wait in `pending` (in arrival order)
+/// and go out, each with its token, once the last position arrives.
+#[derive(Debug)]
+pub struct SseState {
+    pub topics: Vec<Topic>,
+    positions: Vec<Option<(Arc<str>, u64)>>,
+    /// `(topic index, epoch, offset, frame)`; a `None` frame only moves the position.
+    pending: Vec<(usize, Arc<str>, u64, Option<Bytes>)>,
+}
+
+impl SseState {
+    /// A stream over `topics`, resuming from `positions` when given (`Last-Event-ID`).
+    pub fn new(topics: Vec<Topic>, positions: Option<Vec<(String, u64)>>) -> Self {
+        let positions = match positions {
+            Some(p) => p.into_iter().map(|(e, o)| Some((Arc::from(e.as_str()), o))).collect(),
+            None => vec![None; topics.len()],
+        };
+        Self { topics, positions, pending: Vec::new() }
+    }
+
+    fn ready(&self) -> bool {
+        self.pending.is_empty() && self.positions.iter().all(Option::is_some)
+    }
+
+    fn token_line(&self) -> Bytes {
+        let p: Vec<(Arc<str>, u64)> = self.positions.iter().map(|p| p.clone().expect("ready")).collect();
+        crate::protocol::sse::id_line(&p)
+    }
+
+    /// A message at `offset` of `epoch` on `topic`: the pieces to queue now (`id:` line and
+    /// frame), or nothing while the stream waits for positions.
+    fn message(&mut self, topic: &Topic, epoch: &Arc<str>, offset: u64, frame: Bytes) -> Vec<Bytes> {
+        let Some(i) = self.topics.iter().position(|t| t == topic) else { return vec![frame] };
+        if !self.ready() {
+            self.pending.push((i, epoch.clone(), offset, Some(frame)));
+            return Vec::new();
+        }
+        self.positions[i] = Some((epoch.clone(), offset));
+        vec![self.token_line(), frame]
+    }
+
+    /// `topic`'s backlog and position arrived: the pieces to queue now.
+    fn backlog(&mut self, topic: &Topic, frames: Vec<(u64, Bytes)>, position: Option<(Arc<str>, u64)>) -> Vec<Bytes> {
+        let Some(i) = self.topics.iter().position(|t| t == topic) else { return Vec::new() };
+        let Some((epoch, last)) = position else {
+            return frames.into_iter().map(|(_, f)| f).collect();
+        };
+        let mut out = Vec::new();
+        for (offset, frame) in frames {
+            if offset == 0 {
+                out.push(frame); // a `system` error: no position
+            } else {
+                out.extend(self.message(topic, &epoch, offset, frame));
+            }
+        }
+        if self.ready() {
+            self.positions[i] = Some((epoch, last));
+            return out;
+        }
+        if self.positions[i].is_none() {
+            self.positions[i] = Some((epoch.clone(), last));
+        } else {
+            self.pending.push((i, epoch, last, None));
+        }
+        if self.positions.iter().all(Option::is_some) {
+            for (i, epoch, offset, frame) in std::mem::take(&mut self.pending) {
+                self.positions[i] = Some((epoch, offset));
+                if let Some(f) = frame {
+                    out.push(self.token_line());
+                    out.push(f);
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Protocol state of a WebSocket connection.
@@ -97,6 +181,10 @@ pub struct Slot {
     /// A deferred HTTP response (answered by another shard) has been queued: the connection
     /// may go on with its next request.
     pub http_ready: bool,
+    /// REST publishes of the current request not yet sequenced by their owners; at zero,
+    /// `deferred_response` (the 202) goes out.
+    pub awaiting_acks: u32,
+    pub deferred_response: Option<Bytes>,
 }
 
 /// Wakers waiting for an event, woken all at once.
@@ -200,6 +288,7 @@ impl Shard {
             presence_calls: l.presence_calls_per_30s,
             presence_window: std::time::Duration::from_secs(30),
             presence_max_bytes: l.presence_max_bytes,
+            max_payload: l.max_payload_bytes,
             verifier,
             postgres: ingest.is_some(),
         };
@@ -257,6 +346,8 @@ impl Shard {
             last_rx: Instant::now(),
             kind: Kind::Http,
             http_ready: false,
+            awaiting_acks: 0,
+            deferred_response: None,
         }) as u32;
         ShardStats::gauge(&self.my_stats().connections, 1);
         ConnId { index, generation }
@@ -272,11 +363,20 @@ impl Shard {
             }
         };
         ShardStats::gauge(&self.my_stats().connections, -1);
-        if let Kind::Ws(ws) = slot.kind {
-            ShardStats::gauge(&self.my_stats().websockets, -1);
-            for topic in ws.session.topics() {
-                self.unsubscribe(id, topic);
+        match slot.kind {
+            Kind::Ws(ws) => {
+                ShardStats::gauge(&self.my_stats().websockets, -1);
+                for topic in ws.session.topics() {
+                    self.unsubscribe(id, topic);
+                }
             }
+            Kind::Sse(sse) => {
+                ShardStats::gauge(&self.my_stats().sse_streams, -1);
+                for topic in &sse.topics {
+                    self.unsubscribe(id, topic);
+                }
+            }
+            Kind::Http => {}
         }
     }
 
@@ -359,7 +459,8 @@ impl Shard {
                 Action::Publish(p) => {
                     let owner = p.topic.owner(self.shards);
                     let origin = Some(Origin { shard: self.id, conn: id });
-                    self.route(owner, ShardMsg::Publish { publish: Box::new(p), origin });
+                    let ack_to = p.ack.is_some().then_some((self.id, id));
+                    self.route(owner, ShardMsg::Publish { publish: Box::new(p), origin, ack_to });
                 }
                 Action::Track { topic, key, meta, reply } => self.track(id, topic, key, meta, reply),
                 Action::Untrack { topic } => self.untrack(id, &topic),
@@ -451,7 +552,7 @@ impl Shard {
         self.interest_changed(topic, changes);
     }
 
-    fn interest_changed(&self, topic: &Topic, changes: Vec<InterestChange>) {
+    pub(super) fn interest_changed(&self, topic: &Topic, changes: Vec<InterestChange>) {
         let owner = topic.owner(self.shards);
         for c in changes {
             let (format, present) = match c {
@@ -511,7 +612,7 @@ impl Shard {
                         Kind::Ws(ws) => {
                             ws.session.reject_join(&topic, sub.join_ref.as_deref(), sub.join_msg_ref.as_deref())
                         }
-                        Kind::Http => None,
+                        Kind::Http | Kind::Sse(_) => None,
                     })
                     .flatten();
                 if let Some(reply) = reply {
@@ -533,13 +634,23 @@ impl Shard {
             ShardMsg::PresenceLeave { topic, from, conn } => self.owner_untrack(&topic, from, conn),
             ShardMsg::PresenceSync { topic, from, conn } => self.owner_sync(topic, from, conn),
             ShardMsg::TrackResult { topic, conn, reply, error } => {
-                self.send(conn, reply.frame(&topic, error.as_deref()));
+                let sse = self.with_slot(conn, |s| matches!(s.kind, Kind::Sse(_))).unwrap_or(false);
+                match (sse, error) {
+                    (false, error) => self.send(conn, reply.frame(&topic, error.as_deref())),
+                    (true, Some(e)) => {
+                        let data = format!(r#"{{"status":"error","message":{}}}"#, crate::protocol::json::quote(&e));
+                        self.send(conn, presence::sse_topic_event(&topic, "system", data.as_bytes()));
+                    }
+                    (true, None) => {}
+                }
             }
             ShardMsg::PresenceState { topic, conn, body } => self.deliver_presence_state(&topic, conn, body),
             ShardMsg::BacklogRequest { topic, from, conn, format, want } => {
                 self.owner_backlog(topic, from, conn, format, want)
             }
-            ShardMsg::BacklogReply { topic, conn, frames } => self.deliver_backlog(&topic, conn, frames),
+            ShardMsg::BacklogReply { topic, conn, frames, position } => {
+                self.deliver_backlog(&topic, conn, frames, position)
+            }
             ShardMsg::HistoryRequest { topic, from, conn, before, limit, keep_alive } => {
                 let response = self.owner_history(&topic, before, limit, keep_alive);
                 self.route(from, ShardMsg::HistoryReply { conn, response });
@@ -562,7 +673,33 @@ impl Shard {
                     }
                 }
             }
-            ShardMsg::Publish { publish, origin } => self.sequence(*publish, origin),
+            ShardMsg::Publish { mut publish, origin, ack_to } => {
+                let ack = publish.ack.take();
+                self.sequence(*publish, origin);
+                if let Some((shard, conn)) = ack_to {
+                    self.route(shard, ShardMsg::Sequenced { conn, frame: ack });
+                }
+            }
+            ShardMsg::Sequenced { conn, frame: Some(frame) } => self.send(conn, frame),
+            ShardMsg::Sequenced { conn, frame: None } => {
+                let done = self
+                    .with_slot(conn, |s| {
+                        s.awaiting_acks = s.awaiting_acks.saturating_sub(1);
+                        if s.awaiting_acks == 0 {
+                            s.http_ready = true;
+                            if let Some(w) = s.waker.take() {
+                                w.wake();
+                            }
+                            s.deferred_response.take()
+                        } else {
+                            None
+                        }
+                    })
+                    .flatten();
+                if let Some(response) = done {
+                    self.send(conn, response);
+                }
+            }
             ShardMsg::Deliver { topic, frames, exclude } => self.deliver(&topic, &frames, exclude),
         }
     }
@@ -589,7 +726,14 @@ impl Shard {
             if slot.generation != sub.conn.generation {
                 continue;
             }
-            self.enqueue(sub.conn.index, slot, frame.clone());
+            if let Kind::Sse(sse) = &mut slot.kind {
+                // The stream's resume token goes in front of the shared event.
+                for piece in sse.message(topic, &frames.epoch, frames.offset, frame.clone()) {
+                    self.enqueue(sub.conn.index, slot, piece);
+                }
+            } else {
+                self.enqueue(sub.conn.index, slot, frame.clone());
+            }
             n += 1;
         }
         ShardStats::add(&self.my_stats().deliveries, n);
@@ -739,5 +883,44 @@ pub fn close_slot(slot: &mut Slot, code: CloseCode, reason: &str) {
     slot.closing = Some(Closing::Graceful);
     if let Some(w) = slot.waker.take() {
         w.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn text(pieces: &[Bytes]) -> String {
+        pieces.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect()
+    }
+
+    #[test]
+    fn fresh_sse_stream_waits_for_every_position() {
+        let (ta, tb) = (Topic::new("a", false).unwrap(), Topic::new("b", false).unwrap());
+        let mut s = SseState::new(vec![ta.clone(), tb.clone()], None);
+        let (ea, eb): (Arc<str>, Arc<str>) = (Arc::from("ea"), Arc::from("eb"));
+        assert!(s.backlog(&ta, vec![], Some((ea.clone(), 4))).is_empty());
+        // a's live message must wait: b's position is unknown, so no complete token exists
+        assert!(s.message(&ta, &ea, 5, b("A5")).is_empty());
+        let out = s.backlog(&tb, vec![], Some((eb.clone(), 9)));
+        assert_eq!(text(&out), "id: ea-5.eb-9\nA5");
+        assert_eq!(text(&s.message(&tb, &eb, 10, b("B10"))), "id: ea-5.eb-10\nB10");
+    }
+
+    #[test]
+    fn resumed_sse_stream_starts_from_its_token() {
+        let (ta, tb) = (Topic::new("a", false).unwrap(), Topic::new("b", false).unwrap());
+        let mut s = SseState::new(vec![ta.clone(), tb.clone()], Some(vec![("ea".into(), 2), ("eb".into(), 7)]));
+        let ea: Arc<str> = Arc::from("ea");
+        let out = s.backlog(&ta, vec![(3, b("A3")), (4, b("A4"))], Some((ea.clone(), 4)));
+        assert_eq!(text(&out), "id: ea-3.eb-7\nA3id: ea-4.eb-7\nA4");
+        // a `system` error (offset 0) carries no id
+        let out = s.backlog(&tb, vec![(0, b("ERR"))], Some((Arc::from("eb2"), 11)));
+        assert_eq!(text(&out), "ERR");
+        assert_eq!(text(&s.message(&ta, &ea, 5, b("A5"))), "id: ea-5.eb2-11\nA5");
     }
 }

@@ -25,6 +25,20 @@ use crate::protocol::ws::frame::{write_header, OpCode};
 use crate::shard::mesh::ShardMsg;
 use crate::shard::Shard;
 
+/// An SSE event about a topic: `event: <event>` with data `{"topic","event","payload"}`
+/// (presence state and diffs, system messages).
+pub(super) fn sse_topic_event(topic: &Topic, event: &str, payload: &[u8]) -> Bytes {
+    let mut d = Vec::with_capacity(payload.len() + topic.name().len() + 48);
+    d.extend_from_slice(b"{\"topic\":");
+    write_str(&mut d, topic.name());
+    d.extend_from_slice(b",\"event\":");
+    write_str(&mut d, event);
+    d.extend_from_slice(b",\"payload\":");
+    d.extend_from_slice(payload);
+    d.push(b'}');
+    crate::protocol::sse::event(event, &d)
+}
+
 fn member(shard: usize, conn: ConnId) -> MemberId {
     (shard, ((conn.index as u64) << 32) | conn.generation as u64)
 }
@@ -130,7 +144,11 @@ impl Shard {
                 prefix.extend_from_slice(b",\"event\":\"presence_state\",\"payload\":");
                 b",\"ref\":null}"
             }
-            Format::Sse => return,
+            Format::Sse => {
+                // Shared: the state body is large, the framing small; one copy per stream.
+                self.send(conn, sse_topic_event(topic, "presence_state", &body));
+                return;
+            }
         };
         let mut head = Vec::with_capacity(10 + prefix.len());
         write_header(&mut head, OpCode::Text, true, prefix.len() + body.len() + suffix.len());
@@ -184,8 +202,11 @@ impl Shard {
                                 Some(message::encode(vsn, None, None, &wire, "presence_diff", &diff));
                         }
                     }
+                    if formats.contains(Format::Sse) {
+                        by_format[Format::Sse.index()] = Some(sse_topic_event(&topic, "presence_diff", &diff));
+                    }
                     let targets: Vec<usize> = t.listening_shards().collect();
-                    (Arc::new(Frames { by_format, offset: 0 }), targets)
+                    (Arc::new(Frames { by_format, offset: 0, epoch: t.epoch().clone() }), targets)
                 };
                 let (frames, targets) = out;
                 for shard in targets {

@@ -40,6 +40,23 @@ pub enum Outcome {
     Upgrade { response: Vec<u8>, vsn: Vsn, claims: Arc<Claims> },
     /// Another shard sends the response; then continue if `keep_alive`.
     Deferred { keep_alive: bool },
+    /// Start a Server-Sent Events stream.
+    Sse(Box<SseRequest>),
+}
+
+/// A validated SSE stream request.
+#[derive(Debug)]
+pub struct SseRequest {
+    /// Topics in request order (the order of positions in the resume token).
+    pub topics: Vec<Topic>,
+    /// Deliver `presence_state` and `presence_diff` events.
+    pub presence: bool,
+    /// Track this stream's presence on every topic: key and state (a JSON object).
+    pub track: Option<(Arc<str>, Bytes)>,
+    /// Positions from `Last-Event-ID` (or `last_event_id`), one per topic.
+    pub resume: Option<Vec<(String, u64)>>,
+    /// A `Last-Event-ID` was given but does not fit these topics.
+    pub bad_resume: Option<String>,
 }
 
 fn respond(bytes: Vec<u8>, keep_alive: bool) -> Outcome {
@@ -64,12 +81,21 @@ pub fn handle(shard: &Shard, id: ConnId, req: &Request<'_>, body: &[u8]) -> Outc
         }
         _ => {}
     }
+    if path == "/realtime/v1/sse" || path == "/sse" {
+        if req.method != "GET" {
+            return respond(http::json_error(405, "use GET", ka), ka);
+        }
+        return sse(shard, req, ka);
+    }
     let api = path.strip_prefix("/realtime/v1").unwrap_or(path);
     if api == "/api/broadcast" {
         if req.method != "POST" {
             return respond(http::json_error(405, "use POST", ka), ka);
         }
-        return respond(batch(shard, req, body, ka), ka);
+        return match batch(shard, req, body, ka) {
+            Ok(msgs) => publish_all(shard, id, msgs, http::response(202, "application/json", b"", ka), ka),
+            Err(resp) => respond(resp, ka),
+        };
     }
     if let Some(topic) = api.strip_prefix("/api/channels/").and_then(|r| r.strip_suffix("/messages")) {
         if req.method != "GET" {
@@ -82,7 +108,10 @@ pub fn handle(shard: &Shard, id: ConnId, req: &Request<'_>, body: &[u8]) -> Outc
             if req.method != "POST" {
                 return respond(http::json_error(405, "use POST", ka), ka);
             }
-            return respond(single(shard, req, &percent_decode(topic), &percent_decode(event), body, ka), ka);
+            return match single(shard, req, &percent_decode(topic), &percent_decode(event), body, ka) {
+                Ok(p) => publish_all(shard, id, vec![p], http::response(202, "application/json", b"", ka), ka),
+                Err(resp) => respond(resp, ka),
+            };
         }
     }
     respond(http::json_error(404, &format!("no route for {} {}", req.method, req.path), ka), ka)
@@ -131,6 +160,71 @@ fn history(shard: &Shard, id: ConnId, req: &Request<'_>, topic: &str, ka: bool) 
     let owner = topic.owner(shard.shards);
     shard.route(owner, ShardMsg::HistoryRequest { topic, from: shard.id, conn: id, before, limit, keep_alive: ka });
     Outcome::Deferred { keep_alive: ka }
+}
+
+/// `GET /realtime/v1/sse?topic=a&topic=b[&private=true][&presence=true]
+/// [&track=<json object>&presence_key=<key>][&last_event_id=<token>]`.
+fn sse(shard: &Shard, req: &Request<'_>, ka: bool) -> Outcome {
+    let bad = |msg: &str| respond(http::json_error(400, msg, ka), ka);
+    let claims = match authenticate(shard, token(req, true).as_deref()) {
+        Ok(c) => c,
+        Err(e) => return respond(http::json_error(401, &e.to_string(), ka), ka),
+    };
+    let flag = |name: &str| match req.query_param(name) {
+        None => Ok(false),
+        Some(v) if v.is_empty() => Ok(true),
+        Some(v) => parse_bool(&v).ok_or_else(|| format!("{name} must be true or false, got {v:?}")),
+    };
+    let (private, presence) = match (flag("private"), flag("presence")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return bad(&e),
+    };
+    let mut topics: Vec<Topic> = Vec::new();
+    for name in req.query_params("topic") {
+        let t = match Topic::new(&name, private) {
+            Ok(t) => t,
+            Err(e) => return bad(&format!("bad topic {name:?}: {e}")),
+        };
+        if !topics.contains(&t) {
+            topics.push(t);
+        }
+    }
+    if topics.is_empty() {
+        return bad("at least one topic is required: /realtime/v1/sse?topic=<name>[&topic=<name>...]");
+    }
+    let max = shard.cfg.limits.max_channels_per_connection;
+    if topics.len() > max {
+        return bad(&format!("too many topics: {} (max {max})", topics.len()));
+    }
+    if let Some(t) = topics.iter().find(|t| !may_publish(shard, &claims, t)) {
+        let msg = format!("Unauthorized: You do not have permissions to read from this Channel topic: {}", t.name());
+        return respond(http::json_error(403, &msg, ka), ka);
+    }
+    let track = match req.query_param("track") {
+        None => None,
+        Some(state) => {
+            if !state.trim_start().starts_with('{') || serde_json::from_str::<serde::de::IgnoredAny>(&state).is_err() {
+                return bad("track must be a JSON object (the presence state)");
+            }
+            if state.len() > shard.cfg.limits.presence_max_bytes {
+                return bad(&format!("track state is larger than {} bytes", shard.cfg.limits.presence_max_bytes));
+            }
+            let key = req
+                .query_param("presence_key")
+                .filter(|k| !k.is_empty())
+                .map_or_else(|| format!("sse-{:016x}", fastrand::u64(..)), |k| k.into_owned());
+            Some((Arc::from(key.as_str()), Bytes::from(state.into_owned())))
+        }
+    };
+    let last = req.header("last-event-id").map(Cow::Borrowed).or_else(|| req.query_param("last_event_id"));
+    let (resume, bad_resume) = match last.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        None => (None, None),
+        Some(tok) => match crate::protocol::sse::parse_token(tok) {
+            Some(p) if p.len() == topics.len() => (Some(p), None),
+            _ => (None, Some(format!("resume impossible: Last-Event-ID {tok:?} does not match this stream's topics"))),
+        },
+    };
+    Outcome::Sse(Box::new(SseRequest { topics, presence, track, resume, bad_resume }))
 }
 
 /// Largest history page.
@@ -210,53 +304,59 @@ fn may_publish(shard: &Shard, claims: &Claims, topic: &Topic) -> bool {
     !topic.is_private() || shard.ctx.verifier.development_mode() || claims.allows_private(topic.name())
 }
 
-fn publish(shard: &Shard, p: Publish) {
-    let owner = p.topic.owner(shard.shards);
-    shard.route(owner, ShardMsg::Publish { publish: Box::new(p), origin: None });
+/// Hands `msgs` to their owner shards and answers `response` (the 202) once every one has
+/// been sequenced, so a client that waits for the 202 before publishing again keeps its order.
+fn publish_all(shard: &Shard, id: ConnId, msgs: Vec<Publish>, response: Vec<u8>, ka: bool) -> Outcome {
+    // Set the count first: a local owner acknowledges synchronously.
+    shard.with_slot(id, |s| {
+        s.awaiting_acks = msgs.len() as u32;
+        s.deferred_response = Some(Bytes::from(response.clone()));
+    });
+    if msgs.is_empty() {
+        shard.with_slot(id, |s| s.deferred_response = None);
+        return respond(response, ka);
+    }
+    for p in msgs {
+        let owner = p.topic.owner(shard.shards);
+        shard.route(owner, ShardMsg::Publish { publish: Box::new(p), origin: None, ack_to: Some((shard.id, id)) });
+    }
+    Outcome::Deferred { keep_alive: ka }
 }
 
-fn batch(shard: &Shard, req: &Request<'_>, body: &[u8], ka: bool) -> Vec<u8> {
+fn batch(shard: &Shard, req: &Request<'_>, body: &[u8], ka: bool) -> Result<Vec<Publish>, Vec<u8>> {
     #[derive(Deserialize)]
     struct Body<'a> {
         #[serde(borrow)]
         messages: Option<Vec<&'a RawValue>>,
     }
-    let claims = match authenticate(shard, token(req, true).as_deref()) {
-        Ok(c) => c,
-        Err(e) => return http::json_error(401, &e.to_string(), ka),
-    };
-    let parsed: Body<'_> = match serde_json::from_slice(body) {
-        Ok(b) => b,
-        Err(e) => return http::json_error(400, &format!("invalid JSON body: {e}"), ka),
-    };
+    let claims =
+        authenticate(shard, token(req, true).as_deref()).map_err(|e| http::json_error(401, &e.to_string(), ka))?;
+    let parsed: Body<'_> =
+        serde_json::from_slice(body).map_err(|e| http::json_error(400, &format!("invalid JSON body: {e}"), ka))?;
     let Some(messages) = parsed.messages else {
-        return http::json_error(422, "body needs a `messages` array", ka);
+        return Err(http::json_error(422, "body needs a `messages` array", ka));
     };
     if messages.len() > MAX_BATCH {
-        return http::json_error(
-            422,
-            &format!("too many messages in one batch: {} (max {MAX_BATCH})", messages.len()),
-            ka,
-        );
+        let msg = format!("too many messages in one batch: {} (max {MAX_BATCH})", messages.len());
+        return Err(http::json_error(422, &msg, ka));
     }
     let mut out = Vec::with_capacity(messages.len());
     for (i, raw) in messages.iter().enumerate() {
         match batch_message(raw) {
             Ok(p) if !may_publish(shard, &claims, &p.topic) => {
-                return http::json_error(
-                    403,
-                    &format!("messages[{i}]: not allowed to publish to private topic {:?}", p.topic.name()),
-                    ka,
-                )
+                let msg = format!("messages[{i}]: not allowed to publish to private topic {:?}", p.topic.name());
+                return Err(http::json_error(403, &msg, ka));
+            }
+            Ok(p) if p.payload.len() > shard.cfg.limits.max_payload_bytes => {
+                let msg =
+                    format!("messages[{i}]: payload_size_exceeded (max {} bytes)", shard.cfg.limits.max_payload_bytes);
+                return Err(http::json_error(413, &msg, ka));
             }
             Ok(p) => out.push(p),
-            Err(e) => return http::json_error(422, &format!("messages[{i}]: {e}"), ka),
+            Err(e) => return Err(http::json_error(422, &format!("messages[{i}]: {e}"), ka)),
         }
     }
-    for p in out {
-        publish(shard, p);
-    }
-    http::response(202, "application/json", b"", ka)
+    Ok(out)
 }
 
 fn batch_message(raw: &RawValue) -> Result<Publish, String> {
@@ -304,63 +404,66 @@ fn batch_message(raw: &RawValue) -> Result<Publish, String> {
         exclude_sender: false,
         persist,
         id: m.id.map(|i| Arc::from(&*i)),
+        ack: None,
     })
 }
 
-fn single(shard: &Shard, req: &Request<'_>, topic: &str, event: &str, body: &[u8], ka: bool) -> Vec<u8> {
-    let claims = match authenticate(shard, token(req, true).as_deref()) {
-        Ok(c) => c,
-        Err(e) => return http::json_error(401, &e.to_string(), ka),
-    };
+fn single(
+    shard: &Shard,
+    req: &Request<'_>,
+    topic: &str,
+    event: &str,
+    body: &[u8],
+    ka: bool,
+) -> Result<Publish, Vec<u8>> {
+    let claims =
+        authenticate(shard, token(req, true).as_deref()).map_err(|e| http::json_error(401, &e.to_string(), ka))?;
     let private = req.query_param("private").and_then(|v| parse_bool(&v)).unwrap_or(false);
-    let topic = match Topic::new(topic, private) {
-        Ok(t) => t,
-        Err(e) => return http::json_error(422, &e.to_string(), ka),
-    };
+    let topic = Topic::new(topic, private).map_err(|e| http::json_error(422, &e.to_string(), ka))?;
     if event.is_empty() || event.len() > 255 {
-        return http::json_error(422, "event must be 1 to 255 bytes", ka);
+        return Err(http::json_error(422, "event must be 1 to 255 bytes", ka));
     }
     if !may_publish(shard, &claims, &topic) {
-        return http::json_error(403, &format!("not allowed to publish to private topic {:?}", topic.name()), ka);
+        let msg = format!("not allowed to publish to private topic {:?}", topic.name());
+        return Err(http::json_error(403, &msg, ka));
+    }
+    if body.len() > shard.cfg.limits.max_payload_bytes {
+        let msg = format!("payload_size_exceeded (max {} bytes)", shard.cfg.limits.max_payload_bytes);
+        return Err(http::json_error(413, &msg, ka));
     }
     let ctype = req.header("content-type").unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     let payload = match ctype.as_str() {
         "application/octet-stream" => Payload::Binary(Bytes::copy_from_slice(body)),
         "application/json" | "" | "text/plain" => {
             if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
-                return http::json_error(400, "body is not valid JSON (send application/octet-stream for bytes)", ka);
+                let msg = "body is not valid JSON (send application/octet-stream for bytes)";
+                return Err(http::json_error(400, msg, ka));
             }
             Payload::Json(Bytes::copy_from_slice(body))
         }
         other => {
-            return http::json_error(
-                415,
-                &format!("unsupported Content-Type {other:?}: use application/json or application/octet-stream"),
-                ka,
-            )
+            let msg = format!("unsupported Content-Type {other:?}: use application/json or application/octet-stream");
+            return Err(http::json_error(415, &msg, ka));
         }
     };
     let persist = if let Some(ttl) = req.query_param("persist[ttl]") {
         match ttl.parse() {
             Ok(t) => Persist::Ttl(t),
-            Err(_) => return http::json_error(400, "persist[ttl] must be a number of seconds", ka),
+            Err(_) => return Err(http::json_error(400, "persist[ttl] must be a number of seconds", ka)),
         }
     } else if req.query_param("persist").and_then(|v| parse_bool(&v)).unwrap_or(false) {
         Persist::Default
     } else {
         Persist::No
     };
-    publish(
-        shard,
-        Publish {
-            topic,
-            event: Arc::from(event),
-            payload,
-            binary_frame: false,
-            exclude_sender: false,
-            persist,
-            id: None,
-        },
-    );
-    http::response(202, "application/json", b"", ka)
+    Ok(Publish {
+        topic,
+        event: Arc::from(event),
+        payload,
+        binary_frame: false,
+        exclude_sender: false,
+        persist,
+        id: None,
+        ack: None,
+    })
 }

@@ -11,6 +11,7 @@ pub struct ShardStats {
     pub connections: AtomicI64,
     pub accepted: AtomicU64,
     pub websockets: AtomicI64,
+    pub sse_streams: AtomicI64,
     pub subscriptions: AtomicI64,
     pub joins: AtomicU64,
     pub messages_in: AtomicU64,
@@ -41,12 +42,15 @@ type Row = (&'static str, &'static str, &'static str, fn(&ShardStats) -> f64);
 /// Renders all shards' stats in the Prometheus text format.
 pub fn render(all: &[ShardStats]) -> String {
     let mut out = String::with_capacity(2048);
-    let rows: [Row; 13] = [
+    let rows: [Row; 14] = [
         ("corecast_connections", "gauge", "Open TCP connections", |s| s.connections.load(Ordering::Relaxed) as f64),
         ("corecast_connections_accepted_total", "counter", "Connections accepted", |s| {
             s.accepted.load(Ordering::Relaxed) as f64
         }),
         ("corecast_websockets", "gauge", "Open WebSocket sessions", |s| s.websockets.load(Ordering::Relaxed) as f64),
+        ("corecast_sse_streams", "gauge", "Open Server-Sent Events streams", |s| {
+            s.sse_streams.load(Ordering::Relaxed) as f64
+        }),
         ("corecast_subscriptions", "gauge", "Channel subscriptions", |s| {
             s.subscriptions.load(Ordering::Relaxed) as f64
         }),

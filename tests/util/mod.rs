@@ -78,7 +78,15 @@ impl Server {
             }
             for _ in lines {}
         });
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("corecast did not report ready");
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(_) => {
+                // Kill it, or the stray process keeps the test's output pipes open forever.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("corecast did not report ready within 20 s");
+            }
+        };
         let addr = line
             .strip_prefix("corecast listening on http://")
             .and_then(|r| r.split(' ').next())
@@ -379,4 +387,93 @@ pub fn jwt(secret: &str, claims: Value) -> String {
 
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: Value,
+}
+
+/// A minimal SSE client over a raw socket (parses `id:`, `event:`, `data:` and comments).
+pub struct SseClient {
+    s: TcpStream,
+    buf: Vec<u8>,
+    /// The last `id:` seen (what a browser would send as `Last-Event-ID`).
+    pub last_id: Option<String>,
+    /// The response head.
+    pub head: String,
+}
+
+impl SseClient {
+    /// Opens `path` (with query) and reads the response head.
+    pub fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<SseClient, (u16, String)> {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed before the response head");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        if status != 200 {
+            let mut rest = buf[end..].to_vec();
+            let _ = s.read_to_end(&mut rest);
+            return Err((status, String::from_utf8_lossy(&rest).into_owned()));
+        }
+        Ok(SseClient { s, buf: buf[end..].to_vec(), last_id: None, head })
+    }
+
+    /// The next event (comments skipped); `None` when the stream ends or times out.
+    pub fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block = String::from_utf8(self.buf[..pos].to_vec()).unwrap();
+                self.buf.drain(..pos + 2);
+                let (mut id, mut event, mut data) = (None, String::from("message"), Vec::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("event: ") {
+                        event = v.to_string();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push(v.to_string());
+                    }
+                }
+                if id.is_some() {
+                    self.last_id = id.clone();
+                }
+                if data.is_empty() {
+                    continue; // comment or retry-only block
+                }
+                let data = serde_json::from_str(&data.join("\n")).expect("SSE data is JSON");
+                return Some(SseEvent { id, event, data });
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Waits up to `d` for an event.
+    pub fn try_next(&mut self, d: Duration) -> Option<SseEvent> {
+        self.s.set_read_timeout(Some(d)).unwrap();
+        let e = self.next();
+        self.s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        e
+    }
 }

@@ -45,6 +45,8 @@ pub struct SessionCtx {
     pub presence_window: Duration,
     /// Largest presence state (JSON bytes) one tracked entry may carry.
     pub presence_max_bytes: usize,
+    /// Largest broadcast payload; larger gets `payload_size_exceeded`.
+    pub max_payload: usize,
     /// Token verification.
     pub verifier: Arc<Verifier>,
     /// Whether a database is configured (Postgres changes available).
@@ -168,6 +170,10 @@ pub struct Publish {
     pub persist: Persist,
     /// A client-chosen message id (REST `id`), else the owner generates one.
     pub id: Option<Arc<str>>,
+    /// The `ack` reply for the publisher, sent once the topic's owner has sequenced the
+    /// message (so a publisher that waits for its ack never sees a later message of its own
+    /// overtake it).
+    pub ack: Option<Bytes>,
 }
 
 /// One joined channel.
@@ -290,7 +296,7 @@ impl Session {
                 out.push(Action::Send(message::channel_control(self.vsn, c.join_ref.as_deref(), topic, "phx_close")));
                 out.push(Action::Unsubscribe(c.topic));
             }
-            "broadcast" => self.broadcast_text(idx, jr, mr, payload, out),
+            "broadcast" => self.broadcast_text(idx, jr, mr, payload, ctx, out),
             "presence" => self.presence(now, idx, jr, mr, payload, ctx, out),
             "access_token" => self.access_token(now, idx, payload, ctx, out),
             other => {
@@ -303,7 +309,7 @@ impl Session {
     }
 
     /// Handles one binary message (vsn 2.0.0 kind-3 user broadcast push).
-    pub fn handle_binary(&mut self, data: &[u8], out: &mut Vec<Action>) {
+    pub fn handle_binary(&mut self, data: &[u8], ctx: &SessionCtx, out: &mut Vec<Action>) {
         if self.vsn == Vsn::V1 {
             return out.push(Action::Close(CloseCode::InvalidPayload, "binary frames need vsn=2.0.0".into()));
         }
@@ -330,6 +336,9 @@ impl Session {
                 "payload is not valid JSON (encoding 1)",
             )));
         }
+        if p.payload.len() > ctx.max_payload {
+            return out.push(Action::Send(payload_too_large(self.vsn, jr.as_deref(), mr, p.topic)));
+        }
         let persist = parse_persist(p.metadata);
         let payload = if p.json {
             Payload::Json(Bytes::copy_from_slice(p.payload))
@@ -344,10 +353,8 @@ impl Session {
             exclude_sender: !c.broadcast_self,
             persist,
             id: None,
+            ack: (c.ack && mr.is_some()).then(|| message::reply(self.vsn, jr.as_deref(), mr, p.topic, true, b"{}")),
         }));
-        if c.ack && mr.is_some() {
-            out.push(Action::Send(message::reply(self.vsn, jr.as_deref(), mr, p.topic, true, b"{}")));
-        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -454,6 +461,7 @@ impl Session {
         jr: Option<&str>,
         mr: Option<&str>,
         payload: &RawValue,
+        ctx: &SessionCtx,
         out: &mut Vec<Action>,
     ) {
         #[derive(Deserialize)]
@@ -486,6 +494,9 @@ impl Session {
             )));
         };
         let body = push.payload.map_or("null", RawValue::get);
+        if body.len() > ctx.max_payload {
+            return out.push(Action::Send(payload_too_large(self.vsn, jr, mr, &c.wire)));
+        }
         out.push(Action::Publish(Publish {
             topic: c.topic.clone(),
             event: Arc::from(&*event),
@@ -494,10 +505,8 @@ impl Session {
             exclude_sender: !c.broadcast_self,
             persist: Persist::No,
             id: None,
+            ack: (c.ack && mr.is_some()).then(|| message::reply(self.vsn, jr, mr, &c.wire, true, b"{}")),
         }));
-        if c.ack && mr.is_some() {
-            out.push(Action::Send(message::reply(self.vsn, jr, mr, &c.wire, true, b"{}")));
-        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -650,6 +659,11 @@ impl Session {
     }
 }
 
+/// Supabase's reply to a broadcast over the payload limit; the connection carries on.
+fn payload_too_large(vsn: Vsn, jr: Option<&str>, mr: Option<&str>, topic: &str) -> Bytes {
+    message::reply(vsn, jr, mr, topic, false, br#"{"error":"payload_size_exceeded"}"#)
+}
+
 /// The join error for a private topic the token may not read.
 fn unauthorized(name: &str) -> String {
     format!("Unauthorized: You do not have permissions to read from this Channel topic: {name}")
@@ -712,6 +726,7 @@ mod tests {
             presence_calls: 5,
             presence_window: Duration::from_secs(30),
             presence_max_bytes: 4096,
+            max_payload: 1000,
             verifier: Arc::new(Verifier::new(None)),
             postgres: false,
         }
@@ -837,8 +852,11 @@ mod tests {
             &mut s,
             r#"["6","7","realtime:room1","broadcast",{"type":"broadcast","event":"cursor","payload":{"x":1}}]"#,
         );
-        assert_eq!(f, vec![r#"["6","7","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#]);
+        assert!(f.is_empty(), "the ack waits for the owner");
         let Action::Publish(p) = &a[0] else { panic!() };
+        let ack = p.ack.as_ref().unwrap();
+        let (_, n) = parse_header(ack).unwrap().unwrap();
+        assert_eq!(&ack[n..], br#"["6","7","realtime:room1","phx_reply",{"status":"ok","response":{}}]"#);
         assert_eq!((&*p.event, p.exclude_sender), ("cursor", false));
         assert_eq!(p.payload, Payload::Json(Bytes::from_static(b"{\"x\":1}")));
         let (f, a) = run(&mut s, r#"["6","8","realtime:room1","broadcast",{"type":"broadcast","payload":{}}]"#);
@@ -853,10 +871,10 @@ mod tests {
         let bytes: Vec<u8> =
             (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
         let mut out = Vec::new();
-        s.handle_binary(&bytes, &mut out);
+        s.handle_binary(&bytes, &ctx(), &mut out);
         let Action::Publish(p) = &out[0] else { panic!("{out:?}") };
         assert!(p.binary_frame);
-        assert!(matches!(&out[1], Action::Send(_)), "ack reply");
+        assert!(p.ack.is_some(), "ack reply travels with the publish");
     }
 
     #[test]
