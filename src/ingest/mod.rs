@@ -19,6 +19,15 @@
 //! - Revoked access or failed re-checks end a channel with
 //!   [`crate::shard::mesh::ShardMsg::CloseChannel`].
 
+pub mod encode;
+pub mod filter;
+pub mod pgoutput;
+pub mod plan;
+pub mod retry;
+pub mod subscriptions;
+pub mod txn;
+pub mod types;
+
 use std::sync::Arc;
 
 use crate::auth::Claims;
