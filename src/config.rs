@@ -50,6 +50,13 @@ pub struct RawConfig {
     #[arg(long, env = "CORECAST_SLOT", default_value = "corecast")]
     pub slot: String,
 
+    /// When corecast starts with changes waiting in its slot (it was down while the database
+    /// was written), streaming waits this long (milliseconds since start) so that clients
+    /// reconnecting after the restart have rejoined and receive what they missed. 0 streams at
+    /// once (changes committed while corecast was down then reach only clients already back).
+    #[arg(long, env = "CORECAST_PG_RESUME_GRACE_MS", default_value_t = 3000)]
+    pub pg_resume_grace_ms: u64,
+
     /// Directory for the durable history log.
     #[arg(long, env = "CORECAST_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -137,6 +144,8 @@ pub struct Config {
     pub database_url: Option<String>,
     pub publication: String,
     pub slot: String,
+    /// See [`RawConfig::pg_resume_grace_ms`].
+    pub pg_resume_grace: Duration,
     pub data_dir: PathBuf,
     pub limits: Limits,
 }
@@ -264,6 +273,7 @@ impl RawConfig {
             database_url,
             publication: self.publication,
             slot: self.slot,
+            pg_resume_grace: Duration::from_millis(self.pg_resume_grace_ms),
             data_dir: self.data_dir,
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,

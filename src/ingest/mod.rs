@@ -18,12 +18,32 @@
 //!   [`crate::shard::mesh::ShardMsg::JoinDecision`].
 //! - Revoked access or failed re-checks end a channel with
 //!   [`crate::shard::mesh::ShardMsg::CloseChannel`].
+//!
+//! Modules, pure first:
+//! - [`pgoutput`]: the `pgoutput` message decoder; [`txn`]: messages → committed transactions;
+//! - [`types`]: type names and value kinds; [`filter`]: filter syntax and typed evaluation;
+//! - [`subscriptions`]: the registry and matching; [`encode`]: the payload and frames;
+//! - [`plan`]: changes → per-shard frames, each encoded once; [`retry`]: backoff;
+//! - I/O, on the ingest thread: [`source`] (publication, slot, START_REPLICATION, ack),
+//!   [`db`] (connection pool, pipelining), [`catalog`] (tables, types, privileges),
+//!   [`rls`] (batched row-level security, private-channel probes), [`engine`] (the thread,
+//!   its tasks and the batch pipeline).
+//!
+//! Delivery is at-least-once: a transaction's LSN is acknowledged to Postgres only after its
+//! frames were handed to the shards, so a crash resumes from the slot at the first
+//! transaction not handed off. DELETEs on tables with row-level security cannot be checked
+//! (the row is gone) and carry the primary key only in `old_record`, as in Supabase.
 
+pub mod catalog;
+pub mod db;
 pub mod encode;
+pub mod engine;
 pub mod filter;
 pub mod pgoutput;
 pub mod plan;
 pub mod retry;
+pub mod rls;
+pub mod source;
 pub mod subscriptions;
 pub mod txn;
 pub mod types;
@@ -83,11 +103,30 @@ impl IngestHandle {
 }
 
 /// Starts the ingest thread for `cfg.database_url`, delivering to `shards` (one inbox per
-/// shard, by shard id). Returns the handle shards use, or why it could not start.
+/// shard, by shard id). Returns the handle shards use, or why it could not start (a URL that
+/// does not parse, a TLS mode this build cannot honour). A database that is down is not an
+/// error: the ingest retries with backoff and tells subscribers.
 pub fn start(
     cfg: &crate::config::Config,
     shards: Vec<flume::Sender<crate::shard::mesh::ShardMsg>>,
 ) -> Result<IngestHandle, String> {
-    let _ = (cfg, shards);
-    Err("Postgres changes are not built yet in this version".into())
+    let url = cfg.database_url.as_deref().ok_or("no database URL")?;
+    let pg: tokio_postgres::Config = url.parse().map_err(|e| format!("invalid database URL: {e}"))?;
+    if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err("sslmode=require is not supported: corecast connects to Postgres without TLS (use a local \
+                    socket, a private network or sslmode=disable)"
+            .into());
+    }
+    let settings = engine::Settings {
+        source: source::SourceCfg {
+            pg,
+            slot: cfg.slot.clone(),
+            publication: cfg.publication.clone(),
+            resume_grace: cfg.pg_resume_grace,
+        },
+        pool_size: engine::POOL_SIZE,
+    };
+    let (handle, rx) = IngestHandle::channel();
+    engine::spawn(settings, cfg.ingest_cpu, rx, shards).map_err(|e| format!("cannot start the ingest thread: {e}"))?;
+    Ok(handle)
 }

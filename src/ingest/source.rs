@@ -1,0 +1,343 @@
+//! The replication connection: makes sure the publication and the slot exist, streams
+//! `pgoutput` over START_REPLICATION (pgwire-replication), assembles committed transactions
+//! and hands them to the processor in commit order; acknowledges what the processor reports
+//! as handed off; reconnects with backoff when Postgres goes away.
+//!
+//! At-least-once: the slot's confirmed position only moves to an LSN the processor has
+//! delivered (the `ack` channel), so after a corecast crash streaming resumes at the first
+//! transaction not handed off. Within one process a reconnect does not repeat transactions:
+//! commits at or below the last one passed on are skipped.
+//!
+//! On a resume with changes waiting in the slot, streaming starts after a grace period
+//! (`--pg-resume-grace-ms`) so that clients reconnecting after a corecast restart have
+//! rejoined before the backlog is matched against subscriptions.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::config::Host;
+
+use super::db::{quote_ident, Conn, Db};
+use super::pgoutput::{self, Begin, Commit, Message};
+use super::retry::Backoff;
+use super::txn::{Assembler, Step, Txn};
+
+/// What the source tells the processor, in stream order.
+#[derive(Debug)]
+pub enum Event {
+    /// The publication and slot exist: changes committed from now on will be delivered.
+    SlotReady,
+    /// Streaming (re)started.
+    Up,
+    /// The connection failed or was lost; retrying.
+    Down(String),
+    /// A committed transaction.
+    Txn(Txn),
+    /// Everything up to this LSN was received and no transaction is open: acknowledge it once
+    /// the events before it are handled.
+    Idle(u64),
+}
+
+/// Connection settings of the source.
+#[derive(Debug, Clone)]
+pub struct SourceCfg {
+    pub pg: tokio_postgres::Config,
+    pub slot: String,
+    pub publication: String,
+    pub resume_grace: Duration,
+}
+
+/// Session settings for the walsender, so values are printed the same way everywhere: ISO
+/// dates, UTC timestamps.
+const SESSION_OPTIONS: &str = "-c datestyle=ISO,MDY -c timezone=UTC -c intervalstyle=postgres";
+
+/// The pgwire-replication configuration for `pg` (host, port, user, password, database).
+pub fn replication_config(cfg: &SourceCfg) -> ReplicationConfig {
+    let pg = &cfg.pg;
+    let host = match pg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(p)) => p.to_string_lossy().into_owned(),
+        None => "localhost".to_string(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let user = pg.get_user().unwrap_or("postgres").to_string();
+    let password = pg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+    let dbname = pg.get_dbname().unwrap_or(&user).to_string();
+    ReplicationConfig::new(host, user, password, dbname, cfg.slot.clone(), cfg.publication.clone())
+        .with_port(port)
+        .with_status_interval(Duration::from_millis(500))
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_buffer_size(4096)
+        .with_options(SESSION_OPTIONS)
+        .with_application_name("corecast-replication")
+}
+
+/// What setting up found.
+struct Setup {
+    /// Changes were waiting in an existing slot.
+    pending: bool,
+}
+
+async fn setup(conn: &Conn, cfg: &SourceCfg, first: bool) -> Result<Setup, String> {
+    let e = |e: tokio_postgres::Error| e.to_string();
+    let c = &conn.client;
+    let pubs = c.query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&cfg.publication]).await.map_err(e)?;
+    if pubs.is_empty() {
+        c.batch_execute(&format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(&cfg.publication)))
+            .await
+            .map_err(|err| format!("cannot create publication {}: {err}", cfg.publication))?;
+        tracing::info!(publication = %cfg.publication, "created publication FOR ALL TABLES");
+    }
+    let slot = c
+        .query_opt(
+            "SELECT plugin::text, database::text, current_database()::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(e)?;
+    let mut pending = false;
+    match slot {
+        None => {
+            c.query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&cfg.slot])
+                .await
+                .map_err(|err| format!("cannot create replication slot {}: {err}", cfg.slot))?;
+            tracing::info!(slot = %cfg.slot, "created logical replication slot (pgoutput)");
+        }
+        Some(row) => {
+            let (plugin, db, current): (Option<String>, Option<String>, String) = (row.get(0), row.get(1), row.get(2));
+            if plugin.as_deref() != Some("pgoutput") || db.as_deref() != Some(current.as_str()) {
+                return Err(format!(
+                    "replication slot {} exists but is not a pgoutput slot of database {current} (plugin {plugin:?}, database {db:?}); choose another --slot",
+                    cfg.slot
+                ));
+            }
+            if first {
+                // Peeking fails if the slot is still held by a previous session: assume a backlog.
+                pending = c
+                    .query(
+                        "SELECT 1 FROM pg_logical_slot_peek_binary_changes($1, NULL, 1, 'proto_version', '1', 'publication_names', $2) LIMIT 1",
+                        &[&cfg.slot, &cfg.publication],
+                    )
+                    .await
+                    .map_or(true, |rows| !rows.is_empty());
+            }
+        }
+    }
+    if first {
+        if let Err(err) = ensure_messages_table(conn).await {
+            tracing::warn!(error = %err, "cannot prepare realtime.messages: private channels will be refused");
+        }
+    }
+    Ok(Setup { pending })
+}
+
+/// The table private-channel policies are written on, created when missing (RLS on, no
+/// policy: nothing is readable until the user adds policies), and `realtime.topic()`.
+async fn ensure_messages_table(conn: &Conn) -> Result<(), tokio_postgres::Error> {
+    let c = &conn.client;
+    let exists = c.query_one("SELECT to_regclass('realtime.messages') IS NOT NULL", &[]).await?.get::<_, bool>(0);
+    if !exists {
+        c.batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS realtime;
+             CREATE TABLE IF NOT EXISTS realtime.messages (
+               id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+               topic text NOT NULL,
+               extension text NOT NULL,
+               payload jsonb,
+               event text,
+               private boolean DEFAULT true,
+               inserted_at timestamptz NOT NULL DEFAULT now(),
+               updated_at timestamptz NOT NULL DEFAULT now());
+             ALTER TABLE realtime.messages ENABLE ROW LEVEL SECURITY;
+             GRANT USAGE ON SCHEMA realtime TO PUBLIC;
+             GRANT SELECT, INSERT ON realtime.messages TO PUBLIC;",
+        )
+        .await?;
+        tracing::info!("created realtime.messages (row-level security on; add policies to allow private channels)");
+    }
+    let func = c.query_one("SELECT to_regprocedure('realtime.topic()') IS NOT NULL", &[]).await?.get::<_, bool>(0);
+    if !func {
+        c.batch_execute(
+            "CREATE FUNCTION realtime.topic() RETURNS text LANGUAGE sql STABLE \
+               AS $$ SELECT nullif(current_setting('realtime.topic', true), '') $$;
+             GRANT EXECUTE ON FUNCTION realtime.topic() TO PUBLIC;",
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Runs until the processor goes away.
+pub async fn run(cfg: SourceCfg, db: Rc<Db>, tx: mpsc::Sender<Event>, mut ack: watch::Receiver<u64>) {
+    let started = Instant::now();
+    let mut backoff = Backoff::default();
+    let (mut first, mut slot_ready, mut down) = (true, false, false);
+    let mut asm = Assembler::new();
+    let mut last_end = 0u64;
+    loop {
+        let reason = match attempt(
+            &cfg,
+            &db,
+            &tx,
+            &mut ack,
+            &mut asm,
+            &mut last_end,
+            &mut first,
+            &mut slot_ready,
+            &mut down,
+            started,
+            &mut backoff,
+        )
+        .await
+        {
+            Some(r) => r,
+            None => return,
+        };
+        asm.reset();
+        if tx.is_closed() {
+            return;
+        }
+        if !down {
+            down = true;
+            if tx.send(Event::Down(reason.clone())).await.is_err() {
+                return;
+            }
+        }
+        let delay = backoff.next_delay();
+        tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, "postgres replication unavailable");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// One connection attempt and its stream. `Some(reason)` when it failed or ended; `None` when
+/// the processor is gone.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    cfg: &SourceCfg,
+    db: &Db,
+    tx: &mpsc::Sender<Event>,
+    ack: &mut watch::Receiver<u64>,
+    asm: &mut Assembler,
+    last_end: &mut u64,
+    first: &mut bool,
+    slot_ready: &mut bool,
+    down: &mut bool,
+    started: Instant,
+    backoff: &mut Backoff,
+) -> Option<String> {
+    let conn = match db.get(0).await {
+        Ok(c) => c,
+        Err(e) => return Some(e.to_string()),
+    };
+    let info = match setup(&conn, cfg, *first).await {
+        Ok(i) => i,
+        Err(e) => return Some(e),
+    };
+    if !*slot_ready {
+        *slot_ready = true;
+        tx.send(Event::SlotReady).await.ok()?;
+    }
+    if std::mem::take(first) && info.pending {
+        let wait = cfg.resume_grace.saturating_sub(started.elapsed());
+        if !wait.is_zero() {
+            tracing::info!(
+                grace_ms = wait.as_millis() as u64,
+                "changes waiting in the slot: letting clients rejoin first"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+    let mut client = match ReplicationClient::connect(replication_config(cfg)).await {
+        Ok(c) => c,
+        Err(e) => return Some(e.to_string()),
+    };
+    match tokio::time::timeout(Duration::from_secs(10), client.wait_started()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Some(e.to_string()),
+        Err(_) => return Some("START_REPLICATION was not accepted within 10 s".into()),
+    }
+    let acked = *ack.borrow_and_update();
+    if acked > 0 {
+        client.update_applied_lsn(Lsn::from_u64(acked));
+    }
+    backoff.reset();
+    *down = false;
+    tx.send(Event::Up).await.ok()?;
+    tracing::info!(slot = %cfg.slot, publication = %cfg.publication, "streaming changes");
+    let reason = stream(&mut client, tx, ack, asm, last_end).await;
+    client.abort();
+    reason
+}
+
+enum Sel {
+    Ack(bool),
+    Ev(pgwire_replication::Result<Option<ReplicationEvent>>),
+}
+
+async fn stream(
+    client: &mut ReplicationClient,
+    tx: &mpsc::Sender<Event>,
+    ack: &mut watch::Receiver<u64>,
+    asm: &mut Assembler,
+    last_end: &mut u64,
+) -> Option<String> {
+    let mut last_idle = 0u64;
+    loop {
+        let sel = futures_lite::future::or(async { Sel::Ack(ack.changed().await.is_ok()) }, async {
+            Sel::Ev(client.recv().await)
+        })
+        .await;
+        let ev = match sel {
+            Sel::Ack(true) => {
+                client.update_applied_lsn(Lsn::from_u64(*ack.borrow_and_update()));
+                continue;
+            }
+            Sel::Ack(false) => return None,
+            Sel::Ev(Ok(Some(ev))) => ev,
+            Sel::Ev(Ok(None)) => return Some("the replication stream ended".into()),
+            Sel::Ev(Err(e)) => return Some(e.to_string()),
+        };
+        let msg = match ev {
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                Message::Begin(Begin { final_lsn: final_lsn.as_u64(), commit_time: commit_time_micros, xid })
+            }
+            ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => Message::Commit(Commit {
+                flags: 0,
+                commit_lsn: lsn.as_u64(),
+                end_lsn: end_lsn.as_u64(),
+                commit_time: commit_time_micros,
+            }),
+            ReplicationEvent::XLogData { data, .. } => match pgoutput::decode(&data) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => return Some(format!("cannot decode the replication stream: {e}")),
+            },
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                let lsn = wal_end.as_u64();
+                if !asm.in_transaction() && lsn > last_idle && lsn > *last_end {
+                    last_idle = lsn;
+                    tx.send(Event::Idle(lsn)).await.ok()?;
+                }
+                continue;
+            }
+            ReplicationEvent::Message { .. } => continue,
+            ReplicationEvent::StoppedAt { .. } => return Some("the replication stream stopped".into()),
+        };
+        match asm.push(msg) {
+            Step::None => {}
+            Step::Commit(t) => {
+                if t.end_lsn <= *last_end {
+                    continue; // Already passed on before a reconnect.
+                }
+                *last_end = t.end_lsn;
+                tx.send(Event::Txn(t)).await.ok()?;
+            }
+            Step::UnknownRelation(relid) => {
+                return Some(format!("the stream referenced relation {relid} before describing it"));
+            }
+        }
+    }
+}
