@@ -9,6 +9,7 @@
 //! - `history`: history, persistence, resume and replay;
 //! - `sse`: Server-Sent Events streams;
 //! - `lifecycle`: start-up flags, shutdown;
+//! - `pg`: Postgres changes against a real PostgreSQL (tests/util/pg.rs), realtime-js included;
 //! - `interop`: the unmodified `@supabase/realtime-js` under Node (tests/js).
 
 mod util;
@@ -17,6 +18,7 @@ mod bad_input;
 mod history;
 mod interop;
 mod lifecycle;
+mod pg;
 mod presence;
 mod rest;
 mod sse;

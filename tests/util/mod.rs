@@ -1,6 +1,8 @@
 //! Test harness: start the real server binary, WebSocket and HTTP clients.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,547 @@
+//! Postgres changes against a real PostgreSQL 15 (see `util::pg`): payload shapes, filters,
+//! row-level security, private channels, bad subscriptions, and no change lost when Postgres
+//! or corecast restarts. Plus the unmodified realtime-js client (`tests/js/pg.test.mjs`).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::util::pg::{Pg, TestDb};
+use crate::util::{jwt, unix_now, Client, Msg, Server};
+
+const SECRET: &str = "pg-test-secret";
+
+/// corecast on `db` (its own slot), plus `extra` flags.
+fn server(db: &TestDb, extra: &[&str]) -> Server {
+    let url = db.url();
+    let mut args = vec!["--slot", db.slot()];
+    args.extend_from_slice(extra);
+    Server::start_with_env(&args, &[("DATABASE_URL", &url)])
+}
+
+fn token(claims: Value) -> String {
+    let mut c = claims;
+    c["exp"] = json!(unix_now() + 3600);
+    jwt(SECRET, c)
+}
+
+/// A client that keeps what it read, so tests can wait for one kind of message while others
+/// arrive.
+struct Rx {
+    c: Client,
+    buf: Vec<Value>,
+    closed: bool,
+}
+
+impl Rx {
+    fn connect(url: &str) -> Rx {
+        Rx { c: Client::connect(url), buf: Vec::new(), closed: false }
+    }
+
+    fn pump(&mut self, d: Duration) {
+        match self.c.try_recv(d) {
+            Some(Msg::Json(v)) => self.buf.push(v),
+            Some(Msg::Close(_)) | Some(Msg::Error(_)) => self.closed = true,
+            _ => {}
+        }
+    }
+
+    /// Removes and returns the first message matching `pred`, reading up to `timeout`.
+    fn wait(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.buf.iter().position(&pred) {
+                return self.buf.remove(i);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero() && !self.closed, "timed out waiting for {what}; got {:#?}", self.buf);
+            self.pump(left.min(Duration::from_millis(200)));
+        }
+    }
+
+    /// Joins `topic` with `postgres_changes` bindings; returns the binding ids of the reply.
+    fn join(&mut self, topic: &str, join_ref: &str, bindings: Value, extra: Value) -> Vec<u64> {
+        let mut payload = json!({"config": {"postgres_changes": bindings, "private": false}});
+        if let Value::Object(m) = extra {
+            for (k, v) in m {
+                if k == "private" {
+                    payload["config"]["private"] = v;
+                } else {
+                    payload[k] = v;
+                }
+            }
+        }
+        let wire = format!("realtime:{topic}");
+        self.c.send_json(&json!([join_ref, join_ref, wire, "phx_join", payload]));
+        let reply = self.wait("join reply", Duration::from_secs(5), |v| v[3] == "phx_reply" && v[1] == join_ref);
+        assert_eq!(reply[4]["status"], "ok", "{reply}");
+        reply[4]["response"]["postgres_changes"].as_array().unwrap().iter().map(|b| b["id"].as_u64().unwrap()).collect()
+    }
+
+    /// The next `system` message of `topic`.
+    fn system(&mut self, topic: &str) -> Value {
+        let wire = format!("realtime:{topic}");
+        self.wait(&format!("system on {topic}"), Duration::from_secs(15), |v| v[3] == "system" && v[2] == wire)[4]
+            .clone()
+    }
+
+    /// Waits for "Subscribed to PostgreSQL" on `topic`.
+    fn subscribed(&mut self, topic: &str) {
+        let s = self.system(topic);
+        assert_eq!(
+            (s["status"].as_str(), s["message"].as_str()),
+            (Some("ok"), Some("Subscribed to PostgreSQL")),
+            "{s}"
+        );
+        assert_eq!(s["extension"], "postgres_changes");
+    }
+
+    /// The next `n` postgres_changes payloads of `topic`, in order.
+    fn changes(&mut self, topic: &str, n: usize) -> Vec<Value> {
+        let wire = format!("realtime:{topic}");
+        (0..n)
+            .map(|i| {
+                self.wait(&format!("change {} of {n} on {topic}", i + 1), Duration::from_secs(15), |v| {
+                    v[3] == "postgres_changes" && v[2] == wire
+                })[4]
+                    .clone()
+            })
+            .collect()
+    }
+
+    /// postgres_changes payloads of `topic` that arrive within `d`.
+    fn quiet(&mut self, topic: &str, d: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + d;
+        while Instant::now() < deadline {
+            self.pump(deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)));
+        }
+        let wire = format!("realtime:{topic}");
+        let (hit, rest): (Vec<Value>, Vec<Value>) =
+            self.buf.drain(..).partition(|v| v[3] == "postgres_changes" && v[2] == wire);
+        self.buf = rest;
+        hit.into_iter().map(|v| v[4].clone()).collect()
+    }
+}
+
+fn ids_of(changes: &[Value], field: &str) -> Vec<i64> {
+    changes.iter().map(|c| c["data"][field]["id"].as_i64().unwrap()).collect()
+}
+
+#[test]
+fn pg_insert_update_delete_filters_and_payloads() {
+    let db = TestDb::new("cc_shapes");
+    db.sql(
+        "CREATE TABLE todos (id bigserial PRIMARY KEY, task text, done bool DEFAULT false, tags text[], meta jsonb, \
+           price numeric, at timestamptz, raw bytea);
+         CREATE TABLE items (id int PRIMARY KEY, name text);
+         ALTER TABLE items REPLICA IDENTITY FULL;",
+    );
+    let srv = server(&db, &[]);
+    let mut c = Rx::connect(&srv.ws_url("2.0.0"));
+    let all = c.join("all", "1", json!([{"event": "*", "schema": "public", "table": "todos"}]), json!({}));
+    let ins = c.join(
+        "ins",
+        "2",
+        json!([{"event": "INSERT", "schema": "public", "table": "todos", "filter": "id=in.(2,3)"}]),
+        json!({}),
+    );
+    let upd = c.join(
+        "upd",
+        "3",
+        json!([{"event": "UPDATE", "schema": "public", "table": "todos", "filter": "done=eq.true"}]),
+        json!({}),
+    );
+    let full = c.join("full", "4", json!([{"event": "*", "schema": "public", "table": "items"}]), json!({}));
+    let wild = c.join("wild", "5", json!([{"event": "DELETE", "schema": "public"}]), json!({}));
+    let two = c.join(
+        "two",
+        "6",
+        json!([{"event": "INSERT", "schema": "public", "table": "todos"}, {"event": "*", "schema": "public", "table": "todos", "filter": "task=eq.a"}]),
+        json!({}),
+    );
+    for t in ["all", "ins", "upd", "full", "wild", "two"] {
+        c.subscribed(t);
+    }
+    db.sql(
+        "INSERT INTO todos (task, tags, meta, price, at, raw) VALUES
+           ('a', '{x,\"y z\"}', '{\"k\": [1, 2]}', 1.50, '2024-01-02 03:04:05.5+00', '\\x0102');
+         INSERT INTO todos (task) VALUES ('b');
+         INSERT INTO todos (task) VALUES ('c');
+         UPDATE todos SET done = true WHERE id = 2;
+         DELETE FROM todos WHERE id = 3;
+         INSERT INTO items VALUES (1, 'a');
+         UPDATE items SET name = 'b' WHERE id = 1;
+         DELETE FROM items WHERE id = 1;",
+    );
+    let got = c.changes("all", 5);
+    let types: Vec<&str> = got.iter().map(|g| g["data"]["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["INSERT", "INSERT", "INSERT", "UPDATE", "DELETE"]);
+    let first = &got[0];
+    assert_eq!(first["ids"], json!(all));
+    let d = &first["data"];
+    assert_eq!((d["schema"].as_str(), d["table"].as_str()), (Some("public"), Some("todos")));
+    assert!(d.get("old_record").is_none());
+    assert_eq!(d["errors"], Value::Null);
+    let ts = d["commit_timestamp"].as_str().unwrap();
+    assert!(ts.len() == 24 && ts.ends_with('Z') && &ts[10..11] == "T", "{ts}");
+    assert_eq!(
+        d["columns"],
+        json!([{"name":"id","type":"int8"},{"name":"task","type":"text"},{"name":"done","type":"bool"},
+               {"name":"tags","type":"_text"},{"name":"meta","type":"jsonb"},{"name":"price","type":"numeric"},
+               {"name":"at","type":"timestamptz"},{"name":"raw","type":"bytea"}])
+    );
+    assert_eq!(
+        d["record"],
+        json!({"id": 1, "task": "a", "done": false, "tags": ["x", "y z"], "meta": {"k": [1, 2]}, "price": 1.50,
+               "at": "2024-01-02T03:04:05.5+00:00", "raw": "0102"})
+    );
+    // Default replica identity: UPDATE/DELETE carry the key.
+    assert_eq!(got[3]["data"]["old_record"], json!({"id": 2}));
+    assert_eq!(got[3]["data"]["record"]["done"], json!(true));
+    assert_eq!(got[4]["data"]["old_record"], json!({"id": 3}));
+    assert!(got[4]["data"].get("record").is_none());
+    // Filters.
+    let got = c.changes("ins", 2);
+    assert_eq!(ids_of(&got, "record"), [2, 3]);
+    assert_eq!(got[0]["ids"], json!(ins));
+    let got = c.changes("upd", 1);
+    assert_eq!((got[0]["ids"].clone(), got[0]["data"]["record"]["id"].clone()), (json!(upd), json!(2)));
+    // REPLICA IDENTITY FULL: whole old rows.
+    let got = c.changes("full", 3);
+    assert_eq!(got[0]["ids"], json!(full));
+    assert_eq!(got[1]["data"]["old_record"], json!({"id": 1, "name": "a"}));
+    assert_eq!(got[1]["data"]["record"], json!({"id": 1, "name": "b"}));
+    assert_eq!(got[2]["data"]["old_record"], json!({"id": 1, "name": "b"}));
+    // `schema` without `table`: every table of the schema.
+    let got = c.changes("wild", 2);
+    assert_eq!(got.iter().map(|g| g["data"]["table"].as_str().unwrap()).collect::<Vec<_>>(), ["todos", "items"]);
+    assert_eq!(got[0]["ids"], json!(wild));
+    // Two bindings matching one change: one message with both ids.
+    let got = c.changes("two", 3);
+    assert_eq!(got[0]["ids"], json!(two));
+    assert_eq!(got[1]["ids"], json!([two[0]]));
+    // Nothing else arrives.
+    for t in ["all", "ins", "upd", "full", "wild", "two"] {
+        assert_eq!(c.quiet(t, Duration::from_millis(300)), Vec::<Value>::new(), "{t}");
+    }
+    // vsn 1.0.0 gets the same payload in the object framing.
+    let mut v1 = Rx::connect(&srv.ws_url("1.0.0"));
+    v1.c.send_json(&json!({"topic": "realtime:v1", "event": "phx_join", "ref": "1", "join_ref": "1",
+        "payload": {"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "items"}]}}}));
+    let s = v1.wait("v1 system", Duration::from_secs(15), |v| v["event"] == "system");
+    assert_eq!(s["payload"]["message"], "Subscribed to PostgreSQL");
+    db.sql("INSERT INTO items VALUES (9, 'v1')");
+    let m = v1.wait("v1 change", Duration::from_secs(15), |v| v["event"] == "postgres_changes");
+    assert_eq!((m["topic"].as_str(), m["ref"].clone()), (Some("realtime:v1"), Value::Null));
+    assert_eq!(m["payload"]["data"]["record"], json!({"id": 9, "name": "v1"}));
+}
+
+#[test]
+fn pg_bad_subscriptions_get_system_errors() {
+    let db = TestDb::new("cc_bad");
+    db.sql("CREATE TABLE t (id int PRIMARY KEY, name text)");
+    let srv = server(&db, &[]);
+    let mut c = Rx::connect(&srv.ws_url("2.0.0"));
+    let many: Vec<String> = (0..101).map(|i| i.to_string()).collect();
+    let bad = [
+        ("syntax", "id=foo.1".to_string(), "t"),
+        ("column", "nope=eq.1".to_string(), "t"),
+        ("value", "id=eq.abc".to_string(), "t"),
+        ("toomany", format!("id=in.({})", many.join(",")), "t"),
+        ("table", String::new(), "missing"),
+    ];
+    for (i, (topic, filter, table)) in bad.iter().enumerate() {
+        let mut b = json!({"event": "*", "schema": "public", "table": table});
+        if !filter.is_empty() {
+            b["filter"] = json!(filter);
+        }
+        c.join(topic, &(i + 1).to_string(), json!([b]), json!({}));
+    }
+    c.join(
+        "good",
+        "9",
+        json!([{"event": "INSERT", "schema": "public", "table": "t", "filter": "name=eq.\"x, y\""}]),
+        json!({}),
+    );
+    for (topic, _, _) in &bad {
+        let s = c.system(topic);
+        assert_eq!((s["status"].as_str(), s["extension"].as_str()), (Some("error"), Some("postgres_changes")), "{s}");
+        assert!(
+            s["message"].as_str().unwrap().starts_with("Unable to subscribe to changes with given parameters"),
+            "{s}"
+        );
+    }
+    c.subscribed("good");
+    // The connection and the other channels carry on.
+    db.sql("INSERT INTO t VALUES (1, 'x, y'), (2, 'z')");
+    let got = c.changes("good", 1);
+    assert_eq!(got[0]["data"]["record"], json!({"id": 1, "name": "x, y"}));
+    for (topic, _, _) in &bad {
+        assert!(c.quiet(topic, Duration::from_millis(100)).is_empty());
+    }
+    c.c.send_text(r#"[null,"99","phoenix","heartbeat",{}]"#);
+    let hb = c.wait("heartbeat reply", Duration::from_secs(5), |v| v[1] == "99");
+    assert_eq!(hb[4]["status"], "ok");
+}
+
+#[test]
+fn pg_row_level_security_per_user_batched() {
+    let db = TestDb::new("cc_rls");
+    db.sql(
+        "DO $$ BEGIN CREATE ROLE authenticated NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         CREATE TABLE notes (id bigserial PRIMARY KEY, owner text NOT NULL, body text, secret text);
+         ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+         GRANT SELECT (id, owner, body) ON notes TO authenticated;
+         CREATE POLICY own ON notes FOR SELECT TO authenticated
+           USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub'
+                  AND owner = current_setting('request.jwt.claim.sub', true));",
+    );
+    let srv = server(&db, &["--jwt-secret", SECRET]);
+    let url = |sub: &str| {
+        format!(
+            "ws://{}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
+            srv.addr,
+            token(json!({"role": "authenticated", "sub": sub}))
+        )
+    };
+    let binding = json!([{"event": "*", "schema": "public", "table": "notes"}]);
+    let mut users: Vec<Rx> = ["u1", "u2"].iter().map(|u| Rx::connect(&url(u))).collect();
+    for u in users.iter_mut() {
+        u.join("notes", "1", binding.clone(), json!({}));
+        u.subscribed("notes");
+    }
+    db.sql("INSERT INTO notes (owner, body, secret) VALUES ('u1', 'one', 's1'), ('u2', 'two', 's2'), ('u1', 'three', 's3')");
+    let (u1, u2) = users.split_at_mut(1);
+    let (u1, u2) = (&mut u1[0], &mut u2[0]);
+    let got1 = u1.changes("notes", 2);
+    assert_eq!(ids_of(&got1, "record"), [1, 3]);
+    assert_eq!(got1[0]["data"]["record"], json!({"id": 1, "owner": "u1", "body": "one"}));
+    assert_eq!(
+        got1[0]["data"]["columns"],
+        json!([{"name": "id", "type": "int8"}, {"name": "owner", "type": "text"}, {"name": "body", "type": "text"}])
+    );
+    let got2 = u2.changes("notes", 1);
+    assert_eq!(ids_of(&got2, "record"), [2]);
+    assert!(u1.quiet("notes", Duration::from_millis(300)).is_empty());
+    assert!(u2.quiet("notes", Duration::from_millis(100)).is_empty());
+    // DELETE cannot be checked: everyone subscribed gets the primary key only.
+    db.sql("DELETE FROM notes WHERE id = 2");
+    for u in [&mut *u1, &mut *u2] {
+        let d = u.changes("notes", 1);
+        assert_eq!(d[0]["data"]["old_record"], json!({"id": 2}));
+    }
+    // access_token: new claims are used for the next checks.
+    u1.c.send_json(&json!(["1", "5", "realtime:notes", "access_token", {"access_token": token(json!({"role": "authenticated", "sub": "u2"}))}]));
+    std::thread::sleep(Duration::from_millis(300));
+    db.sql("INSERT INTO notes (owner, body) VALUES ('u2', 'four')");
+    assert_eq!(ids_of(&u1.changes("notes", 1), "record"), [4]);
+    assert_eq!(ids_of(&u2.changes("notes", 1), "record"), [4]);
+}
+
+#[test]
+fn pg_private_channels_by_policy() {
+    let db = TestDb::new("cc_private");
+    db.sql("DO $$ BEGIN CREATE ROLE authenticated NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;");
+    let srv = server(&db, &["--jwt-secret", SECRET]);
+    // corecast creates realtime.messages (RLS on, no policy) once it reached the database.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while db.sql("SELECT to_regprocedure('realtime.topic()') IS NOT NULL") != "t" {
+        assert!(Instant::now() < deadline, "realtime.messages was not created");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    db.sql(
+        "CREATE POLICY room_of_user ON realtime.messages FOR SELECT TO authenticated
+           USING (realtime.topic() = 'room-' || (current_setting('request.jwt.claims', true)::jsonb ->> 'sub'))",
+    );
+    let apikey = token(json!({"role": "anon"}));
+    let mut c = Rx::connect(&format!("ws://{}/realtime/v1/websocket?apikey={apikey}&vsn=2.0.0", srv.addr));
+    let u1 = token(json!({"role": "authenticated", "sub": "u1"}));
+    c.join("room-u1", "1", json!([]), json!({"private": true, "access_token": u1}));
+    c.c.send_json(
+        &json!(["2", "2", "realtime:room-u2", "phx_join", {"config": {"private": true}, "access_token": u1}]),
+    );
+    let r = c.wait("refusal", Duration::from_secs(10), |v| v[1] == "2");
+    assert_eq!(r[4]["status"], "error");
+    assert!(r[4]["response"]["reason"].as_str().unwrap().starts_with("Unauthorized"), "{r}");
+    // A new token whose policy no longer allows the topic closes the channel.
+    let u3 = token(json!({"role": "authenticated", "sub": "u3"}));
+    c.c.send_json(&json!(["1", "3", "realtime:room-u1", "access_token", {"access_token": u3}]));
+    let s = c.system("room-u1");
+    assert_eq!(s["status"], "error");
+    assert!(s["message"].as_str().unwrap().contains("no longer have permission"), "{s}");
+    c.wait("phx_close", Duration::from_secs(5), |v| v[3] == "phx_close" && v[2] == "realtime:room-u1");
+}
+
+/// Inserts rows `range` one transaction each.
+fn insert_range(db: &TestDb, range: std::ops::RangeInclusive<i64>) {
+    let values: Vec<String> = range.map(|i| format!("INSERT INTO events VALUES ({i});")).collect();
+    db.sql(&values.join("\n"));
+}
+
+fn received(c: &mut Rx, want: usize, timeout: Duration) -> Vec<i64> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while got.iter().collect::<BTreeSet<_>>().len() < want && Instant::now() < deadline {
+        got.extend(ids_of(&c.quiet("ev", Duration::from_millis(100)), "record"));
+    }
+    got
+}
+
+#[test]
+fn pg_postgres_restart_loses_nothing() {
+    let pg: &'static Pg = Pg::leak();
+    struct Stop(&'static Pg);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.shutdown();
+        }
+    }
+    let _stop = Stop(pg);
+    let db = TestDb::on(pg, "cc_pgrestart");
+    db.sql("CREATE TABLE events (id int PRIMARY KEY)");
+    let srv = server(&db, &[]);
+    let mut c = Rx::connect(&srv.ws_url("2.0.0"));
+    c.join("ev", "1", json!([{"event": "INSERT", "schema": "public", "table": "events"}]), json!({}));
+    c.subscribed("ev");
+    insert_range(&db, 1..=5);
+    assert_eq!(ids_of(&c.changes("ev", 5), "record"), [1, 2, 3, 4, 5]);
+    // Rows committed right before the restart, possibly not streamed or acknowledged yet.
+    insert_range(&db, 6..=10);
+    pg.restart();
+    let lost = c.system("ev");
+    assert_eq!(lost["status"], "error", "{lost}");
+    assert!(lost["message"].as_str().unwrap().contains("Replication connection lost"), "{lost}");
+    let back = c.system("ev");
+    assert_eq!(
+        (back["status"].as_str(), back["message"].as_str()),
+        (Some("ok"), Some("Replication connection re-established"))
+    );
+    insert_range(&db, 11..=15);
+    let got = received(&mut c, 10, Duration::from_secs(20));
+    let set: BTreeSet<i64> = got.iter().copied().collect();
+    assert_eq!(set, (6..=15).collect(), "got {got:?}");
+    assert_eq!(got.len(), set.len(), "duplicates after a Postgres restart: {got:?}");
+    drop(c);
+    drop(srv);
+}
+
+#[test]
+fn pg_corecast_restart_loses_nothing() {
+    let db = TestDb::new("cc_ccrestart");
+    db.sql("CREATE TABLE events (id int PRIMARY KEY)");
+    let grace = "4000";
+    let binding = json!([{"event": "INSERT", "schema": "public", "table": "events"}]);
+    let srv = server(&db, &["--pg-resume-grace-ms", grace]);
+    let mut c = Rx::connect(&srv.ws_url("2.0.0"));
+    c.join("ev", "1", binding.clone(), json!({}));
+    c.subscribed("ev");
+    insert_range(&db, 1..=3);
+    assert_eq!(ids_of(&c.changes("ev", 3), "record"), [1, 2, 3]);
+    assert!(db.wait_acked(Duration::from_secs(10)), "corecast did not acknowledge what it delivered");
+    // SIGKILL: nothing is flushed on the way out. Rows committed while corecast is down stay
+    // in the slot.
+    drop(c);
+    drop(srv);
+    insert_range(&db, 4..=6);
+    let srv = server(&db, &["--pg-resume-grace-ms", grace]);
+    let mut c = Rx::connect(&srv.ws_url("2.0.0"));
+    c.join("ev", "1", binding, json!({}));
+    c.subscribed("ev");
+    insert_range(&db, 7..=7);
+    let got = received(&mut c, 4, Duration::from_secs(20));
+    let set: BTreeSet<i64> = got.iter().copied().collect();
+    assert_eq!(set, (4..=7).collect(), "got {got:?}");
+}
+
+/// The unmodified realtime-js client: `tests/js/pg.test.mjs`.
+#[test]
+fn pg_realtime_js() {
+    let db = TestDb::new("cc_js");
+    js::run("pg.test.mjs", &db);
+}
+
+mod js {
+    //! Runs one `tests/js` file with node, with a database (like `interop`, plus
+    //! `DATABASE_URL`, `CORECAST_SLOT` and `PSQL`).
+
+    use std::io::Read;
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    use crate::util::pg::TestDb;
+
+    fn js_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("js")
+    }
+
+    fn install() {
+        static DONE: OnceLock<()> = OnceLock::new();
+        DONE.get_or_init(|| {
+            let dir = js_dir();
+            if dir.join("node_modules/@supabase/realtime-js/package.json").exists()
+                && dir.join("node_modules/ws").exists()
+            {
+                return;
+            }
+            let ok = Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&dir).status();
+            assert!(matches!(ok, Ok(s) if s.success()), "`npm ci` in {} failed: {ok:?}", dir.display());
+        });
+    }
+
+    /// Wall-clock limit for the file (it takes seconds; this only catches hangs).
+    const TIMEOUT: Duration = Duration::from_secs(120);
+
+    pub fn run(file: &str, db: &TestDb) {
+        install();
+        let mut cmd = Command::new("node");
+        // realtime-js leaves push timers behind: do not wait for them (Node 20.14+).
+        cmd.args(["--test", "--test-reporter=spec", "--test-force-exit", file])
+            .current_dir(js_dir())
+            .env("CORECAST_BIN", env!("CARGO_BIN_EXE_corecast"))
+            .env("DATABASE_URL", db.url())
+            .env("CORECAST_SLOT", db.slot())
+            .env("PSQL", db.pg.psql_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Own process group, so a hang can be killed with every server it started.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let started = Instant::now();
+        let mut child = cmd.spawn().expect("run node (Node.js 20.14+ must be on PATH)");
+        let drain = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = r.read_to_string(&mut s);
+                s
+            })
+        };
+        let stdout = drain(Box::new(child.stdout.take().unwrap()));
+        let stderr = drain(Box::new(child.stderr.take().unwrap()));
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for node") {
+                break Some(status);
+            }
+            if started.elapsed() > TIMEOUT {
+                // SAFETY: plain kill(2) on the process group this test created.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let text = format!(
+            "--- node --test {file} ({:.1} s) stdout:\n{}\n--- stderr:\n{}",
+            started.elapsed().as_secs_f64(),
+            stdout.join().unwrap_or_default(),
+            stderr.join().unwrap_or_default()
+        );
+        match status {
+            Some(s) if s.success() => println!("{text}"),
+            Some(s) => panic!("{file} failed ({s}):\n{text}"),
+            None => panic!("{file} did not finish within {TIMEOUT:?} (killed):\n{text}"),
+        }
+    }
+}
