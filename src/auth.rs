@@ -27,9 +27,13 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// Claims of an unauthenticated development-mode connection.
+    /// Claims of an unauthenticated development-mode connection (one shared value).
     pub fn anonymous() -> Arc<Self> {
-        Arc::new(Self { role: "anon".into(), exp: None, sub: None, all: Map::new(), token: Arc::from("") })
+        static ANON: std::sync::OnceLock<Arc<Claims>> = std::sync::OnceLock::new();
+        ANON.get_or_init(|| {
+            Arc::new(Self { role: "anon".into(), exp: None, sub: None, all: Map::new(), token: Arc::from("") })
+        })
+        .clone()
     }
 
     /// Whether these claims allow joining the private topic `name` without a database.

@@ -71,7 +71,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         shard.unregister(id);
         let _ = stream.shutdown(std::net::Shutdown::Write).await;
         let _ = glommio::timer::timeout(DRAIN_UNREAD, async {
-            let mut sink = [0u8; 4096];
+            // On the heap: an array here would sit in every connection's future.
+            let mut sink = vec![0u8; 4096];
             let mut total = 0usize;
             while total < 4 << 20 {
                 match futures_lite::AsyncReadExt::read(&mut stream, &mut sink).await {
@@ -152,10 +153,9 @@ async fn drive(shard: &Rc<Shard>, id: ConnId, stream: &mut TcpStream) -> Option<
     };
     drop(pending);
     // WebSocket phase.
-    let mut actions: Vec<Action> = Vec::new();
     if !leftover.is_empty() {
         let mut buf = leftover;
-        if !ws_input(shard, id, &mut buf, &mut actions) {
+        if !ws_input(shard, id, &mut buf) {
             return Some(Closing::Graceful);
         }
     }
@@ -166,7 +166,7 @@ async fn drive(shard: &Rc<Shard>, id: ConnId, stream: &mut TcpStream) -> Option<
         match wait(shard, id, stream).await {
             Wake::Read(n) => {
                 let mut scratch = shard.scratch.borrow_mut();
-                let alive = ws_input(shard, id, &mut scratch[..n], &mut actions);
+                let alive = ws_input(shard, id, &mut scratch[..n]);
                 drop(scratch);
                 if !alive {
                     return Some(Closing::Graceful);
@@ -263,7 +263,10 @@ fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
 
 /// Feeds WebSocket bytes through the codec and the session; returns `false` when the
 /// connection must close (the close frame is already queued).
-fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8], actions: &mut Vec<Action>) -> bool {
+fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8]) -> bool {
+    // Per read, not per connection: a kept buffer would cost every idle connection its capacity.
+    let mut actions: Vec<Action> = Vec::new();
+    let actions = &mut actions;
     let now = now();
     let limits = crate::protocol::ws::conn::WsLimits {
         max_frame: shard.cfg.limits.max_frame_bytes,

@@ -246,6 +246,8 @@ pub struct Shard {
     pub shutdown: Event,
     /// The Postgres ingest thread, when a database is configured.
     pub ingest: Option<IngestHandle>,
+    /// Recently verified connect tokens and their claims (see `rest::authenticate`).
+    pub claims_cache: RefCell<HashMap<Box<str>, Arc<crate::auth::Claims>, ahash::RandomState>>,
     /// Private joins waiting for the database's decision.
     pending_auth: RefCell<HashMap<(ConnId, Topic), Subscription, ahash::RandomState>>,
     /// Owned topics with a presence diff waiting for the end of the coalescing window.
@@ -310,6 +312,7 @@ impl Shard {
             shutdown: Event::default(),
             ingest,
             pending_auth: RefCell::new(HashMap::default()),
+            claims_cache: RefCell::new(HashMap::default()),
             presence_dirty: RefCell::new(Vec::new()),
             presence_waker: RefCell::new(None),
             presence_prefix: format!("{:08x}.", fastrand::u32(..)).into(),

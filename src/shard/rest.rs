@@ -255,8 +255,27 @@ fn token<'a>(req: &'a Request<'a>, bearer_first: bool) -> Option<Cow<'a, str>> {
 }
 
 fn authenticate(shard: &Shard, tok: Option<&str>) -> Result<Arc<Claims>, AuthError> {
-    shard.ctx.verifier.verify(tok, super::conn::now().unix_secs)
+    let now = super::conn::now().unix_secs;
+    // Thousands of connections usually present the same apikey: verify it once per shard and
+    // share the claims (a signature check per connect, and the claims' memory per connection,
+    // would otherwise be paid by every socket). Expiry is still checked at every use.
+    let key = tok.map(str::trim).unwrap_or("");
+    if let Some(c) = shard.claims_cache.borrow().get(key) {
+        if c.exp.is_none_or(|e| e > now) {
+            return Ok(c.clone());
+        }
+    }
+    let claims = shard.ctx.verifier.verify(tok, now)?;
+    let mut cache = shard.claims_cache.borrow_mut();
+    if cache.len() >= CLAIMS_CACHE {
+        cache.clear();
+    }
+    cache.insert(Box::from(key), claims.clone());
+    Ok(claims)
 }
+
+/// Verified tokens remembered per shard.
+const CLAIMS_CACHE: usize = 4096;
 
 fn upgrade(shard: &Shard, req: &Request<'_>) -> Outcome {
     let vsn_raw = req.query_param("vsn");

@@ -111,8 +111,10 @@ impl Outbox {
                 n = 0;
             }
         }
-        if self.q.is_empty() && self.q.capacity() > 64 {
-            // A burst grew the queue; give the memory back so idle connections stay small.
+        if self.q.is_empty() && self.q.capacity() > 0 {
+            // Give the queue's memory back once drained: idle connections then hold no buffer.
+            // Under load a drain happens once per flush (many frames), so this costs one small
+            // allocation per `sendmsg`, not per frame.
             self.q = VecDeque::new();
         }
     }

@@ -418,6 +418,9 @@ impl Session {
         }
         response.push_str("]}");
         let join_ref: Option<Arc<str>> = jr.map(Arc::from);
+        // Grow by exactly one: most sockets join one or two channels, and every idle socket
+        // would otherwise carry spare capacity.
+        self.channels.reserve_exact(1);
         self.channels.push(Channel {
             wire: wire.into(),
             topic: topic.clone(),
