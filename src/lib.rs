@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod channel;
 pub mod config;
+pub mod fuzzing;
 pub mod ingest;
 pub mod protocol;
 pub mod shard;

@@ -121,7 +121,9 @@ impl Outbox {
 
     /// Writes as much as the socket takes, many frames per `sendmsg`.
     pub fn flush(&mut self, fd: RawFd) -> io::Result<Flush> {
-        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV];
+        // Left uninitialized: with one frame per send (the common case at moderate rates)
+        // zeroing all 256 entries would cost more than filling the one that is used.
+        let mut iov = [std::mem::MaybeUninit::<libc::iovec>::uninit(); MAX_IOV];
         loop {
             if self.q.is_empty() {
                 return Ok(Flush::Drained);
@@ -130,13 +132,14 @@ impl Outbox {
             let mut total = 0usize;
             for (i, b) in self.q.iter().take(MAX_IOV).enumerate() {
                 let s = if i == 0 { &b[self.head_off..] } else { &b[..] };
-                iov[n] = libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() };
+                iov[n].write(libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() });
                 total += s.len();
                 n += 1;
             }
             // SAFETY: `msghdr` is plain data; zeroed is a valid empty header.
             let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-            mh.msg_iov = iov.as_mut_ptr();
+            // The first `n` entries were written just above.
+            mh.msg_iov = iov.as_mut_ptr().cast::<libc::iovec>();
             mh.msg_iovlen = n as _;
             // SAFETY: the iovecs point into `Bytes` owned by `self.q`, alive for the call.
             let r = unsafe { libc::sendmsg(fd, &mh, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
