@@ -3,8 +3,10 @@
 //!
 //! The JS tests start the `corecast` binary themselves (path in env `CORECAST_BIN`) through
 //! `tests/js/helpers.mjs`. Node (20+, 20.14+ recommended) and npm must be installed; the first
-//! test runs `npm ci` in `tests/js` when `node_modules` is missing or holds another
-//! realtime-js version than `package.json` pins. By hand:
+//! test runs `npm ci` in `tests/js` when `node_modules` is missing or lacks a package version
+//! that `package.json` pins (realtime-js, ws; dev: eventsource, playwright-core). The browser
+//! test also needs Debian's Chromium at `/usr/bin/chromium` (`apt-get install -y chromium`;
+//! env CORECAST_CHROMIUM for another path, CORECAST_SKIP_BROWSER=1 to skip it). By hand:
 //! `cargo build && cd tests/js && npm ci && CORECAST_BIN=../../target/debug/corecast npm test`.
 
 use std::io::Read;
@@ -65,13 +67,22 @@ fn setup() -> Result<Node, String> {
     Ok(Node { force_exit: major >= 22 || (major == 20 && minor >= 14) })
 }
 
-/// Whether node_modules holds the realtime-js version that package.json pins.
+/// Whether node_modules holds every package that package.json pins (dependencies and
+/// devDependencies, exact versions), so a checkout whose package.json gained a package gets
+/// `npm ci` again.
 fn installed(dir: &Path) -> bool {
     let read = |p: PathBuf| -> Option<serde_json::Value> { serde_json::from_slice(&std::fs::read(p).ok()?).ok() };
     let Some(pkg) = read(dir.join("package.json")) else { return false };
-    let Some(have) = read(dir.join("node_modules/@supabase/realtime-js/package.json")) else { return false };
-    let want = &pkg["dependencies"]["@supabase/realtime-js"];
-    dir.join("node_modules/ws/package.json").exists() && want.is_string() && *want == have["version"]
+    let pinned = ["dependencies", "devDependencies"]
+        .iter()
+        .filter_map(|k| pkg[*k].as_object())
+        .flat_map(|deps| deps.iter())
+        .collect::<Vec<_>>();
+    !pinned.is_empty()
+        && pinned.iter().all(|(name, want)| {
+            read(dir.join("node_modules").join(name.as_str()).join("package.json"))
+                .is_some_and(|have| want.is_string() && **want == have["version"])
+        })
 }
 
 /// Runs `node --test <file>` in tests/js; panics with its output unless it exits 0.
@@ -161,4 +172,26 @@ fn realtime_js_reconnect() {
 #[test]
 fn realtime_js_startup() {
     run_js("startup.test.mjs");
+}
+
+/// Presence: sync/join/leave and presenceState() across shards, updates, untrack, keys, rejoin,
+/// 10 trackers, a SIGKILLed client process, track errors, vsn 1.
+#[test]
+fn realtime_js_presence() {
+    run_js("presence.test.mjs");
+}
+
+/// SSE with the npm `eventsource` package: REST and realtime-js publishers, several topics,
+/// presence, Last-Event-ID resume after a TCP cut and a server restart, auth, bad requests.
+#[test]
+fn eventsource_sse() {
+    run_js("sse.test.mjs");
+}
+
+/// A real browser's EventSource (headless Debian Chromium via playwright-core): cross-origin
+/// stream, resume after a TCP cut and a server restart. Needs `/usr/bin/chromium` (or env
+/// CORECAST_CHROMIUM); fails without it unless CORECAST_SKIP_BROWSER=1.
+#[test]
+fn browser_eventsource() {
+    run_js("browser.test.mjs");
 }
