@@ -259,3 +259,37 @@ fn wait_private(srv: &Server, topic: &str) -> Value {
     }
     panic!("no private history for {topic}");
 }
+
+#[test]
+fn clean_restart_keeps_every_stream_resumable() {
+    let srv = Server::start(&[]);
+    let url = srv.ws_url("2.0.0");
+    for n in 1..=2 {
+        publish(&srv, "eph", n, false);
+    }
+    let v = wait_history(&srv, "eph", 2);
+    let epoch = v["epoch"].as_str().unwrap().to_string();
+    // Clean restart: the stream keeps its epoch even though nothing was persisted.
+    let srv = srv.restart();
+    for n in 3..=5 {
+        publish(&srv, "eph", n, false);
+    }
+    let v = wait_history(&srv, "eph", 3);
+    assert_eq!(v["epoch"], epoch.as_str());
+    let mut c = Client::connect(&srv.ws_url("2.0.0"));
+    c.join_v2("eph", "1", json!({"broadcast": {"resume": {"epoch": epoch, "offset": 2}}}));
+    let got: Vec<u64> = (0..3).map(|_| c.recv_json()[4]["payload"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(got, vec![3, 4, 5]);
+    // A position inside what the restart lost is refused, not silently skipped.
+    let mut c = Client::connect(&srv.ws_url("2.0.0"));
+    c.join_v2("eph", "1", json!({"broadcast": {"resume": {"epoch": epoch, "offset": 1}}}));
+    let m = c.recv_json();
+    assert_eq!(m[3], "system");
+    assert_eq!(m[4]["oldest_offset"], 3);
+    // A crash after the restart (with non-persisted messages published) starts a new epoch.
+    let srv = srv.crash_and_restart();
+    publish(&srv, "eph", 6, false);
+    let v = wait_history(&srv, "eph", 1);
+    assert_ne!(v["epoch"], epoch.as_str());
+    let _ = url;
+}

@@ -195,3 +195,16 @@ fn slow_sse_reader_is_cut() {
     assert_eq!(cut, 1.0, "{m}");
     drop(slow);
 }
+
+#[test]
+fn a_message_published_right_after_the_stream_opens_arrives() {
+    // The response head is held until every topic's owner registered the stream.
+    let srv = Server::start(&[]);
+    for i in 0..60 {
+        let topic = format!("race-{i}");
+        let mut s = SseClient::open(srv.addr, &format!("/realtime/v1/sse?topic={topic}&topic=other-{i}"), &[]).unwrap();
+        publish(&srv, &topic, i);
+        let e = s.next().expect("the message published after open");
+        assert_eq!(e.data["payload"]["n"], i);
+    }
+}

@@ -25,6 +25,9 @@ pub struct OwnedTopic {
     pub presence: Option<Presence>,
     /// Recent window and durable messages.
     pub history: History,
+    /// A topic restored at start-up is kept (with its epoch) until this time (Unix ms) even
+    /// when empty, so clients reconnecting after a clean restart can still resume its stream.
+    pub keep_until_ms: u64,
 }
 
 impl OwnedTopic {
@@ -36,6 +39,7 @@ impl OwnedTopic {
             interest: vec![FormatSet::default(); shards],
             presence: None,
             history: History::default(),
+            keep_until_ms: 0,
         }
     }
 
@@ -47,6 +51,7 @@ impl OwnedTopic {
             interest: vec![FormatSet::default(); shards],
             presence: None,
             history: History::default(),
+            keep_until_ms: 0,
         }
     }
 
@@ -96,9 +101,10 @@ impl OwnedTopic {
 
     /// Whether the topic can be forgotten: nobody listens, nothing is stored, nobody is
     /// tracked. Forgetting it ends its stream (a later message starts a new epoch).
-    pub fn is_disposable(&self) -> bool {
+    pub fn is_disposable(&self, now_ms: u64) -> bool {
         self.is_idle()
             && self.history.is_empty()
+            && now_ms >= self.keep_until_ms
             && self.presence.as_ref().is_none_or(|p| p.is_empty() && !p.has_diff())
     }
 }

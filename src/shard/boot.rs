@@ -231,14 +231,10 @@ fn prepare_history(cfg: &Config) -> Result<(std::fs::File, u64, PerShard), BootE
         for m in &rt.messages {
             snapshots[owner].push(Record::Message { topic: topic.clone(), msg: (**m).clone() });
         }
-        if let (Some(e), true, false) = (&rt.epoch, rt.clean, rt.messages.is_empty()) {
-            snapshots[owner].push(Record::Checkpoint {
-                topic: topic.clone(),
-                epoch: e.clone(),
-                last_offset: rt.last_offset,
-            });
-        }
-        if !rt.messages.is_empty() {
+        // No checkpoint goes into the snapshot: it describes the previous run's clean end and
+        // must not make a later crash of this run look clean (the epoch would continue over
+        // lost, non-persisted messages and offsets would be reused).
+        if !rt.messages.is_empty() || (rt.clean && rt.epoch.is_some()) {
             per_shard[owner].push((topic, rt));
         }
     }

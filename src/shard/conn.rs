@@ -246,7 +246,6 @@ fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
         }
         Outcome::Deferred { keep_alive } => Step::Deferred { keep_alive },
         Outcome::Sse(req) => {
-            shard.send(id, crate::protocol::sse::stream_head().into());
             shard.sse_open(id, *req);
             Step::Sse
         }

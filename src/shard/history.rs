@@ -43,6 +43,7 @@ impl Shard {
             }
         };
         let mut t = OwnedTopic::resume(epoch, rt.last_offset, self.shards);
+        t.keep_until_ms = unix_ms() + self.cfg.limits.window_age.as_millis() as u64;
         for m in rt.messages {
             t.history.restore(m);
         }
@@ -165,12 +166,19 @@ impl Shard {
             let Some(slot) = conns.get_mut(conn.index as usize).filter(|s| s.generation == conn.generation) else {
                 return;
             };
-            let pieces = match &mut slot.kind {
-                Kind::Sse(sse) => sse.backlog(topic, frames, position),
-                _ => frames.into_iter().map(|(_, f)| f).collect(),
+            let (pieces, all_answered) = match &mut slot.kind {
+                Kind::Sse(sse) => {
+                    sse.unanswered = sse.unanswered.saturating_sub(1);
+                    (sse.backlog(topic, frames, position), sse.unanswered == 0)
+                }
+                _ => (frames.into_iter().map(|(_, f)| f).collect(), false),
             };
             for piece in pieces {
                 self.enqueue(conn.index, slot, piece);
+            }
+            drop(conns);
+            if all_answered {
+                self.release_hold(conn);
             }
         }
         self.registry.borrow_mut().backlog_done(topic, conn);
@@ -222,7 +230,7 @@ impl Shard {
         let limits = self.cfg.limits.history();
         self.owned.borrow_mut().retain(|_, t| {
             t.history.expire(now, &limits);
-            !t.is_disposable()
+            !t.is_disposable(now)
         });
     }
 
@@ -237,11 +245,12 @@ impl Shard {
         }
     }
 
-    /// At a clean shutdown: a checkpoint per topic with durable history, so its stream keeps
-    /// its epoch across the restart.
+    /// At a clean shutdown: a checkpoint per owned topic, so every stream keeps its epoch
+    /// across the restart (a client that had seen everything can resume; one that missed a
+    /// message that was not persisted is told so).
     pub fn write_checkpoints(&self) {
         let owned = self.owned.borrow();
-        for (topic, t) in owned.iter().filter(|(_, t)| t.history.has_durable()) {
+        for (topic, t) in owned.iter() {
             self.log_append(&Record::Checkpoint {
                 topic: topic.clone(),
                 epoch: t.epoch().clone(),

@@ -76,6 +76,8 @@ pub struct SseState {
     positions: Vec<Option<(Arc<str>, u64)>>,
     /// `(topic index, epoch, offset, frame)`; a `None` frame only moves the position.
     pending: Vec<(usize, Arc<str>, u64, Option<Bytes>)>,
+    /// Topics whose owner has not answered yet (the stream is held until none is left).
+    pub unanswered: usize,
 }
 
 impl SseState {
@@ -85,7 +87,8 @@ impl SseState {
             Some(p) => p.into_iter().map(|(e, o)| Some((Arc::from(e.as_str()), o))).collect(),
             None => vec![None; topics.len()],
         };
-        Self { topics, positions, pending: Vec::new() }
+        let unanswered = topics.len();
+        Self { topics, positions, pending: Vec::new(), unanswered }
     }
 
     fn ready(&self) -> bool {
@@ -181,6 +184,10 @@ pub struct Slot {
     /// A deferred HTTP response (answered by another shard) has been queued: the connection
     /// may go on with its next request.
     pub http_ready: bool,
+    /// While `Some`, frames for this connection wait here instead of the outbox: an SSE
+    /// stream's response head and events are held until every topic's owner has registered
+    /// the stream, so nothing published after the client saw the stream open can be missed.
+    pub hold: Option<Vec<Bytes>>,
     /// REST publishes of the current request not yet sequenced by their owners; at zero,
     /// `deferred_response` (the 202) goes out.
     pub awaiting_acks: u32,
@@ -349,6 +356,7 @@ impl Shard {
             last_rx: Instant::now(),
             kind: Kind::Http,
             http_ready: false,
+            hold: None,
             awaiting_acks: 0,
             deferred_response: None,
         }) as u32;
@@ -383,6 +391,15 @@ impl Shard {
         }
     }
 
+    /// Sends what a connection's hold collected, in order, and stops holding.
+    pub fn release_hold(&self, id: ConnId) {
+        let mut conns = self.conns.borrow_mut();
+        let Some(slot) = conns.get_mut(id.index as usize).filter(|s| s.generation == id.generation) else { return };
+        for frame in slot.hold.take().unwrap_or_default() {
+            self.enqueue(id.index, slot, frame);
+        }
+    }
+
     /// Runs `f` on the slot of `id`, if it is still that connection.
     pub fn with_slot<R>(&self, id: ConnId, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
         let mut conns = self.conns.borrow_mut();
@@ -404,6 +421,10 @@ impl Shard {
     /// Queues `frame` on `slot` (index `index`), marking it dirty or cutting a slow consumer.
     fn enqueue(&self, index: u32, slot: &mut Slot, frame: Bytes) {
         if slot.closing.is_some() {
+            return;
+        }
+        if let Some(held) = &mut slot.hold {
+            held.push(frame);
             return;
         }
         let queued = slot.outbox.push(frame);
@@ -588,7 +609,7 @@ impl Shard {
                 }
                 let t = owned.entry(topic.clone()).or_insert_with(|| OwnedTopic::new(self.new_epoch(), self.shards));
                 t.set_interest(from, format, present);
-                if t.is_disposable() {
+                if t.is_disposable(history::unix_ms()) {
                     owned.remove(&topic);
                 }
                 drop(owned);

@@ -18,7 +18,11 @@ impl Shard {
     /// already queued).
     pub fn sse_open(&self, id: ConnId, req: SseRequest) {
         let state = SseState::new(req.topics.clone(), req.resume.clone());
-        self.with_slot(id, |s| s.kind = Kind::Sse(Box::new(state)));
+        // The response head waits, with everything after it, until every owner answered.
+        self.with_slot(id, |s| {
+            s.kind = Kind::Sse(Box::new(state));
+            s.hold = Some(vec![crate::protocol::sse::stream_head().into()]);
+        });
         ShardStats::gauge(&self.my_stats().sse_streams, 1);
         for (i, topic) in req.topics.iter().enumerate() {
             if let Some(msg) = &req.bad_resume {
