@@ -124,11 +124,27 @@ pub fn compare(sc: ScenarioKind, args: &RunArgs, servers: &[ServerKind], with_ba
     };
     let mut runs = Vec::new();
     for &k in servers {
+        if sc == ScenarioKind::Sse {
+            // SSE against WebSocket fan-out: the same publisher, topic and payloads; corecast
+            // gives two rows, a peer (if asked for) its WebSocket fan-out.
+            let mut ws = scenarios::run_one(ScenarioKind::Fanout, k, args, base.as_ref(), log_dir.clone());
+            if k == ServerKind::Corecast {
+                ws.server = "corecast-ws".into();
+                runs.push(ws);
+                let mut sse = scenarios::run_one(ScenarioKind::Sse, k, args, base.as_ref(), log_dir.clone());
+                sse.server = "corecast-sse".into();
+                runs.push(sse);
+            } else {
+                runs.push(ws);
+            }
+            continue;
+        }
         let r = scenarios::run_one(sc, k, args, base.as_ref(), log_dir.clone());
         runs.push(r);
     }
     let mut rows: Vec<Row> = runs.iter().map(row).collect();
-    let cc = rows.iter().find(|r| r.server == "corecast" && r.ok).map(|r| (r.deliveries_per_sec, r.p99_ms));
+    // The reference row: corecast's (corecast-ws in `compare sse`).
+    let cc = rows.iter().find(|r| r.server.starts_with("corecast") && r.ok).map(|r| (r.deliveries_per_sec, r.p99_ms));
     if let Some((d, p)) = cc {
         for r in &mut rows {
             if r.ok {
@@ -245,7 +261,7 @@ pub fn compare(sc: ScenarioKind, args: &RunArgs, servers: &[ServerKind], with_ba
         eprintln!("results: {}", p.display());
     }
     let _ = std::fs::remove_dir_all(&log_dir);
-    if runs.iter().any(|r| r.server == "corecast" && !r.ok) {
+    if runs.iter().any(|r| r.server.starts_with("corecast") && !r.ok) {
         1
     } else {
         0
@@ -256,7 +272,7 @@ fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> 
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<10} {:>13} {:>7} {:>9} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>9}  note",
+        "{:<12} {:>13} {:>7} {:>9} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>9}  note",
         "server",
         "deliveries/s",
         "×cc",
@@ -281,7 +297,7 @@ fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> 
         let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
         let _ = writeln!(
             s,
-            "{:<10} {:>13} {:>7} {:>9.2} {:>9.2} {:>7} {:>9} {:>10} {:>9} {:>8} {:>9}  {}",
+            "{:<12} {:>13} {:>7} {:>9.2} {:>9.2} {:>7} {:>9} {:>10} {:>9} {:>8} {:>9}  {}",
             r.server,
             si(r.deliveries_per_sec),
             f(r.deliveries_vs_corecast),
@@ -299,7 +315,7 @@ fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> 
     if let Some(b) = base {
         let _ = writeln!(
             s,
-            "{:<10} {:>13} raw sendmsg: {:.2} µs/send → floor {:.2} ms for {} subscribers/shard; generator {}/s measured ({:.0}% CPU), {}/s per generator CPU-second",
+            "{:<12} {:>13} raw sendmsg: {:.2} µs/send → floor {:.2} ms for {} subscribers/shard; generator {}/s measured ({:.0}% CPU), {}/s per generator CPU-second",
             "baseline",
             "",
             b.us_per_send,
@@ -312,8 +328,9 @@ fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> 
     }
     let _ = write!(
         s,
-        "scenario {}: ×cc = this server's value ÷ corecast's; deliveries/s {}",
+        "scenario {}: ×cc = this server's value ÷ {}'s; deliveries/s {}",
         sc.name(),
+        if sc == ScenarioKind::Sse { "corecast-ws" } else { "corecast" },
         if rows.iter().any(|r| r.sustained_rate_per_publisher.is_some()) {
             "= sustained (sweep)"
         } else {

@@ -26,6 +26,8 @@ pub struct FleetOpts {
     pub heartbeat_ms: u64,
     pub cpu: Option<usize>,
     pub rest_publish: bool,
+    /// Subscribers are SSE streams (corecast only).
+    pub sse_subscribers: bool,
     pub quiet: bool,
 }
 
@@ -147,6 +149,7 @@ impl Fleet {
                 cpu: o.cpu,
                 tick_ms: 100,
                 rest_publish: o.rest_publish,
+                sse_subscribers: o.sse_subscribers,
             };
             let mut cmd = Command::new(&exe);
             cmd.arg("worker").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
@@ -187,6 +190,27 @@ impl Fleet {
 
     pub fn workers(&self) -> usize {
         self.children.len()
+    }
+
+    /// Send a command to every worker (scenarios with their own step protocol: presence).
+    pub fn send(&mut self, cmd: &Cmd) {
+        self.send_all(cmd);
+    }
+
+    /// The next event from any worker within `timeout`: Ok(None) on timeout, Err when a worker
+    /// exited or reported a fatal error.
+    pub fn recv(&self, timeout: Duration) -> Result<Option<(usize, Ev)>, String> {
+        match self.rx.recv_timeout(timeout) {
+            Ok((w, Some(Ev::Fatal { msg }))) => Err(format!("worker {w}: {msg}")),
+            Ok((w, Some(ev))) => Ok(Some((w, ev))),
+            Ok((w, None)) => Err(format!("worker {w} exited")),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err("workers gone".into()),
+        }
+    }
+
+    pub fn quiet(&self) -> bool {
+        self.quiet
     }
 
     fn send_all(&mut self, cmd: &Cmd) {

@@ -27,6 +27,18 @@ pub enum Layout {
     /// Clients subscribe to topic 0; an outside sender (the raw baseline) publishes as
     /// `EXTERNAL_PUBLISHER`.
     External { subs: usize },
+    /// Presence room (topic 0): clients `[0, observers)` join with presence enabled and watch
+    /// the diffs; `[observers, observers + members)` are members that track (and later leave),
+    /// each under its own key, joining with presence enabled only if `members_listen`.
+    Presence { members: usize, observers: usize, members_listen: bool },
+}
+
+/// What a client does in a presence room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PresRole {
+    None,
+    Observer,
+    Member,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +57,7 @@ impl Layout {
             Layout::Rooms { members, .. } => members,
             Layout::Idle { subs, .. } => subs,
             Layout::External { subs } => subs,
+            Layout::Presence { members, observers, .. } => members + observers,
         }
     }
 
@@ -56,6 +69,7 @@ impl Layout {
             Layout::Rooms { members, .. } => members,
             Layout::Idle { subs, .. } => subs,
             Layout::External { subs } => subs,
+            Layout::Presence { members, .. } => members,
         }
     }
 
@@ -72,6 +86,35 @@ impl Layout {
             Layout::Rooms { room_size, .. } => Role { topic: (i / room_size.max(1)) as u32, sub: true, publ: true },
             Layout::Idle { topics, .. } => Role { topic: (i % topics.max(1)) as u32, sub: true, publ: false },
             Layout::External { .. } => Role { topic: 0, sub: true, publ: false },
+            // Neither role publishes broadcasts; observers count as the receiving side.
+            Layout::Presence { observers, .. } => Role { topic: 0, sub: i < observers, publ: false },
+        }
+    }
+
+    /// Presence role of client `i` (`None` outside a presence layout).
+    pub fn presence_role(&self, i: usize) -> PresRole {
+        match *self {
+            Layout::Presence { observers, .. } if i < observers => PresRole::Observer,
+            Layout::Presence { .. } => PresRole::Member,
+            _ => PresRole::None,
+        }
+    }
+
+    /// Presence key of client `i`: `o<i>` for observers, `m<i>` for members (`i` = client index,
+    /// so the key names the member's connection in every process).
+    pub fn presence_key(&self, i: usize) -> String {
+        match self.presence_role(i) {
+            PresRole::Observer => format!("o{i}"),
+            _ => format!("m{i}"),
+        }
+    }
+
+    /// Whether client `i` joins with presence enabled (gets `presence_state` and every diff).
+    pub fn presence_listens(&self, i: usize) -> bool {
+        match self.presence_role(i) {
+            PresRole::Observer => true,
+            PresRole::Member => matches!(self, Layout::Presence { members_listen: true, .. }),
+            PresRole::None => false,
         }
     }
 
@@ -105,7 +148,7 @@ impl Layout {
                 let hi = (lo + room_size).min(members);
                 (hi - lo - 1) as u64
             }
-            Layout::Idle { .. } => 0,
+            Layout::Idle { .. } | Layout::Presence { .. } => 0,
         }
     }
 }

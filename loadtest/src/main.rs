@@ -3,6 +3,8 @@
 //! See `loadtest/README.md` for every command and scenario. In short:
 //! - `loadtest fanout|ai-tokens|chat|idle|connect-storm [--server corecast|nats|ws|socketio]`
 //!   runs one scenario against one server (started here, pinned to CPU 0, or `--addr`);
+//! - `loadtest sse|presence|history` run corecast-only scenarios (SSE fan-out, presence diffs,
+//!   persisted history);
 //! - `loadtest baseline --subscribers N` measures the raw `sendmsg` cost of this machine;
 //! - `loadtest compare <scenario>` runs the baseline and then the scenario against corecast and
 //!   every peer, and prints a table with ratios to corecast.
@@ -13,7 +15,9 @@
 mod baseline;
 mod compare;
 mod coord;
+mod history;
 mod layout;
+mod presence;
 mod report;
 mod scenarios;
 mod servers;
@@ -52,6 +56,14 @@ enum Cmd {
     Idle(RunArgs),
     /// Connect + join N connections as fast as possible: the rate.
     ConnectStorm(RunArgs),
+    /// fanout with Server-Sent Events subscribers (corecast only; `compare sse` puts it next to
+    /// WebSocket fan-out).
+    Sse(RunArgs),
+    /// Presence room: N members track then leave at --rate/s; observers time the diffs (corecast
+    /// only).
+    Presence(RunArgs),
+    /// Persisted messages/s over REST, read-back check, history read latency (corecast only).
+    History(RunArgs),
     /// Raw-socket baseline: per-sendmsg cost of this machine and the generator's ceiling.
     Baseline(BaselineArgs),
     /// Baseline, then one scenario against corecast and each peer; table with ratios.
@@ -79,7 +91,8 @@ struct CompareArgs {
     /// Scenario to compare.
     #[arg(value_enum)]
     scenario: ScenarioKind,
-    /// Servers, in order (default: corecast,nats,ws,socketio).
+    /// Servers, in order (default: corecast,nats,ws,socketio; sse: corecast, which gives the
+    /// rows corecast-ws and corecast-sse). presence and history run on corecast only.
     #[arg(long, value_enum, value_delimiter = ',')]
     servers: Option<Vec<ServerKind>>,
     /// Skip the raw-socket baseline.
@@ -192,6 +205,15 @@ fn print_summary(r: &scenarios::RunResult) {
     if let Some(c) = r.idle_closed {
         println!("  closed while idle: {c}");
     }
+    if let Some(p) = &r.presence {
+        print!("{}", presence::summary_text(p));
+    }
+    if let Some(h) = &r.history {
+        print!("{}", history::summary_text(h));
+    }
+    for n in &r.notes {
+        println!("  note: {n}");
+    }
 }
 
 fn run_baseline(a: BaselineArgs) -> ExitCode {
@@ -249,10 +271,20 @@ fn main() -> ExitCode {
         Cmd::Chat(a) => run_scenario(ScenarioKind::Chat, a),
         Cmd::Idle(a) => run_scenario(ScenarioKind::Idle, a),
         Cmd::ConnectStorm(a) => run_scenario(ScenarioKind::ConnectStorm, a),
+        Cmd::Sse(a) => run_scenario(ScenarioKind::Sse, a),
+        Cmd::Presence(a) => run_scenario(ScenarioKind::Presence, a),
+        Cmd::History(a) => run_scenario(ScenarioKind::History, a),
         Cmd::Baseline(a) => run_baseline(a),
+        Cmd::Compare(a) if matches!(a.scenario, ScenarioKind::Presence | ScenarioKind::History) => {
+            // No peer has Phoenix presence or a history API: the comparison is corecast's run.
+            eprintln!("compare {}: corecast only (the peers have no equivalent); running it once", a.scenario.name());
+            run_scenario(a.scenario, a.run)
+        }
         Cmd::Compare(a) => {
             setup(&a.run);
-            let servers = a.servers.unwrap_or_else(|| ServerKind::ALL.to_vec());
+            let default =
+                if a.scenario == ScenarioKind::Sse { vec![ServerKind::Corecast] } else { ServerKind::ALL.to_vec() };
+            let servers = a.servers.unwrap_or(default);
             let code = compare::compare(a.scenario, &a.run, &servers, !a.no_baseline);
             ExitCode::from(code as u8)
         }

@@ -344,6 +344,12 @@ pub fn run_md(r: &RunResult, m: &Machine, charts: &[String]) -> String {
             );
         }
     }
+    if let Some(p) = &r.presence {
+        s.push_str(&crate::presence::markdown(p));
+    }
+    if let Some(h) = &r.history {
+        s.push_str(&crate::history::markdown(h));
+    }
     if !r.notes.is_empty() {
         s.push_str("\nNotes:\n");
         for n in &r.notes {
@@ -441,6 +447,40 @@ pub fn write_run(dir: &Path, r: &RunResult, m: &Machine) -> PathBuf {
             );
             charts.push(name);
         }
+    }
+    // Scenarios with their own latency figures (no publish→receive phase).
+    let extra: Vec<(String, Vec<(f64, f64)>)> = match (&r.presence, &r.history) {
+        (Some(p), _) => p.steps.iter().map(|s| (format!("{}: diff", s.step), s.latency_ladder.clone())).collect(),
+        (_, Some(h)) => vec![
+            ("POST persisted → 202".to_string(), h.write_latency.ladder.clone()),
+            ("GET limit=50".to_string(), h.read_latest.ladder.clone()),
+            ("GET limit=50&before=".to_string(), h.read_before.ladder.clone()),
+        ],
+        _ => Vec::new(),
+    };
+    let extra: Vec<_> = extra.into_iter().filter(|(_, l)| !l.is_empty()).collect();
+    if !extra.is_empty() {
+        let name = format!("{stem}-latency.svg");
+        let title = if r.presence.is_some() {
+            format!("{} presence: member action → observer diff", r.server)
+        } else {
+            format!("{} history: request latency", r.server)
+        };
+        write(&dir.join(&name), &latency_chart(&title, &extra));
+        charts.push(name);
+    }
+    if let Some(h) = r.history.as_ref().filter(|h| !h.timeline.is_empty()) {
+        let name = format!("{stem}-throughput.svg");
+        let svg = line_chart(
+            &format!("{} history: persisted messages accepted per second", r.server),
+            "seconds",
+            "messages/s",
+            &[Series { name: "accepted".into(), points: h.timeline.clone() }],
+            None,
+            false,
+        );
+        write(&dir.join(&name), &svg);
+        charts.push(name);
     }
     #[derive(Serialize)]
     struct Doc<'a> {

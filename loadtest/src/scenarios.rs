@@ -1,5 +1,7 @@
-//! The scenarios (fanout, ai-tokens, chat, idle, connect-storm), the sustained-rate sweep, and
-//! running one scenario against one server from start to stop.
+//! The scenarios (fanout, ai-tokens, chat, idle, connect-storm, and the corecast-only sse,
+//! presence and history), the sustained-rate sweep, and running one scenario against one server
+//! from start to stop. Scenarios with their own protocol live in their own module (`presence`,
+//! `history`) and hook into [`body`] with one match arm.
 
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
@@ -22,6 +24,12 @@ pub enum ScenarioKind {
     Chat,
     Idle,
     ConnectStorm,
+    /// fanout with Server-Sent Events subscribers (corecast only).
+    Sse,
+    /// Presence room: members track and leave at a rate; observers time the diffs (corecast only).
+    Presence,
+    /// Persisted publishes and history reads over REST (corecast only).
+    History,
 }
 
 impl ScenarioKind {
@@ -32,7 +40,15 @@ impl ScenarioKind {
             ScenarioKind::Chat => "chat",
             ScenarioKind::Idle => "idle",
             ScenarioKind::ConnectStorm => "connect-storm",
+            ScenarioKind::Sse => "sse",
+            ScenarioKind::Presence => "presence",
+            ScenarioKind::History => "history",
         }
+    }
+
+    /// Scenarios only corecast can run (the peers have no SSE, Phoenix presence or history API).
+    pub fn corecast_only(self) -> bool {
+        matches!(self, ScenarioKind::Sse | ScenarioKind::Presence | ScenarioKind::History)
     }
 
     fn default_subscribers(self) -> usize {
@@ -42,12 +58,15 @@ impl ScenarioKind {
             ScenarioKind::Chat => 1000,
             ScenarioKind::Idle => 5000,
             ScenarioKind::ConnectStorm => 5000,
+            ScenarioKind::Sse => 1000,
+            ScenarioKind::Presence => 2000,
+            ScenarioKind::History => 0,
         }
     }
 
     fn default_payload(self) -> usize {
         match self {
-            ScenarioKind::AiTokens => 50,
+            ScenarioKind::AiTokens | ScenarioKind::Presence => 50,
             _ => 100,
         }
     }
@@ -57,6 +76,26 @@ impl ScenarioKind {
 pub enum PublishVia {
     Ws,
     Rest,
+}
+
+/// How a presence member leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaveVia {
+    /// Close the socket (RST), like a closed tab or a lost network.
+    Close,
+    /// Send `untrack`; the connection stays joined.
+    Untrack,
+}
+
+/// How the server is restarted before the history is read back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Restart {
+    /// SIGTERM: clean shutdown (the log is flushed and checkpointed).
+    Term,
+    /// SIGKILL right after the last 202: what was acknowledged but not yet fdatasync'd may be lost.
+    Kill,
 }
 
 /// Options shared by every scenario (those a scenario does not use are ignored).
@@ -124,9 +163,55 @@ pub struct RunArgs {
     pub interval_ms: u64,
 
     // idle
-    /// idle: topics the connections are spread over.
+    /// idle / connect-storm: topics the connections are spread over; history: topics the
+    /// writers are spread over.
     #[arg(long, default_value_t = 1)]
     pub topics: usize,
+
+    // presence (also: -n = members, --rate = joins and leaves per second, default 1000)
+    /// presence: connections that join with presence enabled and time the diffs.
+    #[arg(long, default_value_t = 3)]
+    pub observers: usize,
+    /// presence: how members leave.
+    #[arg(long, value_enum, default_value_t = LeaveVia::Close)]
+    pub leave: LeaveVia,
+    /// presence: members also join with presence enabled (each gets presence_state and every
+    /// diff: N × diffs frames, and state bodies that grow with the room).
+    #[arg(long)]
+    pub members_listen: bool,
+    /// presence: corecast's diff coalescing window (passed as --presence-diff-ms).
+    #[arg(long, default_value_t = 20)]
+    pub presence_diff_ms: u64,
+
+    // history (also: --rate = total messages/s, default as fast as accepted; --topics)
+    /// history: REST writer connections (one request in flight each).
+    #[arg(long, default_value_t = 4)]
+    pub writers: usize,
+    /// history: messages per request (1 = `POST .../broadcast/{topic}/events/m?persist=true`,
+    /// more = the batch endpoint with `"persist": true` per message; corecast's max is 1000).
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// history: stop writing after this many messages (default: write for --seconds).
+    #[arg(long)]
+    pub messages: Option<u64>,
+    /// history: read-latency connections (keep-alive, one request in flight each).
+    #[arg(long, default_value_t = 4)]
+    pub readers: usize,
+    /// history: read requests in total (half `?limit=50`, half `?limit=50&before=<offset>`).
+    #[arg(long, default_value_t = 10_000)]
+    pub requests: u64,
+    /// history: messages stored on the read-latency topic before reading.
+    #[arg(long, default_value_t = 1000)]
+    pub seed_messages: u64,
+    /// history: corecast's --history-max-messages (per topic), so nothing written is trimmed.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub history_max_messages: u64,
+    /// history: restart the server before reading everything back (term: clean; kill: SIGKILL).
+    #[arg(long, value_enum)]
+    pub restart: Option<Restart>,
+    /// history: wait this long after the last 202 before --restart (how far durability lags).
+    #[arg(long, default_value_t = 0)]
+    pub restart_after_ms: u64,
 
     // where and how
     /// Server under test (ignored by compare).
@@ -204,6 +289,7 @@ impl RunArgs {
             heartbeat_ms: if server == ServerKind::Corecast { 25_000 } else { 0 },
             cpu: self.cpu(self.client_cpu),
             rest_publish: self.publish == PublishVia::Rest && server == ServerKind::Corecast,
+            sse_subscribers: false,
             quiet: self.quiet,
         }
     }
@@ -215,6 +301,33 @@ impl RunArgs {
             corecast_args: self.corecast_args.clone(),
             log_dir,
         }
+    }
+
+    /// [`RunArgs::server_opts`] plus the corecast flags scenario `sc` needs, unless given with
+    /// --corecast-arg: presence lifts the per-connection presence call limit (10 per 30 s) and
+    /// the entry limit above the room size and sets the diff window; history keeps every
+    /// message written.
+    pub fn server_opts_for(&self, sc: ScenarioKind, log_dir: PathBuf) -> ServerOpts {
+        let mut o = self.server_opts(log_dir);
+        let mut add = |flag: &str, v: String| {
+            let given = o.corecast_args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+            if !given {
+                o.corecast_args.push(format!("{flag}={v}"));
+            }
+        };
+        match sc {
+            ScenarioKind::Presence => {
+                let room = self.subscribers_for(sc) + self.observers;
+                add("--presence-calls-per-30s", "1000000".into());
+                add("--presence-max-entries", room.max(20_000).to_string());
+                add("--presence-diff-ms", self.presence_diff_ms.max(1).to_string());
+            }
+            ScenarioKind::History => {
+                add("--history-max-messages", self.history_max_messages.max(1).to_string());
+            }
+            _ => {}
+        }
+        o
     }
 
     pub fn baseline_opts(&self, subscribers: usize, payload: usize) -> BaselineOpts {
@@ -232,7 +345,11 @@ impl RunArgs {
     pub fn layout(&self, sc: ScenarioKind) -> Layout {
         let n = self.subscribers_for(sc);
         match sc {
-            ScenarioKind::Fanout => Layout::Fanout { subs: n, pubs: self.publishers.max(1) },
+            ScenarioKind::Fanout | ScenarioKind::Sse => Layout::Fanout { subs: n, pubs: self.publishers.max(1) },
+            ScenarioKind::Presence => {
+                Layout::Presence { members: n, observers: self.observers.max(1), members_listen: self.members_listen }
+            }
+            ScenarioKind::History => Layout::Idle { subs: 0, topics: 1 },
             ScenarioKind::AiTokens => Layout::Streams { subs: n, streams: self.streams.max(1) },
             ScenarioKind::Chat => Layout::Rooms { members: n, room_size: self.room_size.max(2) },
             ScenarioKind::Idle | ScenarioKind::ConnectStorm => Layout::Idle { subs: n, topics: self.topics.max(1) },
@@ -312,6 +429,10 @@ pub struct RunResult {
     pub floor_ms: Option<f64>,
     pub per_send_us: Option<f64>,
     pub p99_over_floor: Option<f64>,
+    /// presence: the steps' figures.
+    pub presence: Option<crate::presence::PresenceSummary>,
+    /// history: write, verify and read figures.
+    pub history: Option<crate::history::HistorySummary>,
     pub notes: Vec<String>,
 }
 
@@ -341,6 +462,8 @@ impl RunResult {
             floor_ms: None,
             per_send_us: None,
             p99_over_floor: None,
+            presence: None,
+            history: None,
             notes: Vec::new(),
         }
     }
@@ -376,9 +499,19 @@ pub fn run_one(
 ) -> RunResult {
     let mut r = RunResult::empty(sc, server, args);
     let label = format!("{} {}", server.name(), sc.name());
+    if sc.corecast_only() && server != ServerKind::Corecast {
+        let why = match sc {
+            ScenarioKind::Presence => "peers have no Phoenix presence",
+            ScenarioKind::Sse => "peers have no Server-Sent Events endpoint",
+            _ => "peers have no history API",
+        };
+        r.error = Some(format!("{}: corecast only ({why})", sc.name()));
+        return r;
+    }
+    let sopts = args.server_opts_for(sc, log_dir);
     let mut srv = match args.addr {
         Some(a) => Running::external(server, a, args.pid),
-        None => match servers::start(server, &args.server_opts(log_dir)) {
+        None => match servers::start(server, &sopts) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("{label}: server did not start: {e}");
@@ -391,7 +524,7 @@ pub fn run_one(
         eprintln!("{label}: server at {} (pid {})", srv.addr, srv.pid);
     }
     std::thread::sleep(Duration::from_millis(300));
-    match body(sc, &mut srv, args, baseline, &mut r, &label) {
+    match body(sc, &mut srv, args, baseline, &mut r, &label, &sopts) {
         Ok(()) => r.ok = true,
         Err(e) => {
             eprintln!("{label}: {e}");
@@ -414,7 +547,12 @@ fn body(
     baseline: Option<&BaselineResult>,
     r: &mut RunResult,
     label: &str,
+    sopts: &ServerOpts,
 ) -> Result<(), String> {
+    if sc == ScenarioKind::History {
+        // REST only, no subscriber fleet.
+        return crate::history::run(srv, args, r, label, sopts);
+    }
     let layout = args.layout(sc);
     let payload = args.payload_for(sc);
     r.rss_before_kib = srv.rss_kib();
@@ -423,6 +561,7 @@ fn body(
     if sc == ScenarioKind::ConnectStorm {
         fleet_opts.connect_timeout_ms = fleet_opts.connect_timeout_ms.max(30_000);
     }
+    fleet_opts.sse_subscribers = sc == ScenarioKind::Sse;
     let mut fleet = Fleet::spawn(srv.kind.proto(), srv.addr, layout.clone(), &fleet_opts)?;
     r.workers = fleet.workers();
     if !args.quiet {
@@ -469,10 +608,12 @@ fn body(
             r.idle_closed = Some(fleet.hold(args.seconds, label));
             Ok(())
         }
-        ScenarioKind::Fanout if args.sweep => sweep(&mut fleet, srv, args, payload, label, r),
-        ScenarioKind::Fanout | ScenarioKind::AiTokens | ScenarioKind::Chat => {
+        ScenarioKind::Presence => crate::presence::run(&mut fleet, srv, args, r, label),
+        ScenarioKind::History => unreachable!("handled above"),
+        ScenarioKind::Fanout | ScenarioKind::Sse if args.sweep => sweep(&mut fleet, srv, args, payload, label, r),
+        ScenarioKind::Fanout | ScenarioKind::Sse | ScenarioKind::AiTokens | ScenarioKind::Chat => {
             let (rate, jitter, window) = match sc {
-                ScenarioKind::Fanout => (args.rate, false, args.window),
+                ScenarioKind::Fanout | ScenarioKind::Sse => (args.rate, false, args.window),
                 ScenarioKind::AiTokens => (Some(args.tokens_per_sec), args.streams > 1, 1),
                 _ => (Some(1000.0 / args.interval_ms.max(1) as f64), true, 1),
             };

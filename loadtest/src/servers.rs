@@ -295,6 +295,14 @@ impl Running {
         Some((get("corecast_frames_sent_total")?, get("corecast_sends_total")?))
     }
 
+    /// SIGKILL (no clean shutdown) and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SAFETY: kill(2) on our own child's pid.

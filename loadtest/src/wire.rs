@@ -261,6 +261,127 @@ pub fn phoenix_join(k: u32) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Phoenix join for topic `k` with presence: `key`, and `enabled` (presence_state on join and
+/// every diff after it; realtime-js sets it when the channel has presence listeners).
+pub fn phoenix_join_presence(k: u32, key: &str, enabled: bool) -> Vec<u8> {
+    format!(
+        "[\"1\",\"1\",\"realtime:t{k}\",\"phx_join\",{{\"config\":{{\"broadcast\":{{\"self\":false,\"ack\":false}},\
+         \"presence\":{{\"key\":\"{key}\",\"enabled\":{enabled}}}}}}}]"
+    )
+    .into_bytes()
+}
+
+/// Message ref of a member's `track` push (its `phx_reply` starts with `["1","2",`).
+pub const TRACK_REF: &[u8] = b"2";
+/// Message ref of a member's `untrack` push.
+pub const UNTRACK_REF: &[u8] = b"3";
+
+/// A presence push on topic `k`: `track` with `state` (a JSON object) or, when `state` is None,
+/// `untrack`.
+pub fn push_presence(out: &mut Vec<u8>, k: u32, state: Option<&[u8]>) {
+    out.extend_from_slice(b"[\"1\",\"");
+    out.extend_from_slice(if state.is_some() { TRACK_REF } else { UNTRACK_REF });
+    out.extend_from_slice(b"\",\"realtime:t");
+    push_u64(out, k as u64);
+    out.extend_from_slice(b"\",\"presence\",{\"type\":\"presence\",");
+    match state {
+        Some(st) => {
+            out.extend_from_slice(b"\"event\":\"track\",\"payload\":");
+            out.extend_from_slice(st);
+            out.push(b'}');
+        }
+        None => out.extend_from_slice(b"\"event\":\"untrack\"}"),
+    }
+    out.push(b']');
+}
+
+/// Whether a Phoenix v2 message is a `phx_reply` to push `msg_ref` of join ref "1".
+pub fn is_reply_to(m: &[u8], msg_ref: &[u8]) -> bool {
+    m.len() > 10 + msg_ref.len()
+        && m.starts_with(b"[\"1\",\"")
+        && m[6..].starts_with(msg_ref)
+        && m[6 + msg_ref.len()..].starts_with(b"\",")
+        && memchr::memmem::find(m, b"\"phx_reply\"").is_some()
+}
+
+/// The event name of a Phoenix v2 array message (`[join_ref,ref,topic,event,payload]`), found
+/// without parsing the payload: the fourth string element.
+pub fn phoenix_event(m: &[u8]) -> Option<&[u8]> {
+    // Skip three elements: `null` or a string without escapes (refs and topic names here).
+    let mut i = 1;
+    for _ in 0..3 {
+        match m.get(i)? {
+            b'n' => i += 4,
+            b'"' => i += 2 + memchr::memchr(b'"', &m[i + 1..])?,
+            _ => return None,
+        }
+        if m.get(i) != Some(&b',') {
+            return None;
+        }
+        i += 1;
+    }
+    if m.get(i) != Some(&b'"') {
+        return None;
+    }
+    let end = i + 1 + memchr::memchr(b'"', &m[i + 1..])?;
+    Some(&m[i + 1..end])
+}
+
+/// Calls `f(is_join, key)` for every key of a `presence_diff` message (`joins` then `leaves`);
+/// false if it is not a parsable diff.
+pub fn presence_diff_keys(m: &[u8], mut f: impl FnMut(bool, &str)) -> bool {
+    use std::borrow::Cow;
+    use std::collections::HashMap;
+    #[derive(Deserialize)]
+    struct Diff<'a> {
+        #[serde(borrow, default)]
+        joins: HashMap<Cow<'a, str>, serde::de::IgnoredAny>,
+        #[serde(borrow, default)]
+        leaves: HashMap<Cow<'a, str>, serde::de::IgnoredAny>,
+    }
+    type Msg<'a> = (serde::de::IgnoredAny, serde::de::IgnoredAny, serde::de::IgnoredAny, Cow<'a, str>, Diff<'a>);
+    let Ok((_, _, _, event, diff)) = serde_json::from_slice::<Msg<'_>>(m) else {
+        return false;
+    };
+    if event != "presence_diff" {
+        return false;
+    }
+    for k in diff.joins.keys() {
+        f(true, k);
+    }
+    for k in diff.leaves.keys() {
+        f(false, k);
+    }
+    true
+}
+
+/// The Server-Sent Events request of an SSE subscriber to topic `k` (corecast:
+/// `GET /realtime/v1/sse?topic=t<k>`, answered `200 text/event-stream`, no length).
+pub fn sse_request(k: u32, host: &str) -> Vec<u8> {
+    format!(
+        "GET /realtime/v1/sse?topic=t{k}&apikey=loadtest HTTP/1.1\r\nHost: {host}\r\n\
+         Accept: text/event-stream\r\nUser-Agent: corecast-loadtest\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Splits an SSE byte stream into lines and calls `f` with the value of every `data:` line
+/// (`id:`, `event:`, `retry:` and `:` comment lines are skipped; this generator's payloads never
+/// span lines). Returns the bytes consumed (up to the last complete line).
+#[inline]
+pub fn sse_data_lines(b: &[u8], mut f: impl FnMut(&[u8])) -> usize {
+    let mut pos = 0;
+    for nl in memchr::memchr_iter(b'\n', b) {
+        let line = &b[pos..nl];
+        if let Some(v) = line.strip_prefix(b"data:") {
+            let v = v.strip_prefix(b" ").unwrap_or(v);
+            f(v.strip_suffix(b"\r").unwrap_or(v));
+        }
+        pos = nl + 1;
+    }
+    pos
+}
+
 pub const PHOENIX_HEARTBEAT: &[u8] = b"[null,\"9\",\"phoenix\",\"heartbeat\",{}]";
 
 /// NATS CONNECT (echo off: a client never receives its own publishes, like `self:false`).
@@ -425,6 +546,43 @@ mod tests {
         push_publish_body(&mut v, Proto::Nats, 3, 1, 2, 3, 50);
         assert!(v.starts_with(b"PUB t3 50\r\n{"));
         assert!(v.ends_with(b"}\r\n"));
+    }
+
+    #[test]
+    fn presence_messages() {
+        let j = phoenix_join_presence(0, "m7", false);
+        let v: serde_json::Value = serde_json::from_slice(&j).unwrap();
+        assert_eq!(v[4]["config"]["presence"]["key"], "m7");
+        assert_eq!(v[4]["config"]["presence"]["enabled"], false);
+        let mut t = Vec::new();
+        push_presence(&mut t, 0, Some(br#"{"a":1}"#));
+        let v: serde_json::Value = serde_json::from_slice(&t).unwrap();
+        assert_eq!(v[3], "presence");
+        assert_eq!(v[4]["event"], "track");
+        assert_eq!(v[4]["payload"]["a"], 1);
+        let mut u = Vec::new();
+        push_presence(&mut u, 0, None);
+        let v: serde_json::Value = serde_json::from_slice(&u).unwrap();
+        assert_eq!(v[4]["event"], "untrack");
+        assert_eq!(v[1], "3");
+        let r = br#"["1","2","realtime:t0","phx_reply",{"status":"ok","response":{}}]"#;
+        assert!(is_reply_to(r, TRACK_REF) && !is_reply_to(r, UNTRACK_REF));
+        let d = br#"[null,null,"realtime:t0","presence_diff",{"joins":{"m5":{"metas":[{"phx_ref":"x","s":0}]},"m6":{"metas":[]}},"leaves":{"m1":{"metas":[]}}}]"#;
+        assert_eq!(phoenix_event(d), Some(&b"presence_diff"[..]));
+        assert_eq!(phoenix_event(br#"["1",null,"realtime:t0","presence_state",{}]"#), Some(&b"presence_state"[..]));
+        let mut keys = Vec::new();
+        assert!(presence_diff_keys(d, |j, k| keys.push((j, k.to_string()))));
+        keys.sort();
+        assert_eq!(keys, vec![(false, "m1".into()), (true, "m5".into()), (true, "m6".into())]);
+    }
+
+    #[test]
+    fn sse_lines_give_data_values() {
+        let s = b"retry: 2000\n: open\n\nid: e-1\nevent: broadcast\ndata: {\"a\":1}\n\nid: e-2\nevent: broadcast\ndata: {\"a\"";
+        let mut got = Vec::new();
+        let used = sse_data_lines(s, |d| got.push(d.to_vec()));
+        assert_eq!(got, vec![b"{\"a\":1}".to_vec()]);
+        assert_eq!(&s[used..], b"data: {\"a\"");
     }
 
     #[test]

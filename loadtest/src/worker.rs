@@ -17,9 +17,11 @@ use std::os::fd::RawFd;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{Layout, PHASE_STRIDE};
+use crate::layout::{Layout, PresRole, PHASE_STRIDE};
 use crate::sys::{self, Epoll};
 use crate::wire::{self, Proto};
+
+pub mod presence;
 
 /// Latencies are recorded in microseconds, 1 µs .. 1 hour, 3 significant digits.
 pub fn new_hist() -> Histogram<u64> {
@@ -57,6 +59,10 @@ pub struct WorkerSpec {
     pub tick_ms: u64,
     /// Publishers use REST (`POST /realtime/v1/api/broadcast/...`, corecast only) instead of WS.
     pub rest_publish: bool,
+    /// Subscribers are Server-Sent Events streams (`GET /realtime/v1/sse`, corecast only)
+    /// instead of WebSocket connections; publishers are unchanged.
+    #[serde(default)]
+    pub sse_subscribers: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -84,6 +90,14 @@ pub enum Cmd {
     /// Connect again the clients the server closed; answered by `Ev::Connected` (counting
     /// only those clients).
     Reconnect,
+    /// Presence scenario: members act (track / untrack / close) on the step's schedule;
+    /// progress in `Ev::Tick` (published = actions sent, uniq = keys seen by observers,
+    /// delivered = diffs observed), `Ev::PubDone` when this worker's members all acted.
+    PresenceStep(presence::StepSpec),
+    /// End of a presence step: answered by `Ev::PresenceResult`.
+    PresenceEnd {
+        step: u32,
+    },
     Quit,
 }
 
@@ -137,6 +151,7 @@ pub enum Ev {
         shortfall: u64,
     },
     Result(PhaseResult),
+    PresenceResult(presence::StepResult),
     Fatal {
         msg: String,
     },
@@ -196,6 +211,10 @@ struct Conn {
     next_hb: u64,
     pub_idx: u32,
     rest_inflight: u32,
+    /// A Server-Sent Events subscriber (plain HTTP GET, `data:` lines).
+    sse: bool,
+    /// Role in a presence room.
+    pres: PresRole,
 }
 
 struct Pub {
@@ -267,6 +286,8 @@ struct Worker {
     phase_payload: usize,
     stdin_buf: Vec<u8>,
     quit: bool,
+    /// Presence step in progress.
+    pres: Option<Box<presence::PresenceRun>>,
 }
 
 /// Entry point of `loadtest worker`.
@@ -327,6 +348,8 @@ impl Worker {
                 next_hb: u64::MAX,
                 pub_idx: u32::MAX,
                 rest_inflight: 0,
+                sse: r.sub && spec.sse_subscribers && spec.proto == Proto::Phoenix,
+                pres: spec.layout.presence_role(id),
             });
         }
         let host = spec.addr.to_string();
@@ -370,6 +393,7 @@ impl Worker {
             phase_payload: 100,
             stdin_buf: Vec::new(),
             quit: false,
+            pres: None,
             spec,
         })
     }
@@ -403,6 +427,9 @@ impl Worker {
             if let Some(Reverse((due, _))) = self.heap.peek() {
                 deadline = deadline.min(*due);
             }
+            if let Some(due) = self.presence_next_due() {
+                deadline = deadline.min(due);
+            }
             let busy = self.unlimited_can_send();
             let timeout = if busy { 0 } else { deadline.saturating_sub(now) };
             let n = self.ep.wait_ns(&mut events, Some(timeout));
@@ -420,6 +447,9 @@ impl Worker {
                 self.publish_scheduled(now);
                 self.publish_unlimited(now);
                 self.check_pub_done();
+            }
+            if self.pres.is_some() {
+                self.presence_due(now);
             }
             if now >= next_housekeeping {
                 self.housekeeping(now);
@@ -590,7 +620,7 @@ impl Worker {
                 }
                 St::Joined => {
                     let c = &mut self.conns[ci];
-                    if c.next_hb <= now && !c.rest && !hb_frame.is_empty() {
+                    if c.next_hb <= now && !c.rest && !c.sse && !hb_frame.is_empty() {
                         c.next_hb = now + self.spec.heartbeat_ms * 1_000_000;
                         if let Err(e) = queue_send(&self.ep, ci, c, &hb_frame) {
                             self.fail(ci, &format!("heartbeat send: {e}"));
@@ -642,6 +672,8 @@ impl Worker {
                 Ok(Cmd::End { sent }) => self.end_phase(&sent),
                 Ok(Cmd::Quit) => self.quit = true,
                 Ok(Cmd::Reconnect) => self.reconnect(),
+                Ok(Cmd::PresenceStep(p)) => self.presence_start(p),
+                Ok(Cmd::PresenceEnd { step }) => self.presence_end(step),
                 Err(e) => emit(&Ev::Fatal { msg: format!("bad command: {e}") }),
             }
         }
@@ -910,7 +942,11 @@ impl Worker {
             self.joined(ci, now);
             return;
         }
-        let req = wire::upgrade_request(self.spec.proto, self.conns[ci].topic, &self.host);
+        let req = if self.conns[ci].sse {
+            wire::sse_request(self.conns[ci].topic, &self.host)
+        } else {
+            wire::upgrade_request(self.spec.proto, self.conns[ci].topic, &self.host)
+        };
         let c = &mut self.conns[ci];
         c.state = St::Upgrading;
         self.set_out(ci, false);
@@ -1029,6 +1065,17 @@ impl Worker {
                 }
                 return 0;
             };
+            if self.conns[ci].sse {
+                if !data.starts_with(b"HTTP/1.1 200") {
+                    let line = String::from_utf8_lossy(&data[..data.len().min(300)]).into_owned();
+                    self.fail(ci, &format!("SSE request refused: {line}"));
+                    return data.len();
+                }
+                // The stream is registered when its head goes out: the subscriber has joined.
+                self.conns[ci].state = St::Joining;
+                self.joined(ci, now);
+                return end + 4 + self.process_sse(ci, &data[end + 4..], now);
+            }
             if !(data.starts_with(b"HTTP/1.1 101") || data.starts_with(b"HTTP/1.0 101")) {
                 let line = String::from_utf8_lossy(&data[..end.min(200)]).into_owned();
                 self.fail(ci, &format!("upgrade refused: {line}"));
@@ -1043,6 +1090,9 @@ impl Worker {
         }
         if self.conns[ci].rest {
             return self.process_http(ci, data, now);
+        }
+        if self.conns[ci].sse {
+            return self.process_sse(ci, data, now);
         }
         while let Some(h) = wire::parse_frame_head(&data[pos..]) {
             let end = pos + h.header_len + h.payload_len;
@@ -1133,8 +1183,19 @@ impl Worker {
         pos
     }
 
+    /// An SSE stream's body: every `data:` line is a message (a partial line stays unconsumed).
+    fn process_sse(&mut self, ci: usize, data: &[u8], now: u64) -> usize {
+        wire::sse_data_lines(data, |d| self.on_data(ci, d, now))
+    }
+
     fn after_upgrade(&mut self, ci: usize, now: u64) {
         match self.spec.proto {
+            Proto::Phoenix if self.conns[ci].pres != PresRole::None => {
+                let id = self.conns[ci].id as usize;
+                let key = self.spec.layout.presence_key(id);
+                let j = wire::phoenix_join_presence(self.conns[ci].topic, &key, self.spec.layout.presence_listens(id));
+                self.send_ctl(ci, wire::OP_TEXT, &j);
+            }
             Proto::Phoenix => {
                 let j = wire::phoenix_join(self.conns[ci].topic);
                 self.send_ctl(ci, wire::OP_TEXT, &j);
@@ -1148,6 +1209,9 @@ impl Worker {
     fn on_message(&mut self, ci: usize, m: &[u8], now: u64) {
         match self.spec.proto {
             Proto::Phoenix => {
+                if self.conns[ci].pres != PresRole::None && self.on_presence_message(ci, m, now) {
+                    return;
+                }
                 if m.starts_with(b"[null,null,") {
                     self.on_data(ci, m, now);
                 } else if self.conns[ci].state == St::Joining {
