@@ -69,6 +69,19 @@ fn mutate(rng: &mut fastrand::Rng, base: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Inputs libFuzzer once crashed a target with (`tests/fuzz_regressions/<target>-<what>`).
+#[test]
+fn past_fuzz_crashes_stay_fixed() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz_regressions");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        let target = name.split('-').next().unwrap();
+        let (_, f) = TARGETS.iter().find(|(n, _)| *n == target).unwrap_or_else(|| panic!("no target for {name}"));
+        f(&std::fs::read(&path).unwrap());
+    }
+}
+
 #[test]
 fn fuzz_targets_survive_random_and_mutated_inputs() {
     let mut rng = fastrand::Rng::with_seed(0xC0DE);

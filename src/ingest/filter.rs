@@ -534,6 +534,10 @@ pub fn parse_timestamp(s: &str, tz: bool) -> Option<i64> {
         return None;
     }
     let year = num(0..dash1)?;
+    if year > 294_276 {
+        // Beyond Postgres's timestamp range; also keeps the day arithmetic from overflowing.
+        return None;
+    }
     let month = num(dash1 + 1..dash1 + 3)? as u32;
     if b.get(dash1 + 3) != Some(&b'-') {
         return None;
