@@ -15,6 +15,9 @@ use std::task::{Context, Poll};
 
 use tokio_postgres::{Client, Error, NoTls, Statement};
 
+/// `statement_timeout` of pool connections, unless the database URL sets one.
+pub const STATEMENT_TIMEOUT_MS: u32 = 10_000;
+
 /// A pooled connection.
 pub struct Conn {
     pub client: Client,
@@ -58,6 +61,12 @@ impl Db {
     pub fn new(mut config: tokio_postgres::Config, size: usize) -> Self {
         if config.get_application_name().is_none() {
             config.application_name("corecast");
+        }
+        // A check stuck on a lock must not stall the pipeline forever: it fails (the rows count
+        // as not visible) and the batch moves on.
+        let opts = config.get_options().unwrap_or("").to_string();
+        if !opts.contains("statement_timeout") {
+            config.options(format!("{opts} -c statement_timeout={STATEMENT_TIMEOUT_MS}").trim());
         }
         Self { config, conns: RefCell::new((0..size.max(1)).map(|_| None).collect()), next: Cell::new(0) }
     }

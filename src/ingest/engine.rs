@@ -122,6 +122,8 @@ struct Engine {
     by_name: TableCache<(String, String)>,
     /// Columns a role may select, by (role, relid); `None`: the role does not exist.
     privileges: PrivilegeCache,
+    /// (role, table) pairs already warned about (no SELECT privilege).
+    warned: RefCell<HashSet<(String, u32)>>,
     ack: watch::Sender<u64>,
 }
 
@@ -142,6 +144,7 @@ async fn run(settings: Settings, rx: flume::Receiver<IngestMsg>, shards: Vec<flu
         tables: RefCell::new(HashMap::new()),
         by_name: RefCell::new(HashMap::new()),
         privileges: RefCell::new(HashMap::new()),
+        warned: RefCell::new(HashSet::new()),
         ack: ack_tx,
     });
     tokio::task::spawn_local(source::run(settings.source, db, ev_tx, ack_rx));
@@ -617,6 +620,12 @@ impl Engine {
         pairs.dedup();
         let privileges = self.retry("reading column privileges", || self.privileges_for(&pairs)).await;
         let sec = Security::new(&items, &planned, &ctxs, &metas, &privileges);
+        for (role, relid) in &sec.no_privilege {
+            if self.warned.borrow_mut().insert((role.clone(), *relid)) {
+                let table = metas.get(relid).cloned().flatten().map_or_else(|| relid.to_string(), |m| m.qualified());
+                tracing::warn!(%role, %table, "role has no SELECT privilege on the table: its subscribers get no changes (GRANT SELECT to it)");
+            }
+        }
         // Row-level security: one transaction per auth context for the whole batch.
         let visible = if sec.jobs.is_empty() {
             HashSet::new()
@@ -649,6 +658,8 @@ struct Security {
     needs: Vec<Option<(AuthId, i32)>>,
     masks: Vec<Vec<bool>>,
     jobs: Vec<rls::CtxRows>,
+    /// (role, table) pairs whose role may select no column: their subscribers get nothing.
+    no_privilege: Vec<(String, u32)>,
 }
 
 const NO_PK: &str = "Error 400: Bad Request, no primary key";
@@ -667,6 +678,7 @@ impl Security {
         let mut sqls: HashMap<u32, Option<Arc<str>>> = HashMap::new();
         let mut rows = Vec::new();
         let mut seen = HashSet::new();
+        let mut no_privilege: Vec<(String, u32)> = Vec::new();
         let mut base = Vec::with_capacity(planned.len());
         let mut needs = Vec::with_capacity(planned.len());
         for (p, ctx) in planned.iter().zip(ctxs) {
@@ -693,6 +705,9 @@ impl Security {
                 }
             });
             let Some(mask) = mask else {
+                if !no_privilege.iter().any(|(r, t): &(String, u32)| *r == ctx.role && *t == rel.relid) {
+                    no_privilege.push((ctx.role.clone(), rel.relid));
+                }
                 base.push(None);
                 needs.push(None);
                 continue;
@@ -748,7 +763,7 @@ impl Security {
             base.push(Some(decision));
             needs.push(need);
         }
-        Self { base, needs, masks, jobs: rls::group(rows) }
+        Self { base, needs, masks, jobs: rls::group(rows), no_privilege }
     }
 
     fn decide(&self, i: usize, visible: &HashSet<(AuthId, i32)>) -> Option<Decision> {

@@ -156,6 +156,10 @@ pub fn columns<'a>(change: &'a Change, types: &'a Types) -> Vec<Col<'a>> {
         .collect()
 }
 
+/// Frames of one change by (data index, topic, format, ids): the frame and its item index on
+/// each shard (`usize::MAX`: none yet).
+type FrameCache<'a> = HashMap<(usize, &'a str, Vsn, &'a [u32]), (Bytes, Vec<usize>), ahash::RandomState>;
+
 /// Encodes and groups the planned deliveries `decide` lets through (`None`: skip). `planned`
 /// must be in item order, as [`match_changes`] makes it.
 pub fn route(
@@ -168,8 +172,9 @@ pub fn route(
 ) {
     let mut start = 0;
     let mut datas: Vec<(Decision, Vec<u8>)> = Vec::new();
-    let mut frames: HashMap<(usize, &str, Vsn, &[u32]), Bytes> = HashMap::new();
-    let mut slots: HashMap<(usize, &str, Vsn, &[u32], usize), usize> = HashMap::new();
+    // Per distinct (data, topic, format, ids): the frame and its item index on each shard.
+    let mut frames: FrameCache<'_> = HashMap::default();
+    let shards = out.per_shard.len();
     while start < planned.len() {
         let item_idx = planned[start].item;
         let end = start + planned[start..].iter().take_while(|p| p.item == item_idx).count();
@@ -177,7 +182,6 @@ pub fn route(
         let cols = columns(item.change, types);
         datas.clear();
         frames.clear();
-        slots.clear();
         for (pi, p) in planned.iter().enumerate().take(end).skip(start) {
             let Some(d) = decide(pi) else { continue };
             let di = match datas.iter().position(|(k, _)| *k == d) {
@@ -207,20 +211,16 @@ pub fn route(
                 }
             };
             let t = &p.target;
-            let fkey = (di, &*t.wire, t.vsn, t.ids.as_slice());
-            let frame = frames
-                .entry(fkey)
-                .or_insert_with(|| {
-                    out.frames += 1;
-                    encode::frame(t.vsn, &t.wire, &t.ids, &datas[di].1)
-                })
-                .clone();
-            let shard_items = &mut out.per_shard[t.shard];
-            let slot = *slots.entry((di, &*t.wire, t.vsn, t.ids.as_slice(), t.shard)).or_insert_with(|| {
-                shard_items.push((frame, Vec::new()));
-                shard_items.len() - 1
+            let (frame, slots) = frames.entry((di, &*t.wire, t.vsn, t.ids.as_slice())).or_insert_with(|| {
+                out.frames += 1;
+                (encode::frame(t.vsn, &t.wire, &t.ids, &datas[di].1), vec![usize::MAX; shards])
             });
-            shard_items[slot].1.push(t.conn);
+            let shard_items = &mut out.per_shard[t.shard];
+            if slots[t.shard] == usize::MAX {
+                slots[t.shard] = shard_items.len();
+                shard_items.push((frame.clone(), Vec::new()));
+            }
+            shard_items[slots[t.shard]].1.push(t.conn);
             out.deliveries += 1;
         }
         start = end;

@@ -103,6 +103,8 @@ pub struct Channel {
     pub bindings: Vec<Binding>,
     /// "Subscribed to PostgreSQL" was sent.
     pub announced: bool,
+    /// Matching scratch: (match round, index of this channel's hit in the output).
+    mark: (u64, usize),
 }
 
 /// A matched channel: its registry index and the ids of its matching bindings.
@@ -119,16 +121,19 @@ struct Auths {
 }
 
 /// All subscriptions of the ingest.
+type Map<K, V> = HashMap<K, V, ahash::RandomState>;
+
 #[derive(Debug, Default)]
 pub struct Registry {
     chans: Slab<Channel>,
-    by_key: HashMap<Key, u32>,
-    exact: HashMap<(String, String), Vec<(u32, u16)>>,
-    schema_any: HashMap<String, Vec<(u32, u16)>>,
+    by_key: Map<Key, u32>,
+    /// schema → table → bindings.
+    exact: Map<String, Map<String, Vec<(u32, u16)>>>,
+    schema_any: Map<String, Vec<(u32, u16)>>,
     any: Vec<(u32, u16)>,
     auths: Auths,
-    /// Scratch for [`Registry::matches`]: channel → index in the output.
-    seen: HashMap<u32, usize>,
+    /// Match rounds so far (see `Channel::mark`).
+    round: u64,
 }
 
 impl Registry {
@@ -179,14 +184,24 @@ impl Registry {
     ) -> u32 {
         self.remove(&key);
         let auth = self.intern(ctx);
-        let idx = self.chans.insert(Channel { key: key.clone(), wire, join_ref, vsn, auth, bindings, announced: false })
-            as u32;
+        let idx = self.chans.insert(Channel {
+            key: key.clone(),
+            wire,
+            join_ref,
+            vsn,
+            auth,
+            bindings,
+            announced: false,
+            mark: (0, 0),
+        }) as u32;
         self.by_key.insert(key, idx);
         let ch = &self.chans[idx as usize];
         for (b, binding) in ch.bindings.iter().enumerate() {
             let entry = (idx, b as u16);
             match (&binding.schema, &binding.table) {
-                (Pat::Is(s), Pat::Is(t)) => self.exact.entry((s.clone(), t.clone())).or_default().push(entry),
+                (Pat::Is(s), Pat::Is(t)) => {
+                    self.exact.entry(s.clone()).or_default().entry(t.clone()).or_default().push(entry)
+                }
                 (Pat::Is(s), Pat::Any) => self.schema_any.entry(s.clone()).or_default().push(entry),
                 (Pat::Any, _) => self.any.push(entry),
             }
@@ -200,13 +215,16 @@ impl Registry {
         let ch = self.chans.remove(idx as usize);
         for binding in &ch.bindings {
             let list = match (&binding.schema, &binding.table) {
-                (Pat::Is(s), Pat::Is(t)) => self.exact.get_mut(&(s.clone(), t.clone())),
+                (Pat::Is(s), Pat::Is(t)) => self.exact.get_mut(s).and_then(|m| m.get_mut(t)),
                 (Pat::Is(s), Pat::Any) => self.schema_any.get_mut(s),
                 (Pat::Any, _) => Some(&mut self.any),
             };
             if let Some(list) = list {
                 list.retain(|&(c, _)| c != idx);
             }
+        }
+        for tables in self.exact.values_mut() {
+            tables.retain(|_, v| !v.is_empty());
         }
         self.exact.retain(|_, v| !v.is_empty());
         self.schema_any.retain(|_, v| !v.is_empty());
@@ -256,7 +274,7 @@ impl Registry {
     pub fn watches(&self, schema: &str, table: &str) -> bool {
         !self.any.is_empty()
             || self.schema_any.contains_key(schema)
-            || self.exact.contains_key(&(schema.to_string(), table.to_string()))
+            || self.exact.get(schema).is_some_and(|t| t.contains_key(table))
     }
 
     /// Appends to `out` one hit per channel with a binding matching an `event` (one of the
@@ -270,12 +288,14 @@ impl Registry {
         out: &mut Vec<Hit>,
     ) {
         let first = out.len();
-        self.seen.clear();
-        let exact = self.exact.get(&(schema.to_string(), table.to_string()));
+        self.round += 1;
+        let round = self.round;
+        let exact = self.exact.get(schema).and_then(|t| t.get(table));
         let schema_any = self.schema_any.get(schema);
         let lists = [exact.map(Vec::as_slice), schema_any.map(Vec::as_slice), Some(self.any.as_slice())];
         for &(chan, b) in lists.into_iter().flatten().flatten() {
-            let binding = &self.chans[chan as usize].bindings[b as usize];
+            let ch = &mut self.chans[chan as usize];
+            let binding = &ch.bindings[b as usize];
             if binding.events & event == 0 {
                 continue;
             }
@@ -287,17 +307,15 @@ impl Registry {
             if !binding.filter.is_empty() && !binding.filter.matches(&cell) {
                 continue;
             }
-            match self.seen.get(&chan) {
-                Some(&i) => {
-                    let ids = &mut out[i].ids;
-                    if !ids.contains(&binding.id) {
-                        ids.push(binding.id);
-                    }
+            let id = binding.id;
+            if ch.mark.0 == round {
+                let ids = &mut out[ch.mark.1].ids;
+                if !ids.contains(&id) {
+                    ids.push(id);
                 }
-                None => {
-                    self.seen.insert(chan, out.len());
-                    out.push(Hit { chan, ids: vec![binding.id] });
-                }
+            } else {
+                ch.mark = (round, out.len());
+                out.push(Hit { chan, ids: vec![id] });
             }
         }
         debug_assert!(out[first..].iter().all(|h| !h.ids.is_empty()));
