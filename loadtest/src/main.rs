@@ -17,6 +17,7 @@ mod compare;
 mod coord;
 mod history;
 mod layout;
+mod pg;
 mod presence;
 mod report;
 mod scenarios;
@@ -64,6 +65,9 @@ enum Cmd {
     Presence(RunArgs),
     /// Persisted messages/s over REST, read-back check, history read latency (corecast only).
     History(RunArgs),
+    /// Postgres changes end to end (commit→client latency, ingest throughput, RLS-checked
+    /// deliveries/s) against a real database; see `pg.rs`.
+    Pg(pg::PgArgs),
     /// Raw-socket baseline: per-sendmsg cost of this machine and the generator's ceiling.
     Baseline(BaselineArgs),
     /// Baseline, then one scenario against corecast and each peer; table with ratios.
@@ -274,6 +278,7 @@ fn main() -> ExitCode {
         Cmd::Sse(a) => run_scenario(ScenarioKind::Sse, a),
         Cmd::Presence(a) => run_scenario(ScenarioKind::Presence, a),
         Cmd::History(a) => run_scenario(ScenarioKind::History, a),
+        Cmd::Pg(a) => pg::run(a),
         Cmd::Baseline(a) => run_baseline(a),
         Cmd::Compare(a) if matches!(a.scenario, ScenarioKind::Presence | ScenarioKind::History) => {
             // No peer has Phoenix presence or a history API: the comparison is corecast's run.
