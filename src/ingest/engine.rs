@@ -551,9 +551,13 @@ impl Engine {
     }
 
     /// A `postgres_changes` system message to every announced channel.
+    /// An error (`ok == false`) goes to every announced channel and marks it; the recovery
+    /// message goes to the marked ones only.
     fn broadcast_system(&self, ok: bool, text: &str) {
         let mut per_shard: Vec<Vec<(Bytes, Vec<ConnId>)>> = self.shards.iter().map(|_| Vec::new()).collect();
-        for (_, ch) in self.reg.borrow().channels().filter(|(_, c)| c.announced) {
+        let mut reg = self.reg.borrow_mut();
+        for ch in reg.channels_mut().filter(|c| c.announced && c.told_down == ok) {
+            ch.told_down = !ok;
             let frame = message::system(ch.vsn, ch.join_ref.as_deref(), &ch.wire, "postgres_changes", ok, text);
             if let Some(items) = per_shard.get_mut(ch.key.shard) {
                 items.push((frame, vec![ch.key.conn]));

@@ -103,6 +103,8 @@ pub struct Channel {
     pub bindings: Vec<Binding>,
     /// "Subscribed to PostgreSQL" was sent.
     pub announced: bool,
+    /// Told that the replication connection is down (and not yet that it is back).
+    pub told_down: bool,
     /// Matching scratch: (match round, index of this channel's hit in the output).
     mark: (u64, usize),
 }
@@ -192,6 +194,7 @@ impl Registry {
             auth,
             bindings,
             announced: false,
+            told_down: false,
             mark: (0, 0),
         }) as u32;
         self.by_key.insert(key, idx);
@@ -258,6 +261,11 @@ impl Registry {
     /// Every channel, with its index.
     pub fn channels(&self) -> impl Iterator<Item = (u32, &Channel)> {
         self.chans.iter().map(|(i, c)| (i as u32, c))
+    }
+
+    /// Every channel, mutably.
+    pub fn channels_mut(&mut self) -> impl Iterator<Item = &mut Channel> {
+        self.chans.iter_mut().map(|(_, c)| c)
     }
 
     /// Number of channels.
