@@ -203,6 +203,9 @@ fn print_summary(r: &scenarios::RunResult) {
     if let Some(f) = r.frames_per_send {
         println!("  corecast frames per sendmsg: {f:.2}");
     }
+    if let (Some(c), Some(w)) = (r.server_cpu_secs, r.server_run_wait_secs) {
+        println!("  server CPU {c:.2} s; it waited {w:.2} s for its CPU (other processes on it)");
+    }
     if let (Some(f), Some(q)) = (r.floor_ms, r.p99_over_floor) {
         println!("  latency floor {f:.2} ms; p99 / floor = {q:.2}");
     }

@@ -307,6 +307,9 @@ pub fn run_md(r: &RunResult, m: &Machine, charts: &[String]) -> String {
     if let Some(c) = r.server_cpu_secs {
         let _ = writeln!(s, "| server CPU seconds | {c:.2} |");
     }
+    if let Some(w) = r.server_run_wait_secs {
+        let _ = writeln!(s, "| seconds the server waited for its CPU (taken by other processes) | {w:.2} |");
+    }
     if let Some(c) = r.idle_closed {
         let _ = writeln!(s, "| connections closed while idle | {c} |");
     }

@@ -424,6 +424,8 @@ pub struct RunResult {
     /// corecast: frames sent ÷ sendmsg calls during the headline phase (or all phases).
     pub frames_per_send: Option<f64>,
     pub server_cpu_secs: Option<f64>,
+    /// Seconds the server was runnable but waited for its CPU over the run (a busy machine).
+    pub server_run_wait_secs: Option<f64>,
     pub idle_closed: Option<u64>,
     /// ai-tokens: subscribers per stream × per-send cost (one shard), ms.
     pub floor_ms: Option<f64>,
@@ -458,6 +460,7 @@ impl RunResult {
             sweep: None,
             frames_per_send: None,
             server_cpu_secs: None,
+            server_run_wait_secs: None,
             idle_closed: None,
             floor_ms: None,
             per_send_us: None,
@@ -557,6 +560,7 @@ fn body(
     let payload = args.payload_for(sc);
     r.rss_before_kib = srv.rss_kib();
     let cpu_before = srv.cpu_secs();
+    let wait_before = srv.run_wait_secs();
     let mut fleet_opts = args.fleet_opts(srv.kind);
     if sc == ScenarioKind::ConnectStorm {
         fleet_opts.connect_timeout_ms = fleet_opts.connect_timeout_ms.max(30_000);
@@ -633,6 +637,7 @@ fn body(
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
+    r.server_run_wait_secs = wait_before.zip(srv.run_wait_secs()).map(|(a, b)| b - a);
     if sc == ScenarioKind::AiTokens {
         let per_stream = layout.subscribers() as f64 / args.streams.max(1) as f64;
         let per_send = args.per_send_us.or_else(|| baseline.map(|b| b.us_per_send)).filter(|v| *v > 0.0);

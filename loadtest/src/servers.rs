@@ -276,6 +276,14 @@ impl Running {
         sys::proc_cpu_ticks(self.pid).map(|t| t as f64 / sys::clock_ticks_per_sec() as f64)
     }
 
+    /// Seconds the server's threads waited for a CPU so far (see [`sys::proc_run_wait_ns`]).
+    pub fn run_wait_secs(&self) -> Option<f64> {
+        if self.pid == 0 {
+            return None;
+        }
+        sys::proc_run_wait_ns(self.pid).map(|n| n as f64 / 1e9)
+    }
+
     /// corecast's (frames sent, sendmsg calls) counters from `/metrics`.
     pub fn send_counters(&self) -> Option<(f64, f64)> {
         if self.kind != ServerKind::Corecast {

@@ -331,6 +331,18 @@ pub fn proc_cpu_ticks(pid: u32) -> Option<u64> {
     Some(ut + st)
 }
 
+/// Nanoseconds the threads of a process spent runnable but waiting for a CPU (the second field
+/// of `/proc/<pid>/task/*/schedstat`): on a shared machine, how much CPU others took from it.
+pub fn proc_run_wait_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
+            total += s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
 pub fn clock_ticks_per_sec() -> u64 {
     // SAFETY: sysconf is always safe.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
