@@ -116,6 +116,9 @@ struct Engine {
     pending: RefCell<HashMap<Key, Pending>>,
     next_gen: Cell<u64>,
     slot_ready: Cell<bool>,
+    /// Becomes `true` with `slot_ready`: subscriptions are checked only after the source
+    /// made sure the publication exists (else a table would look unpublished).
+    ready: watch::Sender<bool>,
     stream_down: Cell<bool>,
     types: RefCell<Types>,
     tables: TableCache<u32>,
@@ -139,6 +142,7 @@ async fn run(settings: Settings, rx: flume::Receiver<IngestMsg>, shards: Vec<flu
         pending: RefCell::new(HashMap::new()),
         next_gen: Cell::new(0),
         slot_ready: Cell::new(false),
+        ready: watch::channel(false).0,
         stream_down: Cell::new(false),
         types: RefCell::new(Types::new()),
         tables: RefCell::new(HashMap::new()),
@@ -210,6 +214,7 @@ impl Engine {
     }
 
     async fn subscribe(self: Rc<Self>, s: PgSubscribe, k: Key, gen: u64) {
+        let _ = self.ready.subscribe().wait_for(|r| *r).await;
         let mut backoff = Backoff::default();
         let result = loop {
             if self.pending.borrow().get(&k).is_none_or(|p| p.gen != gen) {
@@ -525,6 +530,7 @@ impl Engine {
         match ev {
             Event::SlotReady => {
                 self.slot_ready.set(true);
+                self.ready.send_replace(true);
                 let waiting: Vec<u32> =
                     self.reg.borrow().channels().filter(|(_, c)| !c.announced).map(|(i, _)| i).collect();
                 for idx in waiting {
