@@ -100,6 +100,9 @@ pub struct HistorySummary {
     /// Accepted messages found in the history exactly once / missing / found more than once.
     pub readable: u64,
     pub missing: u64,
+    /// Missing messages older than a message of the same writer that was found (a hole, not a
+    /// lost tail).
+    pub missing_holes: u64,
     pub duplicated: u64,
     /// Messages found that were never acknowledged (sent in a request that failed).
     pub unacknowledged_found: u64,
@@ -525,6 +528,9 @@ fn verify(
         }
     }
     for (a, f) in acked.iter().zip(&found) {
+        let newest_found = f.iter().rposition(|n| *n > 0);
+        h.missing_holes +=
+            newest_found.map_or(0, |k| a[..k].iter().zip(&f[..k]).filter(|(ok, n)| **ok && **n == 0).count() as u64);
         for (ok, n) in a.iter().zip(f) {
             match (*ok, *n) {
                 (true, 0) => h.missing += 1,
@@ -687,7 +693,7 @@ pub fn summary_text(h: &HistorySummary) -> String {
     );
     let _ = writeln!(
         s,
-        "  readable: {} of {} accepted{} (missing {}, duplicated {}, unacknowledged found {}, unparsable {}), {} pages in {:.2} s",
+        "  readable: {} of {} accepted{} (missing {} of which {} holes, duplicated {}, unacknowledged found {}, unparsable {}), {} pages in {:.2} s",
         h.readable,
         h.accepted,
         match (h.restart, h.restart_secs) {
@@ -697,6 +703,7 @@ pub fn summary_text(h: &HistorySummary) -> String {
             _ => String::new(),
         },
         h.missing,
+        h.missing_holes,
         h.duplicated,
         h.unacknowledged_found,
         h.unparsable,
@@ -765,8 +772,8 @@ pub fn markdown(h: &HistorySummary) -> String {
     }
     let _ = writeln!(
         s,
-        "| readable (exactly once) / missing / duplicated | **{}** of {} / {} / {} |",
-        h.readable, h.accepted, h.missing, h.duplicated
+        "| readable (exactly once) / missing (holes) / duplicated | **{}** of {} / {} ({}) / {} |",
+        h.readable, h.accepted, h.missing, h.missing_holes, h.duplicated
     );
     let _ = writeln!(
         s,
