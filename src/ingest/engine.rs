@@ -359,6 +359,12 @@ impl Engine {
     async fn probe(&self, topic: &Topic, claims: &Claims) -> Option<bool> {
         let ctx = AuthCtx::of(claims);
         let deadline = Instant::now() + AUTHORIZE_DEADLINE;
+        // realtime.messages is created by the source's setup: wait for it (within the deadline).
+        let mut ready = self.ready.subscribe();
+        if tokio::time::timeout(AUTHORIZE_DEADLINE, ready.wait_for(|r| *r)).await.is_err() {
+            tracing::warn!("private channel check: the database is not set up yet; refusing the join");
+            return None;
+        }
         let mut backoff = Backoff::default();
         loop {
             let err = match self.db.any().await {
