@@ -293,3 +293,36 @@ fn clean_restart_keeps_every_stream_resumable() {
     assert_ne!(v["epoch"], epoch.as_str());
     let _ = url;
 }
+
+#[test]
+fn an_acknowledged_persisted_message_survives_a_crash() {
+    // The 202 for a persisted message comes after the log sync that covers it.
+    let srv = Server::start(&["--history-max-messages", "10000"]);
+    for batch in 0..20 {
+        let msgs: Vec<serde_json::Value> = (0..100)
+            .map(|i| json!({"topic": "durable", "event": "m", "payload": {"n": batch * 100 + i}, "persist": true}))
+            .collect();
+        let body = json!({"messages": msgs});
+        let (st, _, _) = http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[], body.to_string().as_bytes());
+        assert_eq!(st, 202);
+    }
+    let srv = srv.crash_and_restart(); // SIGKILL right after the last 202
+    let mut seen = std::collections::HashSet::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let path = match before {
+            Some(b) => format!("/realtime/v1/api/channels/durable/messages?limit=1000&before={b}"),
+            None => "/realtime/v1/api/channels/durable/messages?limit=1000".to_string(),
+        };
+        let (_, v) = get_json(&srv, &path);
+        let msgs = v["messages"].as_array().unwrap();
+        if msgs.is_empty() {
+            break;
+        }
+        for m in msgs {
+            seen.insert(m["payload"]["n"].as_u64().unwrap());
+        }
+        before = msgs.last().unwrap()["offset"].as_u64();
+    }
+    assert_eq!(seen.len(), 2000, "every acknowledged message is on disk");
+}

@@ -135,28 +135,27 @@ impl History {
         o
     }
 
-    /// Every stored message (window and durable, without duplicates), newest first.
-    fn all_desc(&self) -> impl Iterator<Item = &Arc<StoredMsg>> {
-        let window_start = self.window.front().map(|m| m.offset);
-        let window = self.window.iter().rev();
-        let older = self.durable.values().rev().filter(move |m| window_start.is_none_or(|w| m.offset < w));
-        // The window may lag behind durable messages of a later epoch only after a restart, when
-        // the window is empty; otherwise every durable message newer than the window start is
-        // also in the window.
-        window.chain(older)
+    /// Every stored message with offset < `before` (window and durable, without duplicates),
+    /// newest first. Both parts are sorted by offset, so this starts at `before` directly
+    /// instead of scanning everything newer.
+    fn desc_before(&self, before: u64) -> impl Iterator<Item = &Arc<StoredMsg>> {
+        let idx = self.window.partition_point(|m| m.offset < before);
+        // Durable messages at or after the window's start are also in the window.
+        let older_than = self.window.front().map_or(before, |w| w.offset.min(before));
+        self.window.range(..idx).rev().chain(self.durable.range(..older_than).rev().map(|(_, m)| m))
     }
 
     /// A history page: up to `limit` messages with offset < `before` (all when `None`), newest
     /// first.
     pub fn page(&self, before: Option<u64>, limit: usize) -> Vec<Arc<StoredMsg>> {
-        self.all_desc().filter(|m| before.is_none_or(|b| m.offset < b)).take(limit).cloned().collect()
+        self.desc_before(before.unwrap_or(u64::MAX)).take(limit).cloned().collect()
     }
 
     /// realtime-js `broadcast.replay`: the newest `limit` messages published at or after
     /// `since_ms`, oldest first.
     pub fn replay(&self, since_ms: u64, limit: usize) -> Vec<Arc<StoredMsg>> {
         let mut v: Vec<Arc<StoredMsg>> =
-            self.all_desc().take_while(|m| m.created_ms >= since_ms).take(limit).cloned().collect();
+            self.desc_before(u64::MAX).take_while(|m| m.created_ms >= since_ms).take(limit).cloned().collect();
         v.reverse();
         v
     }

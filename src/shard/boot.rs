@@ -227,6 +227,10 @@ fn prepare_history(cfg: &Config) -> Result<(std::fs::File, u64, PerShard), BootE
         rt.messages.retain(|m| {
             now.saturating_sub(m.created_ms) <= limits.durable_age_ms && m.expires_ms.is_none_or(|e| e > now)
         });
+        // The per-topic bound applies to what is recovered too (it may have been lowered).
+        rt.messages.sort_by_key(|m| m.offset);
+        let excess = rt.messages.len().saturating_sub(limits.durable_messages);
+        rt.messages.drain(..excess);
         let owner = topic.owner(cfg.shards);
         for m in &rt.messages {
             snapshots[owner].push(Record::Message { topic: topic.clone(), msg: (**m).clone() });

@@ -52,10 +52,12 @@ impl Shard {
 
     /// Owner side: assign the next offset, store the message, encode it once per format in
     /// use and send it to every listening shard.
-    pub(super) fn sequence(&self, p: Publish, origin: Option<Origin>) {
+    /// Returns the log position the message must be synced up to (persisted messages only).
+    pub(super) fn sequence(&self, p: Publish, origin: Option<Origin>) -> Option<u64> {
         ShardStats::add(&self.my_stats().published, 1);
         let now = unix_ms();
         let limits = self.cfg.limits.history();
+        let mut log_pos = None;
         let (frames, targets) = {
             let mut owned = self.owned.borrow_mut();
             let t = owned.entry(p.topic.clone()).or_insert_with(|| OwnedTopic::new(self.new_epoch(), self.shards));
@@ -80,12 +82,12 @@ impl Shard {
             });
             let durable = p.persist != Persist::No;
             if durable {
-                self.log_append(&Record::Message { topic: p.topic.clone(), msg: (*stored).clone() });
+                log_pos = self.log_append(&Record::Message { topic: p.topic.clone(), msg: (*stored).clone() });
             }
             t.history.push(stored.clone(), durable, &limits);
             let formats = t.formats();
             if formats.is_empty() {
-                return;
+                return log_pos;
             }
             let frames = Arc::new(encode_stored(&p.topic, &stored, formats, false));
             (frames, t.listening_shards().collect::<Vec<usize>>())
@@ -94,6 +96,7 @@ impl Shard {
         for shard in targets {
             self.route(shard, ShardMsg::Deliver { topic: p.topic.clone(), frames: frames.clone(), exclude });
         }
+        log_pos
     }
 
     /// Owner side: a joiner's backlog.
@@ -235,13 +238,41 @@ impl Shard {
     }
 
     /// Queues a record for the log writer (when the log is enabled).
-    fn log_append(&self, rec: &Record) {
-        if self.log_generation.is_none() {
-            return;
+    /// Queues a record for the log writer; returns the logical log position after it (what a
+    /// sync must cover before the record is durable), or `None` when the log is off.
+    fn log_append(&self, rec: &Record) -> Option<u64> {
+        self.log_generation?;
+        if self.log_closed.fired() {
+            return None; // the writer could not start (or has stopped): nothing to wait for
         }
-        log::encode(rec, &mut self.log_buf.borrow_mut());
+        let mut buf = self.log_buf.borrow_mut();
+        let before = buf.len();
+        log::encode(rec, &mut buf);
+        let pos = self.log_appended.get() + (buf.len() - before) as u64;
+        self.log_appended.set(pos);
         if let Some(w) = self.log_waker.borrow_mut().take() {
             w.wake();
+        }
+        Some(pos)
+    }
+
+    /// Holds the acknowledgement of a persisted message until the log is synced past `pos`.
+    pub(super) fn ack_when_durable(&self, pos: u64, shard: usize, conn: ConnId, frame: Option<Bytes>) {
+        self.durable_acks.borrow_mut().push_back((pos, shard, conn, frame));
+    }
+
+    /// Sends the acknowledgements of every persisted message now synced (up to `synced`).
+    fn release_durable_acks(&self, synced: u64) {
+        loop {
+            let next = {
+                let mut acks = self.durable_acks.borrow_mut();
+                match acks.front() {
+                    Some((pos, ..)) if *pos <= synced => acks.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((_, shard, conn, frame)) = next else { return };
+            self.route(shard, ShardMsg::Sequenced { conn, frame });
         }
     }
 
@@ -276,6 +307,9 @@ impl Shard {
         let Some(generation) = self.log_generation else { return };
         let dir = self.cfg.data_dir.clone();
         let mut seq = 1u32;
+        // Compact when the segment has grown to twice the live data it holds after the last
+        // compaction (and at least COMPACT_BYTES): amortized, each record is rewritten O(1) times.
+        let mut compact_at = log::COMPACT_BYTES;
         let mut w = match open_segment(&dir, generation, seq, self.id).await {
             Ok(w) => w,
             Err(e) => {
@@ -295,6 +329,7 @@ impl Shard {
             })
             .await;
             let buf = std::mem::take(&mut *self.log_buf.borrow_mut());
+            let upto = self.log_appended.get();
             let result = async {
                 if !buf.is_empty() {
                     w.write_all(&buf).await?;
@@ -304,19 +339,21 @@ impl Shard {
             }
             .await;
             if let Err(e) = result {
-                tracing::error!(shard = self.id, error = %e, "history log: write failed");
+                tracing::error!(shard = self.id, error = %e, "history log: write failed; acknowledging anyway");
             }
+            self.release_durable_acks(upto);
             if self.log_stop.fired() && self.log_buf.borrow().is_empty() {
                 let _ = w.close().await;
                 self.log_closed.fire();
                 return;
             }
-            if w.current_pos() > log::COMPACT_BYTES {
+            if w.current_pos() > compact_at {
                 // Rewrite the live durable set into a fresh segment, then drop the old ones.
                 seq += 1;
                 match open_segment(&dir, generation, seq, self.id).await {
                     Ok(mut nw) => {
                         let snap = self.snapshot_records();
+                        compact_at = log::COMPACT_BYTES.max(2 * snap.len() as u64);
                         if nw.write_all(&snap).await.is_ok() && nw.sync().await.is_ok() {
                             let mut old = std::mem::replace(&mut w, nw);
                             let _ = old.close().await;

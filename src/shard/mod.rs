@@ -266,6 +266,11 @@ pub struct Shard {
     log_generation: Option<u64>,
     /// Encoded records waiting for the log writer.
     log_buf: RefCell<Vec<u8>>,
+    /// Total bytes ever queued for the log (logical positions for durable acknowledgements).
+    log_appended: Cell<u64>,
+    /// Acknowledgements of persisted messages waiting for the log sync that covers them:
+    /// `(position, shard, connection, ack frame)`, in position order.
+    durable_acks: RefCell<std::collections::VecDeque<(u64, usize, ConnId, Option<Bytes>)>>,
     log_waker: RefCell<Option<Waker>>,
     /// Asks the log writer to flush and close; it fires `log_closed` when done.
     pub log_stop: Event,
@@ -325,6 +330,8 @@ impl Shard {
             presence_prefix: format!("{:08x}.", fastrand::u32(..)).into(),
             log_generation,
             log_buf: RefCell::new(Vec::new()),
+            log_appended: Cell::new(0),
+            durable_acks: RefCell::new(std::collections::VecDeque::new()),
             log_waker: RefCell::new(None),
             log_stop: Event::default(),
             log_closed: Event::default(),
@@ -699,9 +706,12 @@ impl Shard {
             }
             ShardMsg::Publish { mut publish, origin, ack_to } => {
                 let ack = publish.ack.take();
-                self.sequence(*publish, origin);
-                if let Some((shard, conn)) = ack_to {
-                    self.route(shard, ShardMsg::Sequenced { conn, frame: ack });
+                let durable_at = self.sequence(*publish, origin);
+                match (ack_to, durable_at) {
+                    // A persisted message is acknowledged once it is synced to disk.
+                    (Some((shard, conn)), Some(pos)) => self.ack_when_durable(pos, shard, conn, ack),
+                    (Some((shard, conn)), None) => self.route(shard, ShardMsg::Sequenced { conn, frame: ack }),
+                    (None, _) => {}
                 }
             }
             ShardMsg::Sequenced { conn, frame: Some(frame) } => self.send(conn, frame),
