@@ -20,6 +20,10 @@ pub struct Frames {
     pub offset: u64,
     /// The stream's epoch (SSE streams put it in their resume token).
     pub epoch: Arc<str>,
+    /// The SSE event with its `id: <epoch>-<offset>` line in front: the complete resume token
+    /// of any single-topic stream, so those streams share one frame like WebSocket subscribers.
+    /// Multi-topic streams write their own token before the shared event.
+    pub sse_with_id: Option<Bytes>,
 }
 
 impl Frames {
@@ -78,10 +82,15 @@ pub fn encode(msg: &Message<'_>, formats: FormatSet) -> Frames {
             by_format[Format::V1.index()] = Some(broadcast_text(Vsn::V1, msg.wire_topic, msg.event, p, &meta));
         }
     }
+    let mut sse_with_id = None;
     if formats.contains(Format::Sse) {
-        by_format[Format::Sse.index()] = Some(sse_event(msg, &meta));
+        let event = sse_event(msg, &meta);
+        let mut with_id = format!("id: {}-{}\n", msg.epoch, msg.offset).into_bytes();
+        with_id.extend_from_slice(&event);
+        sse_with_id = Some(Bytes::from(with_id));
+        by_format[Format::Sse.index()] = Some(event);
     }
-    Frames { by_format, offset: msg.offset, epoch: Arc::from(msg.epoch) }
+    Frames { by_format, offset: msg.offset, epoch: Arc::from(msg.epoch), sse_with_id }
 }
 
 /// `event: broadcast` with data `{"topic","event","payload","meta"}`; a binary payload travels

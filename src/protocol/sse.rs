@@ -64,9 +64,16 @@ pub fn event(name: &str, data: &[u8]) -> Bytes {
 
 /// The `id:` line for a stream position.
 pub fn id_line(positions: &[(std::sync::Arc<str>, u64)]) -> Bytes {
-    let mut out = Vec::with_capacity(4 + positions.len() * 28);
+    let mut out = Vec::with_capacity(5 + positions.len() * 28);
     out.extend_from_slice(b"id: ");
-    out.extend_from_slice(encode_token(positions).as_bytes());
+    for (i, (epoch, offset)) in positions.iter().enumerate() {
+        if i > 0 {
+            out.push(b'.');
+        }
+        out.extend_from_slice(epoch.as_bytes());
+        out.push(b'-');
+        crate::protocol::json::write_u64(&mut out, *offset);
+    }
     out.push(b'\n');
     Bytes::from(out)
 }

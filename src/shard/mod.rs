@@ -100,6 +100,16 @@ impl SseState {
         crate::protocol::sse::id_line(&p)
     }
 
+    /// For a single-topic stream that is ready: records the new position and returns `true`;
+    /// the caller then queues the shared event that already carries the token.
+    fn single_topic(&mut self, epoch: &Arc<str>, offset: u64) -> bool {
+        if self.topics.len() != 1 || !self.ready() {
+            return false;
+        }
+        self.positions[0] = Some((epoch.clone(), offset));
+        true
+    }
+
     /// A message at `offset` of `epoch` on `topic`: the pieces to queue now (`id:` line and
     /// frame), or nothing while the stream waits for positions.
     fn message(&mut self, topic: &Topic, epoch: &Arc<str>, offset: u64, frame: Bytes) -> Vec<Bytes> {
@@ -761,9 +771,17 @@ impl Shard {
                 continue;
             }
             if let Kind::Sse(sse) = &mut slot.kind {
-                // The stream's resume token goes in front of the shared event.
-                for piece in sse.message(topic, &frames.epoch, frames.offset, frame.clone()) {
-                    self.enqueue(sub.conn.index, slot, piece);
+                match &frames.sse_with_id {
+                    // One topic: the shared event already carries the whole token.
+                    Some(shared) if sse.single_topic(&frames.epoch, frames.offset) => {
+                        self.enqueue(sub.conn.index, slot, shared.clone())
+                    }
+                    // Several topics: the stream's own token goes in front of the shared event.
+                    _ => {
+                        for piece in sse.message(topic, &frames.epoch, frames.offset, frame.clone()) {
+                            self.enqueue(sub.conn.index, slot, piece);
+                        }
+                    }
                 }
             } else {
                 self.enqueue(sub.conn.index, slot, frame.clone());

@@ -206,7 +206,7 @@ impl Shard {
                         by_format[Format::Sse.index()] = Some(sse_topic_event(&topic, "presence_diff", &diff));
                     }
                     let targets: Vec<usize> = t.listening_shards().collect();
-                    (Arc::new(Frames { by_format, offset: 0, epoch: t.epoch().clone() }), targets)
+                    (Arc::new(Frames { by_format, offset: 0, epoch: t.epoch().clone(), sse_with_id: None }), targets)
                 };
                 let (frames, targets) = out;
                 for shard in targets {
