@@ -136,8 +136,11 @@ pub fn pg_filter(data: &[u8]) {
     }
 }
 
+/// A fuzz target: its name and body.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// Every target by name (for the smoke test and the fuzz crate).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[Target] = &[
     ("ws_conn", ws_conn),
     ("http_request", http_request),
     ("phoenix_decode", phoenix_decode),

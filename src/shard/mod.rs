@@ -239,6 +239,9 @@ impl Event {
     }
 }
 
+/// An acknowledgement waiting for the log: `(log position, shard, connection, ack frame)`.
+type DurableAck = (u64, usize, ConnId, Option<Bytes>);
+
 /// One shard.
 pub struct Shard {
     pub id: usize,
@@ -263,6 +266,8 @@ pub struct Shard {
     pub shutdown: Event,
     /// The Postgres ingest thread, when a database is configured.
     pub ingest: Option<IngestHandle>,
+    /// Postgres subscriptions waiting for their join reply to be released.
+    pg_after_reply: RefCell<HashMap<(ConnId, Topic), PgSubscribe, ahash::RandomState>>,
     /// Recently verified connect tokens and their claims (see `rest::authenticate`).
     pub claims_cache: RefCell<HashMap<Box<str>, Arc<crate::auth::Claims>, ahash::RandomState>>,
     /// Private joins waiting for the database's decision.
@@ -280,7 +285,7 @@ pub struct Shard {
     log_appended: Cell<u64>,
     /// Acknowledgements of persisted messages waiting for the log sync that covers them:
     /// `(position, shard, connection, ack frame)`, in position order.
-    durable_acks: RefCell<std::collections::VecDeque<(u64, usize, ConnId, Option<Bytes>)>>,
+    durable_acks: RefCell<std::collections::VecDeque<DurableAck>>,
     log_waker: RefCell<Option<Waker>>,
     /// Asks the log writer to flush and close; it fires `log_closed` when done.
     pub log_stop: Event,
@@ -335,6 +340,7 @@ impl Shard {
             ingest,
             pending_auth: RefCell::new(HashMap::default()),
             claims_cache: RefCell::new(HashMap::default()),
+            pg_after_reply: RefCell::new(HashMap::default()),
             presence_dirty: RefCell::new(Vec::new()),
             presence_waker: RefCell::new(None),
             presence_prefix: format!("{:08x}.", fastrand::u32(..)).into(),
@@ -545,23 +551,29 @@ impl Shard {
         let added = changes.contains(&InterestChange::Added(format));
         // Interest changes first: a local owner registers them synchronously.
         self.interest_changed(&sub.topic, changes);
-        if let (true, Some(ingest)) = (pg, &self.ingest) {
-            ingest.send(IngestMsg::Subscribe(Box::new(PgSubscribe {
-                shard: self.id,
-                conn: id,
-                topic: sub.topic.clone(),
-                join_ref: sub.join_ref.clone(),
-                vsn: sub.vsn,
-                bindings: sub.postgres_changes.clone(),
-                claims: sub.claims.clone(),
-            })));
-        }
+        let pg_sub = pg.then(|| PgSubscribe {
+            shard: self.id,
+            conn: id,
+            topic: sub.topic.clone(),
+            join_ref: sub.join_ref.clone(),
+            vsn: sub.vsn,
+            bindings: sub.postgres_changes.clone(),
+            claims: sub.claims.clone(),
+        });
         let wait = remote_owner && (added || self.registry.borrow().is_pending(&sub.topic, format));
         if wait {
             self.registry.borrow_mut().hold(&sub.topic, format, id, sub.reply);
+            // Postgres changes and "Subscribed to PostgreSQL" must follow the join reply: the
+            // ingest hears of the subscription only once the reply is out.
+            if let Some(p) = pg_sub {
+                self.pg_after_reply.borrow_mut().insert((id, sub.topic.clone()), p);
+            }
         } else {
             for f in sub.reply {
                 self.send(id, f);
+            }
+            if let (Some(p), Some(ingest)) = (pg_sub, &self.ingest) {
+                ingest.send(IngestMsg::Subscribe(Box::new(p)));
             }
         }
         let owner = sub.topic.owner(self.shards);
@@ -579,6 +591,7 @@ impl Shard {
     }
 
     fn unsubscribe(&self, id: ConnId, topic: &Topic) {
+        self.pg_after_reply.borrow_mut().remove(&(id, topic.clone()));
         let held = self.pending_auth.borrow_mut().remove(&(id, topic.clone())).is_some();
         let pg = self.registry.borrow().sub(topic, id).is_some_and(|s| s.pg);
         if let Some(ingest) = self.ingest.as_ref().filter(|_| held || pg) {
@@ -635,11 +648,14 @@ impl Shard {
                 }
             }
             ShardMsg::ToConns { items } => {
+                let mut n = 0;
                 for (frame, conns) in items {
+                    n += conns.len() as u64;
                     for conn in conns {
                         self.send(conn, frame.clone());
                     }
                 }
+                ShardStats::add(&self.my_stats().deliveries, n);
             }
             ShardMsg::JoinDecision { conn, topic, allowed, reason } => {
                 let Some(sub) = self.pending_auth.borrow_mut().remove(&(conn, topic.clone())) else { return };
@@ -711,6 +727,10 @@ impl Shard {
                 for (conn, frames) in held {
                     for f in frames {
                         self.send(conn, f);
+                    }
+                    let pg = self.pg_after_reply.borrow_mut().remove(&(conn, topic.clone()));
+                    if let (Some(p), Some(ingest)) = (pg, &self.ingest) {
+                        ingest.send(IngestMsg::Subscribe(Box::new(p)));
                     }
                 }
             }
