@@ -203,8 +203,12 @@ pub enum ConfigError {
 }
 
 impl RawConfig {
-    /// Validates and derives the final configuration. `available_cpus` is the machine's count.
-    pub fn validate(self, available_cpus: usize) -> Result<Config, ConfigError> {
+    /// Validates and derives the final configuration. `allowed` lists the CPUs this process may
+    /// run on (its affinity mask): shards are pinned to those by default.
+    pub fn validate(self, allowed: &[usize]) -> Result<Config, ConfigError> {
+        let fallback = [0];
+        let allowed = if allowed.is_empty() { &fallback[..] } else { allowed };
+        let available_cpus = allowed.len();
         let database_url = self.database_url.or_else(|| std::env::var("DATABASE_URL").ok());
         if database_url.as_deref().is_some_and(|u| u.trim().is_empty()) {
             return Err(ConfigError::EmptyDatabaseUrl);
@@ -234,8 +238,8 @@ impl RawConfig {
                 (l[..shards].to_vec(), ingest)
             }
             None => {
-                let cpus: Vec<usize> = (0..shards).map(|i| i % available_cpus.max(1)).collect();
-                let ingest = (shards < available_cpus).then_some(shards);
+                let cpus: Vec<usize> = (0..shards).map(|i| allowed[i % available_cpus]).collect();
+                let ingest = allowed.get(shards).copied();
                 (cpus, ingest)
             }
         };
@@ -327,7 +331,7 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = raw(&[]).validate(4).unwrap();
+        let c = raw(&[]).validate(&[0, 1, 2, 3]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:4000");
         assert_eq!(c.shards, 4);
         assert_eq!(c.limits.max_channels_per_connection, 100);
@@ -336,21 +340,32 @@ mod tests {
 
     #[test]
     fn database_takes_a_core() {
-        let c = raw(&["--database-url", "postgres://x"]).validate(4).unwrap();
+        let c = raw(&["--database-url", "postgres://x"]).validate(&[0, 1, 2, 3]).unwrap();
         assert_eq!((c.shards, c.ingest_cpu), (3, Some(3)));
     }
 
     #[test]
     fn rejects_bad_values() {
-        assert_eq!(raw(&["--shards", "0"]).validate(2).unwrap_err(), ConfigError::ZeroShards);
-        assert!(matches!(raw(&["--cpus", "a"]).validate(2), Err(ConfigError::BadCpuList(_))));
-        assert!(matches!(raw(&["--shards", "3", "--cpus", "0,1"]).validate(2), Err(ConfigError::TooFewCpus { .. })));
+        assert_eq!(raw(&["--shards", "0"]).validate(&[0, 1]).unwrap_err(), ConfigError::ZeroShards);
+        assert!(matches!(raw(&["--cpus", "a"]).validate(&[0, 1]), Err(ConfigError::BadCpuList(_))));
         assert!(matches!(
-            raw(&["--max-frame-bytes", "10", "--max-message-bytes", "5"]).validate(2),
+            raw(&["--shards", "3", "--cpus", "0,1"]).validate(&[0, 1]),
+            Err(ConfigError::TooFewCpus { .. })
+        ));
+        assert!(matches!(
+            raw(&["--max-frame-bytes", "10", "--max-message-bytes", "5"]).validate(&[0, 1]),
             Err(ConfigError::FrameOverMessage { .. })
         ));
         assert!(RawConfig::try_parse_from(["corecast", "--listen", "nope"]).is_err());
         assert!(RawConfig::try_parse_from(["corecast", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn default_pinning_follows_the_affinity_mask() {
+        let c = raw(&[]).validate(&[2, 3, 6]).unwrap();
+        assert_eq!((c.shards, c.cpus.clone(), c.ingest_cpu), (3, vec![2, 3, 6], None));
+        let c = raw(&["--database-url", "postgres://x"]).validate(&[2, 3, 6]).unwrap();
+        assert_eq!((c.shards, c.cpus.clone(), c.ingest_cpu), (2, vec![2, 3], Some(6)));
     }
 
     #[test]

@@ -15,8 +15,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let raw = RawConfig::parse();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cfg = match raw.validate(cpus) {
+    // The CPUs this process may run on (affinity mask, cpusets): shards are pinned to those.
+    let mut allowed: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    allowed.sort_unstable();
+    let cfg = match raw.validate(&allowed) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

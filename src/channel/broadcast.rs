@@ -27,6 +27,19 @@ pub struct Frames {
 }
 
 impl Frames {
+    /// A copy whose bytes belong to this shard alone. Shards that each clone the same `Bytes`
+    /// once per subscriber all update one shared atomic counter; with a private copy (one
+    /// memcpy per message per shard) the refcount traffic stays on the shard's own core.
+    pub fn localized(&self) -> Frames {
+        let copy = |b: &Option<Bytes>| b.as_ref().map(|b| Bytes::copy_from_slice(b));
+        Frames {
+            by_format: [copy(&self.by_format[0]), copy(&self.by_format[1]), copy(&self.by_format[2])],
+            offset: self.offset,
+            epoch: self.epoch.clone(),
+            sse_with_id: copy(&self.sse_with_id),
+        }
+    }
+
     /// The frame for subscribers using `format`.
     pub fn get(&self, format: Format) -> Option<&Bytes> {
         self.by_format[format.index()].as_ref()

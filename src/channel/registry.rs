@@ -45,6 +45,10 @@ pub type Held = Vec<(ConnId, Vec<Bytes>)>;
 #[derive(Debug, Default)]
 pub struct LocalTopic {
     pub subs: Vec<LocalSub>,
+    /// Position of each connection's entry in `subs`: joins and leaves are O(1) however big
+    /// the topic (a reconnect storm into a 50,000-subscriber topic would otherwise be
+    /// quadratic).
+    index: HashMap<ConnId, u32, ahash::RandomState>,
     counts: [u32; 3],
     presence_count: u32,
     /// Per format: while the owner has not yet acknowledged this shard's interest, the frames
@@ -80,7 +84,8 @@ impl Registry {
 
     /// `conn`'s subscription to `topic`, if any.
     pub fn sub(&self, topic: &Topic, conn: ConnId) -> Option<&LocalSub> {
-        self.topics.get(topic)?.subs.iter().find(|s| s.conn == conn)
+        let t = self.topics.get(topic)?;
+        t.subs.get(*t.index.get(&conn)? as usize)
     }
 
     /// Number of topics with local subscribers.
@@ -105,6 +110,7 @@ impl Registry {
                 changes.push(InterestChange::Added(sub.format));
             }
         }
+        t.index.insert(sub.conn, t.subs.len() as u32);
         t.subs.push(sub);
         changes
     }
@@ -114,10 +120,13 @@ impl Registry {
         let Some(t) = self.topics.get_mut(topic) else {
             return Vec::new();
         };
-        let Some(pos) = t.subs.iter().position(|s| s.conn == conn) else {
+        let Some(pos) = t.index.remove(&conn).map(|p| p as usize) else {
             return Vec::new();
         };
         let sub = t.subs.swap_remove(pos);
+        if let Some(moved) = t.subs.get(pos) {
+            t.index.insert(moved.conn, pos as u32);
+        }
         let i = sub.format.index();
         t.counts[i] -= 1;
         if sub.presence {
@@ -152,7 +161,7 @@ impl Registry {
 
     /// Marks `conn`'s backlog on `topic` as delivered.
     pub fn backlog_done(&mut self, topic: &Topic, conn: ConnId) {
-        if let Some(s) = self.topics.get_mut(topic).and_then(|t| t.subs.iter_mut().find(|s| s.conn == conn)) {
+        if let Some(s) = self.topics.get_mut(topic).and_then(|t| t.sub_mut(conn)) {
             s.awaiting_backlog = false;
         }
     }
@@ -162,7 +171,7 @@ impl Registry {
     /// whether the subscription exists.
     pub fn set_tracked(&mut self, topic: &Topic, conn: ConnId, tracked: bool) -> bool {
         let Some(t) = self.topics.get_mut(topic) else { return false };
-        let Some(s) = t.subs.iter_mut().find(|s| s.conn == conn) else { return false };
+        let Some(s) = t.sub_mut(conn) else { return false };
         s.tracked = tracked;
         if tracked && !s.presence {
             s.presence = true;
@@ -173,6 +182,11 @@ impl Registry {
 }
 
 impl LocalTopic {
+    fn sub_mut(&mut self, conn: ConnId) -> Option<&mut LocalSub> {
+        let i = *self.index.get(&conn)? as usize;
+        self.subs.get_mut(i)
+    }
+
     /// Subscribers that receive presence diffs.
     pub fn presence_subscribers(&self) -> u32 {
         self.presence_count
@@ -223,6 +237,28 @@ mod tests {
         assert_eq!(held.iter().map(|(c, _)| c.index).collect::<Vec<_>>(), vec![1, 2]);
         assert!(!r.is_pending(&t, Format::V2));
         assert!(r.release(&t, Format::V2).is_empty());
+    }
+
+    #[test]
+    fn index_stays_right_through_swaps() {
+        let t = Topic::new("big", false).unwrap();
+        let mut r = Registry::new();
+        let id = |i: u32| ConnId { index: i, generation: 0 };
+        for i in 0..100 {
+            r.add(&t, sub(i, Format::V2));
+        }
+        // remove every third, in an order that forces swaps from the end
+        for i in (0..100).step_by(3) {
+            r.remove(&t, id(i));
+        }
+        for i in 0..100 {
+            assert_eq!(r.sub(&t, id(i)).is_some(), i % 3 != 0, "conn {i}");
+            if i % 3 != 0 {
+                assert_eq!(r.sub(&t, id(i)).unwrap().conn, id(i));
+            }
+        }
+        assert!(r.set_tracked(&t, id(50), true));
+        assert!(r.sub(&t, id(50)).unwrap().tracked);
     }
 
     #[test]

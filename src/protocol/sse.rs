@@ -44,20 +44,14 @@ pub fn event(name: &str, data: &[u8]) -> Bytes {
     out.extend_from_slice(b"event: ");
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b"\ndata: ");
-    let mut i = 0;
-    while i < data.len() {
-        match data[i] {
-            b'\r' => {
-                out.extend_from_slice(b"\ndata: ");
-                if data.get(i + 1) == Some(&b'\n') {
-                    i += 1;
-                }
-            }
-            b'\n' => out.extend_from_slice(b"\ndata: "),
-            c => out.push(c),
-        }
-        i += 1;
+    let mut rest = data;
+    while let Some(i) = memchr::memchr2(b'\r', b'\n', rest) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(b"\ndata: ");
+        let crlf = rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n');
+        rest = &rest[i + 1 + usize::from(crlf)..];
     }
+    out.extend_from_slice(rest);
     out.extend_from_slice(b"\n\n");
     Bytes::from(out)
 }

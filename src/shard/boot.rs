@@ -30,7 +30,7 @@ const DRAIN: Duration = Duration::from_secs(3);
 pub enum BootError {
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
-    #[error("cannot start shard {shard} on CPU {cpu}: {message}")]
+    #[error("cannot start shard {shard} on CPU {cpu}: {message}{}", hint(message))]
     Executor { shard: usize, cpu: usize, message: String },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -38,6 +38,16 @@ pub enum BootError {
     Ingest(String),
     #[error("cannot use the data directory {dir}: {message}")]
     DataDir { dir: String, message: String },
+}
+
+/// What to do about a known start-up failure.
+fn hint(message: &str) -> &'static str {
+    if message.contains("MemLockLimit") {
+        " (io_uring needs locked memory: raise the memlock limit, e.g. `ulimit -l unlimited` or \
+         LimitMEMLOCK=infinity in systemd; see tuning/README.md)"
+    } else {
+        ""
+    }
 }
 
 /// Runs the server until SIGINT/SIGTERM; calls `ready` with the bound address once every
@@ -68,7 +78,9 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
             .name(&format!("shard-{id}"))
             .io_memory(256 << 10)
             .ring_depth(1024)
-            .preempt_timer(Duration::from_millis(5))
+            // glommio's default preempt timer (100 ms). A short one makes glommio 0.9 park with
+            // runnable tasks when the timer fires right before a scheduling round (fixed only in
+            // the unreleased fork); shards yield on elapsed time themselves (`Shard::relax`).
             .spawn(move || {
                 shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx, ingest, inbox, log_generation, recovered)
             })
@@ -83,12 +95,24 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
     if started == cfg.shards {
         ready(addr);
     }
-    for h in handles {
+    let mut failure = None;
+    for (shard, h) in handles.into_iter().enumerate() {
         if let Err(e) = h.join() {
-            tracing::error!(error = %e, "shard executor failed");
+            tracing::error!(shard, error = %e, "shard executor failed");
+            failure.get_or_insert(BootError::Executor { shard, cpu: cfg.cpus[shard], message: e.to_string() });
         }
     }
-    Ok(())
+    match failure {
+        // A shard that never started (say, the memlock limit is below glommio's 512 KiB) is a
+        // failed start, not a clean exit.
+        Some(e) => Err(e),
+        None if started < cfg.shards => Err(BootError::Executor {
+            shard: started,
+            cpu: cfg.cpus[started],
+            message: "the shard stopped before it could accept connections".into(),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn install_signals(stop: Arc<AtomicBool>) -> Result<(), BootError> {

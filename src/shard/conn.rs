@@ -99,7 +99,14 @@ async fn linger(shard: &Shard, id: ConnId, stream: &mut TcpStream) {
         let Some(front) = front else { return };
         match futures_lite::AsyncWriteExt::write(stream, &front).await {
             Ok(n) if n > 0 => {
-                shard.with_slot(id, |s| s.outbox.advance(n));
+                let frames = shard.with_slot(id, |s| {
+                    let f = s.outbox.counters().0;
+                    s.outbox.wrote(n);
+                    s.outbox.counters().0 - f
+                });
+                let st = shard.my_stats();
+                ShardStats::add(&st.frames_sent, frames.unwrap_or(0));
+                ShardStats::add(&st.sends, 1);
             }
             _ => return,
         }
@@ -346,17 +353,30 @@ async fn wait(shard: &Shard, id: ConnId, stream: &mut TcpStream) -> Wake {
                     slot.blocked = false;
                     break;
                 };
-                match Pin::new(&mut *stream).poll_write(cx, front) {
+                let before = slot.outbox.counters();
+                let r = match Pin::new(&mut *stream).poll_write(cx, front) {
                     Poll::Ready(Ok(n)) => {
-                        slot.outbox.advance(n);
+                        slot.outbox.wrote(n);
                         match slot.outbox.flush(slot.fd) {
-                            Ok(Flush::Drained) => slot.blocked = false,
-                            Ok(Flush::Blocked) => {}
-                            Err(_) => return Poll::Ready(Wake::Failed),
+                            Ok(Flush::Drained) => {
+                                slot.blocked = false;
+                                None
+                            }
+                            Ok(Flush::Blocked) => None,
+                            Err(_) => Some(Poll::Ready(Wake::Failed)),
                         }
                     }
-                    Poll::Ready(Err(_)) => return Poll::Ready(Wake::Failed),
-                    Poll::Pending => break,
+                    Poll::Ready(Err(_)) => Some(Poll::Ready(Wake::Failed)),
+                    Poll::Pending => Some(Poll::Pending),
+                };
+                let after = slot.outbox.counters();
+                let st = shard.my_stats();
+                ShardStats::add(&st.frames_sent, after.0 - before.0);
+                ShardStats::add(&st.sends, after.1 - before.1);
+                match r {
+                    Some(Poll::Pending) => break,
+                    Some(ready) => return ready,
+                    None => {}
                 }
             }
             match &slot.waker {

@@ -50,6 +50,13 @@ use crate::transport::{Flush, Outbox};
 use self::mesh::{Backlog, Origin, ShardMsg};
 use self::stats::ShardStats;
 
+/// Local subscribers of a topic from which each shard delivers its own copy of a message (see
+/// [`Frames::localized`]).
+const LOCALIZE_FRAMES_AT: usize = 32;
+
+/// How long a loop may run before [`Shard::relax`] yields to the shard's other tasks.
+const RELAX_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Outgoing batch size above which readers on this shard pause until peers catch up.
 const CONGESTED: usize = 1 << 16;
 
@@ -292,6 +299,8 @@ pub struct Shard {
     pub log_closed: Event,
     next_generation: Cell<u32>,
     rng: RefCell<fastrand::Rng>,
+    /// When a long loop last yielded (see [`Shard::relax`]).
+    last_yield: Cell<Instant>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -352,6 +361,7 @@ impl Shard {
             log_stop: Event::default(),
             log_closed: Event::default(),
             next_generation: Cell::new(0),
+            last_yield: Cell::new(Instant::now()),
             rng: RefCell::new(fastrand::Rng::with_seed(
                 0x5eed ^ (id as u64) ^ Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64,
             )),
@@ -775,6 +785,13 @@ impl Shard {
             return;
         };
         let skip = exclude.filter(|o| o.shard == self.id).map(|o| o.conn);
+        let localized;
+        let frames = if self.shards > 1 && local.subs.len() >= LOCALIZE_FRAMES_AT {
+            localized = frames.localized();
+            &localized
+        } else {
+            frames
+        };
         let mut conns = self.conns.borrow_mut();
         let mut n = 0u64;
         for sub in &local.subs {
@@ -809,6 +826,16 @@ impl Shard {
             n += 1;
         }
         ShardStats::add(&self.my_stats().deliveries, n);
+    }
+
+    /// Lets other tasks of the shard run if the current one has run for long (2 ms): called
+    /// inside long loops (flushing, handling batches) so reads and accepts are not starved.
+    pub async fn relax(&self) {
+        let now = Instant::now();
+        if now.saturating_duration_since(self.last_yield.get()) >= RELAX_AFTER {
+            self.last_yield.set(now);
+            futures_lite::future::yield_now().await;
+        }
     }
 
     /// Wakes the log writer (after `log_stop` fired).
@@ -884,7 +911,7 @@ impl Shard {
                     }
                 }
                 if i % 64 == 63 {
-                    glommio::yield_if_needed().await;
+                    self.relax().await;
                 }
             }
             batch.clear();
@@ -927,7 +954,7 @@ impl Shard {
     pub async fn inbox_loop(self: Rc<Self>, rx: flume::Receiver<ShardMsg>) {
         while let Ok(msg) = rx.recv_async().await {
             self.handle(msg);
-            glommio::yield_if_needed().await;
+            self.relax().await;
         }
     }
 
@@ -937,7 +964,7 @@ impl Shard {
             for (i, msg) in batch.into_iter().enumerate() {
                 self.handle(msg);
                 if i % 256 == 255 {
-                    glommio::yield_if_needed().await;
+                    self.relax().await;
                 }
             }
         }

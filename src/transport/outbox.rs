@@ -94,6 +94,12 @@ impl Outbox {
         self.q.front().map(|b| &b[self.head_off..])
     }
 
+    /// Records one write of `n` bytes made outside [`Outbox::flush`] (a writability wait).
+    pub fn wrote(&mut self, n: usize) {
+        self.sends += 1;
+        self.advance(n);
+    }
+
     /// Marks `n` bytes as written from the front.
     pub fn advance(&mut self, mut n: usize) {
         while n > 0 {
@@ -143,7 +149,6 @@ impl Outbox {
             mh.msg_iovlen = n as _;
             // SAFETY: the iovecs point into `Bytes` owned by `self.q`, alive for the call.
             let r = unsafe { libc::sendmsg(fd, &mh, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-            self.sends += 1;
             if r < 0 {
                 let e = io::Error::last_os_error();
                 return match e.kind() {
@@ -152,6 +157,7 @@ impl Outbox {
                     _ => Err(e),
                 };
             }
+            self.sends += 1;
             let r = r as usize;
             self.advance(r);
             if r < total {

@@ -243,12 +243,24 @@ impl FrameBuilder {
     pub fn finish(self, opcode: OpCode) -> Bytes {
         let mut buf = self.buf;
         let len = buf.len() - MAX_HEADER;
-        let hl = header_len(len);
-        let start = MAX_HEADER - hl;
-        let mut hdr = Vec::with_capacity(hl);
-        write_header(&mut hdr, opcode, true, len);
-        buf[start..MAX_HEADER].copy_from_slice(&hdr);
-        Bytes::from(buf).slice(start..)
+        let start = MAX_HEADER - header_len(len);
+        let b0 = 0x80 | opcode.as_u8();
+        match len {
+            0..=125 => buf[start..MAX_HEADER].copy_from_slice(&[b0, len as u8]),
+            126..=0xffff => {
+                let l = (len as u16).to_be_bytes();
+                buf[start..MAX_HEADER].copy_from_slice(&[b0, 126, l[0], l[1]]);
+            }
+            _ => {
+                buf[start] = b0;
+                buf[start + 1] = 127;
+                buf[start + 2..MAX_HEADER].copy_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        // `advance` keeps the buffer's single owner (`slice` would allocate a shared handle).
+        let mut b = Bytes::from(buf);
+        bytes::Buf::advance(&mut b, start);
+        b
     }
 }
 
