@@ -11,7 +11,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        // glommio's reactor logs an ERROR whenever its NVMe-iopoll probe fails for the history
+        // log's filesystem (most filesystems); the poll ring is then simply not used.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,glommio::reactor=off".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let raw = RawConfig::parse();
