@@ -13,13 +13,14 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 use corecast::channel::registry::ConnId;
+use corecast::channel::Format;
 use corecast::ingest::filter;
 use corecast::ingest::pgoutput::{build, decode};
 use corecast::ingest::plan::{self, Item, Routed, ALL};
 use corecast::ingest::subscriptions::{event_mask, AuthCtx, Binding, Key, Pat, Registry};
 use corecast::ingest::txn::{Assembler, Step, Txn};
 use corecast::ingest::types::Types;
-use corecast::protocol::phoenix::{Topic, Vsn};
+use corecast::protocol::phoenix::Topic;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -93,7 +94,14 @@ fn registry(n: usize, topics: usize, filtered: bool) -> Registry {
             filter: filter::parse(&flt).expect("valid"),
         };
         let wire = key.topic.wire_name();
-        r.insert(key, wire.into(), None, Vsn::V2, AuthCtx { role: "anon".into(), claims: "{}".into() }, vec![binding]);
+        r.insert(
+            key,
+            wire.into(),
+            None,
+            Format::V2,
+            AuthCtx { role: "anon".into(), claims: "{}".into() },
+            vec![binding],
+        );
     }
     r
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::util::pg::{Pg, TestDb};
-use crate::util::{jwt, unix_now, Client, Msg, Server};
+use crate::util::{jwt, unix_now, Client, Msg, Server, SseClient};
 
 const SECRET: &str = "pg-test-secret";
 
@@ -544,4 +544,141 @@ mod js {
             None => panic!("{file} did not finish within {TIMEOUT:?} (killed):\n{text}"),
         }
     }
+}
+
+/// Percent-encodes a query parameter value.
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The next SSE event named `event` (others are skipped), within 15 s.
+fn sse_wait(s: &mut SseClient, event: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Some(e) = s.try_next(Duration::from_millis(500)) {
+            if e.event == event {
+                return e.data;
+            }
+        }
+    }
+    panic!("timed out waiting for SSE event {event}");
+}
+
+#[test]
+fn pg_changes_over_sse() {
+    let db = TestDb::new("cc_sse");
+    db.sql(
+        "DO $$ BEGIN CREATE ROLE authenticated NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         CREATE TABLE todos (id bigserial PRIMARY KEY, task text);
+         CREATE TABLE notes (id bigserial PRIMARY KEY, owner text NOT NULL, body text);
+         ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+         GRANT SELECT ON notes TO authenticated;
+         CREATE POLICY own ON notes FOR SELECT TO authenticated
+           USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');",
+    );
+    let srv = server(&db, &["--jwt-secret", SECRET]);
+    let key = token(json!({"role": "anon"}));
+    let bindings = json!([
+        {"event": "INSERT", "schema": "public", "table": "todos"},
+        {"event": "UPDATE", "table": "todos", "filter": "id=eq.1", "topic": "other"}
+    ]);
+    let path = format!(
+        "/realtime/v1/sse?topic=todos&topic=other&apikey={key}&postgres_changes={}",
+        enc(&bindings.to_string())
+    );
+    let mut s = SseClient::open(srv.addr, &path, &[]).expect("stream opens");
+    let mut subscribed = BTreeSet::new();
+    for _ in 0..2 {
+        let sys = sse_wait(&mut s, "system");
+        assert_eq!(
+            (sys["event"].as_str(), sys["payload"]["extension"].as_str(), sys["payload"]["message"].as_str()),
+            (Some("system"), Some("postgres_changes"), Some("Subscribed to PostgreSQL")),
+            "{sys}"
+        );
+        subscribed.insert(sys["topic"].as_str().unwrap().to_string());
+    }
+    assert_eq!(subscribed, BTreeSet::from(["other".to_string(), "todos".to_string()]));
+    db.sql("INSERT INTO todos (task) VALUES ('a'), ('b'); UPDATE todos SET task = 'c' WHERE id = 1;");
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(sse_wait(&mut s, "postgres_changes"));
+    }
+    let summary: Vec<(String, String, i64)> = got
+        .iter()
+        .map(|g| {
+            assert_eq!(g["event"], "postgres_changes");
+            (
+                g["topic"].as_str().unwrap().to_string(),
+                g["payload"]["data"]["type"].as_str().unwrap().to_string(),
+                g["payload"]["data"]["record"]["id"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("todos".into(), "INSERT".into(), 1),
+            ("todos".into(), "INSERT".into(), 2),
+            ("other".into(), "UPDATE".into(), 1)
+        ]
+    );
+    assert_eq!(got[0]["payload"]["data"]["record"], json!({"id": 1, "task": "a"}));
+    assert_eq!(got[2]["payload"]["data"]["old_record"], json!({"id": 1}));
+    assert_eq!(got[0]["payload"]["ids"].as_array().unwrap().len(), 1);
+    assert_ne!(got[0]["payload"]["ids"], got[2]["payload"]["ids"]);
+    // Broadcasts still flow on the same stream, with their resume ids.
+    let (status, _, _) = crate::util::http(
+        srv.addr,
+        "POST",
+        "/realtime/v1/api/broadcast/todos/events/note",
+        &[("apikey", &key), ("content-type", "application/json")],
+        br#"{"n":1}"#,
+    );
+    assert_eq!(status, 202);
+    let b = sse_wait(&mut s, "broadcast");
+    assert_eq!((b["event"].clone(), b["payload"].clone()), (json!("note"), json!({"n": 1})));
+
+    // Row-level security uses the stream's own token.
+    let path = |sub: &str| {
+        let key = token(json!({"role": "authenticated", "sub": sub}));
+        let b = enc(r#"[{"event":"*","schema":"public","table":"notes"}]"#);
+        format!("/realtime/v1/sse?topic=notes&apikey={key}&postgres_changes={b}")
+    };
+    let mut u1 = SseClient::open(srv.addr, &path("u1"), &[]).expect("u1 stream");
+    let mut u2 = SseClient::open(srv.addr, &path("u2"), &[]).expect("u2 stream");
+    sse_wait(&mut u1, "system");
+    sse_wait(&mut u2, "system");
+    db.sql("INSERT INTO notes (owner, body) VALUES ('u2', 'x'), ('u1', 'y')");
+    let c1 = sse_wait(&mut u1, "postgres_changes");
+    assert_eq!(c1["payload"]["data"]["record"], json!({"id": 2, "owner": "u1", "body": "y"}));
+    let c2 = sse_wait(&mut u2, "postgres_changes");
+    assert_eq!(c2["payload"]["data"]["record"], json!({"id": 1, "owner": "u2", "body": "x"}));
+
+    // Bad bindings are the request's error; bad filters come as a `system` error.
+    for (q, want) in [
+        ("not-json", "postgres_changes must be a JSON array"),
+        (r#"[{"table":"todos","topic":"nope"}]"#, "not one of this stream's topics"),
+        (r#"[{"table":"todos","colour":"red"}]"#, "unknown field"),
+    ] {
+        let err = SseClient::open(
+            srv.addr,
+            &format!("/realtime/v1/sse?topic=todos&apikey={key}&postgres_changes={}", enc(q)),
+            &[],
+        )
+        .err()
+        .expect("400");
+        assert_eq!(err.0, 400, "{q}");
+        assert!(err.1.contains(want), "{q}: {}", err.1);
+    }
+    let bad = enc(r#"[{"table":"todos","filter":"id=eq"}]"#);
+    let mut s =
+        SseClient::open(srv.addr, &format!("/realtime/v1/sse?topic=todos&apikey={key}&postgres_changes={bad}"), &[])
+            .expect("stream opens");
+    let sys = sse_wait(&mut s, "system");
+    assert_eq!(sys["payload"]["status"], "error", "{sys}");
 }

@@ -164,6 +164,10 @@ fn bad_sse_requests() {
     assert_eq!(open(&format!("apikey={key}&topic={}", "x".repeat(300))).unwrap().0, 400);
     assert_eq!(open(&format!("apikey={key}&topic=a&presence=maybe")).unwrap().0, 400);
     assert_eq!(open(&format!("apikey={key}&topic=a&track=notjson")).unwrap().0, 400);
+    // Postgres changes need a database (tests/pg.rs covers them with one).
+    let (st, body) = open(&format!("apikey={key}&topic=a&postgres_changes=%5B%7B%22table%22%3A%22t%22%7D%5D")).unwrap();
+    assert_eq!(st, 400);
+    assert!(body.contains("needs a database"), "{body}");
     let (st, body) = open("topic=a&apikey=bad").unwrap();
     assert_eq!(st, 401, "{body}");
     let (st, body) = open(&format!("apikey={key}&topic=a&private=true")).unwrap();

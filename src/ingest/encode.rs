@@ -21,9 +21,9 @@ use bytes::Bytes;
 use super::filter::days_from_civil;
 use super::pgoutput::{Datum, Tuple, PG_EPOCH_OFFSET_MICROS};
 use super::types::Kind;
+use crate::channel::Format;
 use crate::protocol::json::{write_str, write_u64};
-use crate::protocol::phoenix::message;
-use crate::protocol::phoenix::Vsn;
+use crate::protocol::phoenix::{message, topic, Vsn};
 
 /// Largest record (JSON bytes) sent whole (Supabase: 1,024 KB).
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
@@ -486,8 +486,9 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// The `postgres_changes` frame for one topic: `{"ids":[…],"data":…}` with null refs.
-pub fn frame(vsn: Vsn, wire_topic: &str, ids: &[u32], data: &[u8]) -> Bytes {
+/// The `postgres_changes` frame for one topic: `{"ids":[…],"data":…}` with null refs (an
+/// SSE `postgres_changes` event with that payload for SSE streams).
+pub fn frame(format: Format, wire_topic: &str, ids: &[u32], data: &[u8]) -> Bytes {
     let mut p = Vec::with_capacity(data.len() + 16 + ids.len() * 11);
     p.extend_from_slice(b"{\"ids\":[");
     for (i, id) in ids.iter().enumerate() {
@@ -499,7 +500,51 @@ pub fn frame(vsn: Vsn, wire_topic: &str, ids: &[u32], data: &[u8]) -> Bytes {
     p.extend_from_slice(b"],\"data\":");
     p.extend_from_slice(data);
     p.push(b'}');
-    message::encode(vsn, None, None, wire_topic, "postgres_changes", &p)
+    envelope(format, wire_topic, "postgres_changes", &p)
+}
+
+/// A `system` message about an extension (e.g. "Subscribed to PostgreSQL") in `format`.
+pub fn system(
+    format: Format,
+    join_ref: Option<&str>,
+    wire_topic: &str,
+    extension: &str,
+    ok: bool,
+    text: &str,
+) -> Bytes {
+    match format {
+        Format::V1 => message::system(Vsn::V1, join_ref, wire_topic, extension, ok, text),
+        Format::V2 => message::system(Vsn::V2, join_ref, wire_topic, extension, ok, text),
+        Format::Sse => {
+            let channel = wire_topic.strip_prefix(topic::PREFIX).unwrap_or(wire_topic);
+            let mut p = Vec::with_capacity(text.len() + channel.len() + 80);
+            p.extend_from_slice(b"{\"extension\":");
+            write_str(&mut p, extension);
+            p.extend_from_slice(if ok {
+                b",\"status\":\"ok\",\"message\":"
+            } else {
+                b",\"status\":\"error\",\"message\":"
+            });
+            write_str(&mut p, text);
+            p.extend_from_slice(b",\"channel\":");
+            write_str(&mut p, channel);
+            p.push(b'}');
+            envelope(format, wire_topic, "system", &p)
+        }
+    }
+}
+
+/// A server push (`ref` null) of `event` with `payload` on `wire_topic`, in `format`.
+fn envelope(format: Format, wire_topic: &str, event: &str, payload: &[u8]) -> Bytes {
+    match format {
+        Format::V1 => message::encode(Vsn::V1, None, None, wire_topic, event, payload),
+        Format::V2 => message::encode(Vsn::V2, None, None, wire_topic, event, payload),
+        Format::Sse => crate::protocol::sse::topic_event(
+            wire_topic.strip_prefix(topic::PREFIX).unwrap_or(wire_topic),
+            event,
+            payload,
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -611,7 +656,7 @@ mod tests {
         let new = t(&[Some("1"), Some("x")]);
         let mut out = Vec::new();
         write_data(&mut out, &Data { new: Some(&new), ..base(&cols, ChangeType::Insert) });
-        let f = frame(Vsn::V2, "realtime:room1", &[1000], &out);
+        let f = frame(Format::V2, "realtime:room1", &[1000], &out);
         let (_, n) = parse_header(&f).unwrap().unwrap();
         assert_eq!(
             std::str::from_utf8(&f[n..]).unwrap(),

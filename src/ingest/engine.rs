@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::catalog::{self, TableMeta};
 use super::db::Db;
-use super::encode::ChangeType;
+use super::encode::{self, ChangeType};
 use super::filter;
 use super::pgoutput::Datum;
 use super::plan::{self, Decision, Item, Routed};
@@ -39,7 +39,7 @@ use super::types::Types;
 use super::{IngestMsg, PgSubscribe};
 use crate::auth::Claims;
 use crate::channel::registry::ConnId;
-use crate::protocol::phoenix::{message, Topic};
+use crate::protocol::phoenix::Topic;
 use crate::shard::mesh::ShardMsg;
 
 /// Connections in the pool (catalog, subscription checks, RLS, private channel probes).
@@ -241,14 +241,14 @@ impl Engine {
         match result {
             Ok(bindings) => {
                 let idx =
-                    self.reg.borrow_mut().insert(k, wire.into(), s.join_ref, s.vsn, AuthCtx::of(&claims), bindings);
+                    self.reg.borrow_mut().insert(k, wire.into(), s.join_ref, s.format, AuthCtx::of(&claims), bindings);
                 if self.slot_ready.get() {
                     self.announce(idx);
                 }
             }
             Err(reason) => {
                 tracing::debug!(%reason, "postgres_changes subscription refused");
-                let frame = message::system(s.vsn, s.join_ref.as_deref(), &wire, "postgres_changes", false, &reason);
+                let frame = encode::system(s.format, s.join_ref.as_deref(), &wire, "postgres_changes", false, &reason);
                 self.system_to(&k, frame);
             }
         }
@@ -263,8 +263,8 @@ impl Engine {
                 return;
             }
             ch.announced = true;
-            let frame = message::system(
-                ch.vsn,
+            let frame = encode::system(
+                ch.format,
                 ch.join_ref.as_deref(),
                 &ch.wire,
                 "postgres_changes",
@@ -570,7 +570,7 @@ impl Engine {
         let mut reg = self.reg.borrow_mut();
         for ch in reg.channels_mut().filter(|c| c.announced && c.told_down == ok) {
             ch.told_down = !ok;
-            let frame = message::system(ch.vsn, ch.join_ref.as_deref(), &ch.wire, "postgres_changes", ok, text);
+            let frame = encode::system(ch.format, ch.join_ref.as_deref(), &ch.wire, "postgres_changes", ok, text);
             if let Some(items) = per_shard.get_mut(ch.key.shard) {
                 items.push((frame, vec![ch.key.conn]));
             }

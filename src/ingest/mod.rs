@@ -52,8 +52,9 @@ use std::sync::Arc;
 
 use crate::auth::Claims;
 use crate::channel::registry::ConnId;
+use crate::channel::Format;
 use crate::protocol::phoenix::config::PgBinding;
-use crate::protocol::phoenix::{Topic, Vsn};
+use crate::protocol::phoenix::Topic;
 
 /// A message from a shard to the ingest thread.
 #[derive(Debug)]
@@ -78,7 +79,7 @@ pub struct PgSubscribe {
     pub topic: Topic,
     /// The join ref (raw JSON token) for the `system` messages.
     pub join_ref: Option<Arc<str>>,
-    pub vsn: Vsn,
+    pub format: Format,
     pub bindings: Vec<PgBinding>,
     pub claims: Arc<Claims>,
 }

@@ -18,7 +18,7 @@ use super::subscriptions::{AuthId, Registry, EV_DELETE, EV_INSERT, EV_UPDATE};
 use super::txn::Change;
 use super::types::{Kind, Types};
 use crate::channel::registry::ConnId;
-use crate::protocol::phoenix::Vsn;
+use crate::channel::Format;
 
 /// A change with its transaction's commit time.
 #[derive(Debug, Clone, Copy)]
@@ -34,7 +34,7 @@ pub struct Target {
     pub shard: usize,
     pub conn: ConnId,
     pub wire: Arc<str>,
-    pub vsn: Vsn,
+    pub format: Format,
     pub auth: AuthId,
     pub ids: Vec<u32>,
 }
@@ -111,7 +111,7 @@ pub fn match_changes(reg: &mut Registry, types: &Types, items: &[Item<'_>], out:
                     shard: ch.key.shard,
                     conn: ch.key.conn,
                     wire: ch.wire.clone(),
-                    vsn: ch.vsn,
+                    format: ch.format,
                     auth: ch.auth,
                     ids: h.ids,
                 },
@@ -158,7 +158,7 @@ pub fn columns<'a>(change: &'a Change, types: &'a Types) -> Vec<Col<'a>> {
 
 /// Frames of one change by (data index, topic, format, ids): the frame and its item index on
 /// each shard (`usize::MAX`: none yet).
-type FrameCache<'a> = HashMap<(usize, &'a str, Vsn, &'a [u32]), (Bytes, Vec<usize>), ahash::RandomState>;
+type FrameCache<'a> = HashMap<(usize, &'a str, Format, &'a [u32]), (Bytes, Vec<usize>), ahash::RandomState>;
 
 /// Encodes and groups the planned deliveries `decide` lets through (`None`: skip). `planned`
 /// must be in item order, as [`match_changes`] makes it.
@@ -211,9 +211,9 @@ pub fn route(
                 }
             };
             let t = &p.target;
-            let (frame, slots) = frames.entry((di, &*t.wire, t.vsn, t.ids.as_slice())).or_insert_with(|| {
+            let (frame, slots) = frames.entry((di, &*t.wire, t.format, t.ids.as_slice())).or_insert_with(|| {
                 out.frames += 1;
-                (encode::frame(t.vsn, &t.wire, &t.ids, &datas[di].1), vec![usize::MAX; shards])
+                (encode::frame(t.format, &t.wire, &t.ids, &datas[di].1), vec![usize::MAX; shards])
             });
             let shard_items = &mut out.per_shard[t.shard];
             if slots[t.shard] == usize::MAX {
@@ -256,7 +256,7 @@ mod tests {
         out.unwrap()
     }
 
-    fn sub(reg: &mut Registry, shard: usize, conn: u32, topic: &str, vsn: Vsn, flt: &str) {
+    fn sub(reg: &mut Registry, shard: usize, conn: u32, topic: &str, format: Format, flt: &str) {
         let key = Key { shard, conn: ConnId { index: conn, generation: 1 }, topic: Topic::new(topic, false).unwrap() };
         let b = Binding {
             id: 7,
@@ -269,7 +269,7 @@ mod tests {
             key,
             format!("realtime:{topic}").into(),
             None,
-            vsn,
+            format,
             AuthCtx { role: "anon".into(), claims: "{}".into() },
             vec![b],
         );
@@ -286,11 +286,11 @@ mod tests {
         let items: Vec<Item<'_>> = t.changes.iter().map(|c| Item { change: c, commit_time: t.commit_time }).collect();
         let types = Types::new();
         let mut reg = Registry::new();
-        sub(&mut reg, 0, 1, "room", Vsn::V2, "");
-        sub(&mut reg, 0, 2, "room", Vsn::V2, "");
-        sub(&mut reg, 1, 3, "room", Vsn::V2, "");
-        sub(&mut reg, 1, 4, "room", Vsn::V1, "");
-        sub(&mut reg, 1, 5, "other", Vsn::V2, "id=eq.2");
+        sub(&mut reg, 0, 1, "room", Format::V2, "");
+        sub(&mut reg, 0, 2, "room", Format::V2, "");
+        sub(&mut reg, 1, 3, "room", Format::V2, "");
+        sub(&mut reg, 1, 4, "room", Format::V1, "");
+        sub(&mut reg, 1, 5, "other", Format::V2, "id=eq.2");
         let mut planned = Vec::new();
         match_changes(&mut reg, &types, &items, &mut planned);
         assert_eq!(planned.len(), 4 + 5);
@@ -319,7 +319,7 @@ mod tests {
         let items: Vec<Item<'_>> = t.changes.iter().map(|c| Item { change: c, commit_time: t.commit_time }).collect();
         let types = Types::new();
         let mut reg = Registry::new();
-        sub(&mut reg, 0, 1, "room", Vsn::V2, "");
+        sub(&mut reg, 0, 1, "room", Format::V2, "");
         let mut planned = Vec::new();
         match_changes(&mut reg, &types, &items, &mut planned);
         let masks = vec![vec![true, false]];

@@ -16,7 +16,8 @@ use slab::Slab;
 use super::filter::{Cell, Filter};
 use crate::auth::Claims;
 use crate::channel::registry::ConnId;
-use crate::protocol::phoenix::{Topic, Vsn};
+use crate::channel::Format;
+use crate::protocol::phoenix::Topic;
 
 /// Event bits of a binding.
 pub const EV_INSERT: u8 = 1;
@@ -98,7 +99,7 @@ pub struct Channel {
     /// `realtime:<name>`.
     pub wire: Arc<str>,
     pub join_ref: Option<Arc<str>>,
-    pub vsn: Vsn,
+    pub format: Format,
     pub auth: AuthId,
     pub bindings: Vec<Binding>,
     /// "Subscribed to PostgreSQL" was sent.
@@ -180,7 +181,7 @@ impl Registry {
         key: Key,
         wire: Arc<str>,
         join_ref: Option<Arc<str>>,
-        vsn: Vsn,
+        format: Format,
         ctx: AuthCtx,
         bindings: Vec<Binding>,
     ) -> u32 {
@@ -190,7 +191,7 @@ impl Registry {
             key: key.clone(),
             wire,
             join_ref,
-            vsn,
+            format,
             auth,
             bindings,
             announced: false,
@@ -374,7 +375,7 @@ mod tests {
             key(1, "a"),
             "realtime:a".into(),
             None,
-            Vsn::V2,
+            Format::V2,
             ctx("anon"),
             vec![binding(10, "INSERT", "public", "todos", ""), binding(11, "*", "public", "todos", "id=eq.5")],
         );
@@ -382,7 +383,7 @@ mod tests {
             key(2, "b"),
             "realtime:b".into(),
             None,
-            Vsn::V1,
+            Format::V1,
             ctx("anon"),
             vec![binding(20, "*", "public", "*", "")],
         );
@@ -390,7 +391,7 @@ mod tests {
             key(3, "c"),
             "realtime:c".into(),
             None,
-            Vsn::V2,
+            Format::V2,
             ctx("x"),
             vec![binding(30, "delete", "*", "*", "")],
         );
@@ -418,7 +419,7 @@ mod tests {
             key(1, "a"),
             "realtime:a".into(),
             None,
-            Vsn::V2,
+            Format::V2,
             ctx("anon"),
             vec![binding(1, "*", "public", "t", "")],
         );
@@ -426,7 +427,7 @@ mod tests {
             key(1, "a"),
             "realtime:a".into(),
             None,
-            Vsn::V2,
+            Format::V2,
             ctx("anon"),
             vec![binding(2, "*", "public", "t", "")],
         );

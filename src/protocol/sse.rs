@@ -56,6 +56,21 @@ pub fn event(name: &str, data: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// An event of one topic of the stream that carries no resume position (presence,
+/// `postgres_changes`, `system`): `event: <event>` and
+/// `data: {"topic":<topic>,"event":<event>,"payload":<payload>}`.
+pub fn topic_event(topic: &str, event: &str, payload: &[u8]) -> Bytes {
+    let mut d = Vec::with_capacity(payload.len() + topic.len() + 48);
+    d.extend_from_slice(b"{\"topic\":");
+    crate::protocol::json::write_str(&mut d, topic);
+    d.extend_from_slice(b",\"event\":");
+    crate::protocol::json::write_str(&mut d, event);
+    d.extend_from_slice(b",\"payload\":");
+    d.extend_from_slice(payload);
+    d.push(b'}');
+    self::event(event, &d)
+}
+
 /// The `id:` line for a stream position.
 pub fn id_line(positions: &[(std::sync::Arc<str>, u64)]) -> Bytes {
     let mut out = Vec::with_capacity(5 + positions.len() * 28);

@@ -566,7 +566,7 @@ impl Shard {
             conn: id,
             topic: sub.topic.clone(),
             join_ref: sub.join_ref.clone(),
-            vsn: sub.vsn,
+            format,
             bindings: sub.postgres_changes.clone(),
             claims: sub.claims.clone(),
         });

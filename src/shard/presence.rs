@@ -28,15 +28,7 @@ use crate::shard::Shard;
 /// An SSE event about a topic: `event: <event>` with data `{"topic","event","payload"}`
 /// (presence state and diffs, system messages).
 pub(super) fn sse_topic_event(topic: &Topic, event: &str, payload: &[u8]) -> Bytes {
-    let mut d = Vec::with_capacity(payload.len() + topic.name().len() + 48);
-    d.extend_from_slice(b"{\"topic\":");
-    write_str(&mut d, topic.name());
-    d.extend_from_slice(b",\"event\":");
-    write_str(&mut d, event);
-    d.extend_from_slice(b",\"payload\":");
-    d.extend_from_slice(payload);
-    d.push(b'}');
-    crate::protocol::sse::event(event, &d)
+    crate::protocol::sse::topic_event(topic.name(), event, payload)
 }
 
 fn member(shard: usize, conn: ConnId) -> MemberId {

@@ -22,6 +22,7 @@ use crate::auth::{AuthError, Claims};
 use crate::channel::registry::ConnId;
 use crate::protocol::error::HandshakeError;
 use crate::protocol::http::{self, percent_decode, Request};
+use crate::protocol::phoenix::config::{self, PgBinding};
 use crate::protocol::phoenix::session::{Payload, Persist, Publish};
 use crate::protocol::phoenix::{Topic, Vsn};
 use crate::protocol::ws::handshake;
@@ -57,6 +58,10 @@ pub struct SseRequest {
     pub resume: Option<Vec<(String, u64)>>,
     /// A `Last-Event-ID` was given but does not fit these topics.
     pub bad_resume: Option<String>,
+    /// `postgres_changes` bindings per topic (same order as `topics`; empty for most).
+    pub pg: Vec<Vec<PgBinding>>,
+    /// The stream's claims (RLS on Postgres changes).
+    pub claims: Arc<Claims>,
 }
 
 fn respond(bytes: Vec<u8>, keep_alive: bool) -> Outcome {
@@ -163,7 +168,8 @@ fn history(shard: &Shard, id: ConnId, req: &Request<'_>, topic: &str, ka: bool) 
 }
 
 /// `GET /realtime/v1/sse?topic=a&topic=b[&private=true][&presence=true]
-/// [&track=<json object>&presence_key=<key>][&last_event_id=<token>]`.
+/// [&track=<json object>&presence_key=<key>][&last_event_id=<token>]
+/// [&postgres_changes=<json array of bindings>]`.
 fn sse(shard: &Shard, req: &Request<'_>, ka: bool) -> Outcome {
     let bad = |msg: &str| respond(http::json_error(400, msg, ka), ka);
     let claims = match authenticate(shard, token(req, true).as_deref()) {
@@ -216,6 +222,28 @@ fn sse(shard: &Shard, req: &Request<'_>, ka: bool) -> Outcome {
             Some((Arc::from(key.as_str()), Bytes::from(state.into_owned())))
         }
     };
+    let mut pg: Vec<Vec<PgBinding>> = vec![Vec::new(); topics.len()];
+    if let Some(json) = req.query_param("postgres_changes") {
+        if shard.ingest.is_none() {
+            return bad("postgres_changes needs a database: start corecast with --database-url (DATABASE_URL)");
+        }
+        let bindings = match config::parse_sse_bindings(&json) {
+            Ok(b) => b,
+            Err(e) => return bad(&e),
+        };
+        for (name, b) in bindings {
+            let i = match name {
+                None => 0,
+                Some(n) => match topics.iter().position(|t| t.name() == n) {
+                    Some(i) => i,
+                    None => return bad(&format!("postgres_changes: topic {n:?} is not one of this stream's topics")),
+                },
+            };
+            if !pg[i].iter().any(|x| x.id == b.id) {
+                pg[i].push(b);
+            }
+        }
+    }
     let last = req.header("last-event-id").map(Cow::Borrowed).or_else(|| req.query_param("last_event_id"));
     let (resume, bad_resume) = match last.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
         None => (None, None),
@@ -224,7 +252,7 @@ fn sse(shard: &Shard, req: &Request<'_>, ka: bool) -> Outcome {
             _ => (None, Some(format!("resume impossible: Last-Event-ID {tok:?} does not match this stream's topics"))),
         },
     };
-    Outcome::Sse(Box::new(SseRequest { topics, presence, track, resume, bad_resume }))
+    Outcome::Sse(Box::new(SseRequest { topics, presence, track, resume, bad_resume, pg, claims }))
 }
 
 /// Largest history page.

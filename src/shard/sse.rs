@@ -1,10 +1,13 @@
 //! Server-Sent Events streams on the shard: one stream subscribes to several topics in the
 //! SSE wire format; each topic's owner sends the stream's starting position (or, with
 //! `Last-Event-ID`, every missed message) on the same FIFO as live messages, so resuming is
-//! gapless per topic, exactly as for WebSocket joins.
+//! gapless per topic, exactly as for WebSocket joins. Postgres changes asked for with
+//! `postgres_changes` come from the ingest thread as `postgres_changes` events (not resumable:
+//! they carry no offset).
 
 use crate::channel::registry::{ConnId, LocalSub};
 use crate::channel::Format;
+use crate::ingest::{IngestMsg, PgSubscribe};
 use crate::protocol::phoenix::message::Vsn;
 use crate::protocol::phoenix::session::ReplyTo;
 use crate::shard::mesh::{Backlog, ShardMsg};
@@ -34,7 +37,7 @@ impl Shard {
                 format: Format::Sse,
                 presence: req.presence || req.track.is_some(),
                 join_ref: None,
-                pg: false,
+                pg: self.ingest.is_some() && !req.pg[i].is_empty(),
                 tracked: false,
                 awaiting_backlog: true,
             };
@@ -52,6 +55,18 @@ impl Shard {
             );
             if req.presence {
                 self.route(owner, ShardMsg::PresenceSync { topic: topic.clone(), from: self.id, conn: id });
+            }
+            if let (Some(ingest), false) = (&self.ingest, req.pg[i].is_empty()) {
+                // Changes and "Subscribed to PostgreSQL" queue behind the held stream head.
+                ingest.send(IngestMsg::Subscribe(Box::new(PgSubscribe {
+                    shard: self.id,
+                    conn: id,
+                    topic: topic.clone(),
+                    join_ref: None,
+                    format: Format::Sse,
+                    bindings: req.pg[i].clone(),
+                    claims: req.claims.clone(),
+                })));
             }
             if let Some((key, state)) = &req.track {
                 // SSE streams get no push replies; a refusal arrives as a `system` event.

@@ -127,6 +127,50 @@ pub fn parse(payload: &RawValue) -> JoinConfig {
     cfg
 }
 
+/// Most bindings one SSE stream may ask for.
+pub const MAX_SSE_BINDINGS: usize = 100;
+
+/// The `postgres_changes` query parameter of an SSE stream: a JSON array of binding objects
+/// (`{"event","schema","table","filter"}`, the same fields and defaults as in a join), each
+/// with an optional `"topic"` naming which of the stream's topics delivers its changes
+/// (default: the first). Unlike a join payload this is strict: a bad value is the request's
+/// error. Returns `(topic name or None, binding)` pairs.
+pub fn parse_sse_bindings(json: &str) -> Result<Vec<(Option<String>, PgBinding)>, String> {
+    const SHAPE: &str = "postgres_changes must be a JSON array of objects like \
+                         {\"event\":\"*\",\"schema\":\"public\",\"table\":\"todos\",\"filter\":\"id=eq.1\"}";
+    let list = match serde_json::from_str::<Value>(json) {
+        Ok(Value::Array(list)) => list,
+        Ok(Value::Object(o)) => vec![Value::Object(o)],
+        Ok(_) => return Err(SHAPE.into()),
+        Err(e) => return Err(format!("{SHAPE}: {e}")),
+    };
+    if list.is_empty() {
+        return Err(format!("{SHAPE}: the array is empty"));
+    }
+    if list.len() > MAX_SSE_BINDINGS {
+        return Err(format!("too many postgres_changes bindings: {} (max {MAX_SSE_BINDINGS})", list.len()));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for v in &list {
+        let Value::Object(o) = v else { return Err(SHAPE.into()) };
+        for key in ["event", "schema", "table", "filter", "topic"] {
+            if o.get(key).is_some_and(|v| !v.is_string()) {
+                return Err(format!("postgres_changes: \"{key}\" must be a string"));
+            }
+        }
+        if let Some(k) = o.keys().find(|k| !["event", "schema", "table", "filter", "topic"].contains(&k.as_str())) {
+            return Err(format!(
+                "postgres_changes: unknown field {k:?} (expected event, schema, table, filter, topic)"
+            ));
+        }
+        let topic = o.get("topic").and_then(Value::as_str).map(str::to_string);
+        let mut fields = o.clone();
+        fields.remove("topic");
+        out.push((topic, binding(&fields)));
+    }
+    Ok(out)
+}
+
 fn parse_resume(r: &Map<String, Value>) -> Option<Resume> {
     let epoch = r.get("epoch").and_then(Value::as_str)?.to_string();
     let offset = match r.get("offset")? {
@@ -202,5 +246,22 @@ mod tests {
             id: 5,
         };
         assert_eq!(b.echo(), r#"{"id":5}"#);
+    }
+
+    #[test]
+    fn sse_bindings_are_strict() {
+        let v =
+            parse_sse_bindings(r#"[{"event":"INSERT","table":"todos"},{"table":"t","filter":"id=eq.1","topic":"b"}]"#)
+                .unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!((v[0].0.as_deref(), &*v[0].1.schema, &*v[0].1.event), (None, "public", "INSERT"));
+        assert_eq!((v[1].0.as_deref(), v[1].1.filter.as_deref()), (Some("b"), Some("id=eq.1")));
+        assert_eq!(v[1].1.id, binding_id("*", "public", "t", Some("id=eq.1")));
+        assert_eq!(parse_sse_bindings(r#"{"table":"t"}"#).unwrap().len(), 1);
+        for bad in ["", "[", "[]", "3", "[1]", r#"[{"table":5}]"#, r#"[{"tabel":"t"}]"#] {
+            assert!(parse_sse_bindings(bad).is_err(), "{bad:?}");
+        }
+        let many = format!("[{}]", vec![r#"{"table":"t"}"#; MAX_SSE_BINDINGS + 1].join(","));
+        assert!(parse_sse_bindings(&many).unwrap_err().contains("too many"));
     }
 }
