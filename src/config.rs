@@ -61,6 +61,12 @@ pub struct RawConfig {
     #[arg(long, env = "CORECAST_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
 
+    /// Where persisted messages are kept: `log` (the embedded log under --data-dir),
+    /// `postgres` (the table `corecast.history` in the database, shared by every node that
+    /// uses it), or `auto`: postgres when a database URL is set, the log otherwise.
+    #[arg(long, env = "CORECAST_HISTORY_STORE", value_enum, default_value = "auto")]
+    pub history_store: HistoryStoreArg,
+
     /// Largest WebSocket frame payload accepted (bytes); larger closes the socket with 1009.
     #[arg(long, env = "CORECAST_MAX_FRAME_BYTES", default_value_t = 4 << 20)]
     pub max_frame_bytes: usize,
@@ -131,6 +137,23 @@ pub struct RawConfig {
     pub max_head_bytes: usize,
 }
 
+/// `--history-store` as given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HistoryStoreArg {
+    Auto,
+    Log,
+    Postgres,
+}
+
+/// Where persisted messages are kept (see [`RawConfig::history_store`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryStore {
+    /// The embedded log under `data_dir`.
+    Log,
+    /// The `corecast.history` table in `database_url`.
+    Postgres,
+}
+
 /// Validated configuration, shared read-only by every shard.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -147,6 +170,7 @@ pub struct Config {
     /// See [`RawConfig::pg_resume_grace_ms`].
     pub pg_resume_grace: Duration,
     pub data_dir: PathBuf,
+    pub history_store: HistoryStore,
     pub limits: Limits,
 }
 
@@ -200,6 +224,8 @@ pub enum ConfigError {
     EmptySecret,
     #[error("the database URL is empty")]
     EmptyDatabaseUrl,
+    #[error("--history-store postgres needs a database: set --database-url (DATABASE_URL)")]
+    HistoryStoreWithoutDatabase,
 }
 
 impl RawConfig {
@@ -265,6 +291,11 @@ impl RawConfig {
                 return Err(ConfigError::Zero(name));
             }
         }
+        let history_store = match (self.history_store, database_url.is_some()) {
+            (HistoryStoreArg::Log, _) | (HistoryStoreArg::Auto, false) => HistoryStore::Log,
+            (HistoryStoreArg::Postgres, true) | (HistoryStoreArg::Auto, true) => HistoryStore::Postgres,
+            (HistoryStoreArg::Postgres, false) => return Err(ConfigError::HistoryStoreWithoutDatabase),
+        };
         if self.max_frame_bytes > self.max_message_bytes {
             return Err(ConfigError::FrameOverMessage { frame: self.max_frame_bytes, message: self.max_message_bytes });
         }
@@ -279,6 +310,7 @@ impl RawConfig {
             slot: self.slot,
             pg_resume_grace: Duration::from_millis(self.pg_resume_grace_ms),
             data_dir: self.data_dir,
+            history_store,
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,
                 max_message_bytes: self.max_message_bytes,
@@ -342,6 +374,22 @@ mod tests {
     fn database_takes_a_core() {
         let c = raw(&["--database-url", "postgres://x"]).validate(&[0, 1, 2, 3]).unwrap();
         assert_eq!((c.shards, c.ingest_cpu), (3, Some(3)));
+    }
+
+    #[test]
+    fn history_store_follows_the_database() {
+        let with_db = |extra: &[&str]| {
+            let mut a = vec!["--database-url", "postgres://x"];
+            a.extend_from_slice(extra);
+            raw(&a).validate(&[0, 1]).map(|c| c.history_store)
+        };
+        assert_eq!(with_db(&[]), Ok(HistoryStore::Postgres));
+        assert_eq!(with_db(&["--history-store", "log"]), Ok(HistoryStore::Log));
+        assert_eq!(raw(&["--history-store", "auto"]).validate(&[0]).unwrap().history_store, HistoryStore::Log);
+        assert_eq!(
+            raw(&["--history-store", "postgres"]).validate(&[0]).unwrap_err(),
+            ConfigError::HistoryStoreWithoutDatabase
+        );
     }
 
     #[test]

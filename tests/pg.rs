@@ -682,3 +682,76 @@ fn pg_changes_over_sse() {
     let sys = sse_wait(&mut s, "system");
     assert_eq!(sys["payload"]["status"], "error", "{sys}");
 }
+
+/// The Postgres history store: every acknowledged persisted message is a committed row; a
+/// node with an empty disk continues the streams from the table; a clean shutdown keeps the
+/// epoch, a crash does not; the bounds trim the table.
+#[test]
+fn history_in_postgres_is_shared_by_nodes() {
+    let db = TestDb::new("hist");
+    let a = server(&db, &[]);
+    let count = |db: &TestDb, topic: &str| -> u64 {
+        db.sql(&format!("SELECT count(*) FROM corecast.history WHERE topic = '{topic}'")).trim().parse().unwrap()
+    };
+    for n in 1..=5u64 {
+        let body = json!({"messages": [{"topic": "room", "event": "m", "payload": {"n": n}, "persist": true}]});
+        let (st, _, _) =
+            crate::util::http(a.addr, "POST", "/realtime/v1/api/broadcast", &[], body.to_string().as_bytes());
+        assert_eq!(st, 202);
+        // The 202 comes after the COMMIT: the row is there already.
+        assert_eq!(count(&db, "room"), n, "message {n} acknowledged before it was committed");
+    }
+    let (st, _, _) = crate::util::http(
+        a.addr,
+        "POST",
+        "/realtime/v1/api/broadcast/room/events/bin?persist=true&private=true",
+        &[("Content-Type", "application/octet-stream")],
+        &[1, 2, 3],
+    );
+    assert_eq!(st, 202);
+    // Not persisted: the recent window only, never a row.
+    let body = json!({"messages": [{"topic": "room", "event": "m", "payload": {"n": 6}}]});
+    let (st, _, _) = crate::util::http(a.addr, "POST", "/realtime/v1/api/broadcast", &[], body.to_string().as_bytes());
+    assert_eq!(st, 202);
+    assert_eq!(count(&db, "room"), 6, "five public rows and one private");
+    let rows = db.sql("SELECT \"offset\", payload::text FROM corecast.history WHERE NOT private ORDER BY 1");
+    assert!(rows.contains("5|{\"n\":5}") || rows.contains("5 | {\"n\":5}"), "rows: {rows}");
+    let history = |srv: &Server, q: &str| -> Value {
+        let (st, _, body) =
+            crate::util::http(srv.addr, "GET", &format!("/realtime/v1/api/channels/room/messages{q}"), &[], b"");
+        assert_eq!(st, 200);
+        serde_json::from_slice(&body).unwrap()
+    };
+    let epoch = history(&a, "")["epoch"].as_str().unwrap().to_string();
+    let (status, _) = a.terminate();
+    assert!(status.success());
+
+    // Another node, empty data directory, same database: the streams continue.
+    let b = server(&db, &[]);
+    let h = history(&b, "");
+    assert_eq!(h["epoch"], epoch.as_str(), "a clean shutdown keeps the epoch");
+    let offsets: Vec<u64> = h["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, vec![5, 4, 3, 2, 1], "the persisted messages, newest first (6 was not persisted)");
+    assert_eq!(h["messages"][0]["payload"], json!({"n": 5}));
+    let p = history(&b, "?private=true");
+    assert_eq!(p["messages"][0]["payload"], "AQID");
+    assert_eq!(p["messages"][0]["encoding"], "base64");
+    let body = json!({"messages": [{"topic": "room", "event": "m", "payload": {"n": 7}, "persist": true}]});
+    let (st, _, _) = crate::util::http(b.addr, "POST", "/realtime/v1/api/broadcast", &[], body.to_string().as_bytes());
+    assert_eq!(st, 202);
+    assert_eq!(history(&b, "?limit=1")["messages"][0]["offset"], 7, "offsets keep growing after 6");
+
+    // A crash: the rows survive, the stream gets a new epoch; lower bounds trim the table.
+    let c = b.crash_and_restart();
+    let _ = c.terminate();
+    let d = server(&db, &["--history-max-messages", "3"]);
+    let h = history(&d, "");
+    assert_ne!(h["epoch"], epoch.as_str(), "after a crash the stream gets a new epoch");
+    let offsets: Vec<u64> = h["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, vec![7, 5, 4]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(&db, "room") != 4 {
+        assert!(Instant::now() < deadline, "the table was not trimmed to 3 public rows + 1 private");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -103,6 +103,17 @@ impl IngestHandle {
     }
 }
 
+/// Parses a database URL, refusing TLS modes this build cannot honour.
+pub fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    let pg: tokio_postgres::Config = url.parse().map_err(|e| format!("invalid database URL: {e}"))?;
+    if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err("sslmode=require is not supported: corecast connects to Postgres without TLS (use a local \
+                    socket, a private network or sslmode=disable)"
+            .into());
+    }
+    Ok(pg)
+}
+
 /// Starts the ingest thread for `cfg.database_url`, delivering to `shards` (one inbox per
 /// shard, by shard id). Returns the handle shards use, or why it could not start (a URL that
 /// does not parse, a TLS mode this build cannot honour). A database that is down is not an
@@ -112,12 +123,7 @@ pub fn start(
     shards: Vec<flume::Sender<crate::shard::mesh::ShardMsg>>,
 ) -> Result<IngestHandle, String> {
     let url = cfg.database_url.as_deref().ok_or("no database URL")?;
-    let pg: tokio_postgres::Config = url.parse().map_err(|e| format!("invalid database URL: {e}"))?;
-    if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-        return Err("sslmode=require is not supported: corecast connects to Postgres without TLS (use a local \
-                    socket, a private network or sslmode=disable)"
-            .into());
-    }
+    let pg = parse_database_url(url)?;
     let settings = engine::Settings {
         source: source::SourceCfg {
             pg,

@@ -44,6 +44,9 @@ pub struct Key {
     pub topic: Topic,
 }
 
+/// The schema of corecast's own tables (`corecast.history`), never streamed to subscribers.
+pub const INTERNAL_SCHEMA: &str = "corecast";
+
 /// A schema or table name, or `*`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pat {
@@ -279,11 +282,13 @@ impl Registry {
         self.chans.is_empty()
     }
 
-    /// Whether any binding could match a change to `schema.table`.
+    /// Whether any binding could match a change to `schema.table`. corecast's own tables
+    /// (schema [`INTERNAL_SCHEMA`]: the history store) are never streamed.
     pub fn watches(&self, schema: &str, table: &str) -> bool {
-        !self.any.is_empty()
-            || self.schema_any.contains_key(schema)
-            || self.exact.get(schema).is_some_and(|t| t.contains_key(table))
+        schema != INTERNAL_SCHEMA
+            && (!self.any.is_empty()
+                || self.schema_any.contains_key(schema)
+                || self.exact.get(schema).is_some_and(|t| t.contains_key(table)))
     }
 
     /// Appends to `out` one hit per channel with a binding matching an `event` (one of the
@@ -403,6 +408,7 @@ mod tests {
         assert_eq!(matches(&mut r, "public", "todos", EV_UPDATE, "4"), vec![Hit { chan: b, ids: vec![20] }]);
         assert_eq!(matches(&mut r, "other", "t", EV_DELETE, "4"), vec![Hit { chan: c, ids: vec![30] }]);
         assert!(r.watches("public", "x") && r.watches("z", "y"));
+        assert!(!r.watches(INTERNAL_SCHEMA, "history"), "corecast's own tables are never streamed");
         r.remove(&key(3, "c"));
         assert!(!r.watches("z", "y"));
         assert_eq!(r.auth_count(), 1);

@@ -12,13 +12,13 @@ use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::auth::Verifier;
-use crate::config::Config;
+use crate::config::{Config, HistoryStore};
 use crate::ingest::IngestHandle;
 use crate::protocol::phoenix::Topic;
 use crate::protocol::ws::CloseCode;
 use crate::shard::mesh::{full_mesh, MeshEnds, ShardMsg, INBOX_CAPACITY};
 use crate::shard::stats::ShardStats;
-use crate::shard::{close_slot, conn, Kind, Shard};
+use crate::shard::{close_slot, conn, Durable, Kind, Shard};
 use crate::store::log::{self, Record, RecoveredTopic};
 use crate::transport::listener::bind_reuseport;
 
@@ -36,6 +36,8 @@ pub enum BootError {
     Signals(std::io::Error),
     #[error("cannot start the Postgres ingest: {0}")]
     Ingest(String),
+    #[error("cannot use the Postgres history store: {0}")]
+    History(crate::store::pg::PgStoreError),
     #[error("cannot use the data directory {dir}: {message}")]
     DataDir { dir: String, message: String },
 }
@@ -56,13 +58,31 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
     let cfg = Arc::new(cfg);
     let (fds, addr) =
         bind_reuseport(cfg.listen, cfg.shards).map_err(|source| BootError::Listen { addr: cfg.listen, source })?;
-    let (_lock, log_generation, mut recovered) = prepare_history(&cfg)?;
     let stop = Arc::new(AtomicBool::new(false));
     install_signals(stop.clone())?;
     let verifier = Arc::new(Verifier::new(cfg.jwt_secret.as_deref()));
     let stats: Arc<[ShardStats]> = (0..cfg.shards).map(|_| ShardStats::default()).collect();
     let (ready_tx, ready_rx) = mpsc::channel();
     let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::bounded(INBOX_CAPACITY)).unzip();
+    let (_lock, durable, mut recovered) = match cfg.history_store {
+        HistoryStore::Log => {
+            let (lock, generation, recovered) = prepare_history(&cfg)?;
+            (Some(lock), Durable::Log { generation }, recovered)
+        }
+        HistoryStore::Postgres => {
+            let url = cfg.database_url.as_deref().unwrap_or_default();
+            let pg = crate::ingest::parse_database_url(url).map_err(BootError::Ingest)?;
+            let rec = crate::store::pg::recover(&pg).map_err(BootError::History)?;
+            let (records, topics) = (rec.records, rec.topics.len());
+            let (per_shard, _) = distribute(&cfg, rec.topics);
+            if records > 0 {
+                tracing::info!(records, topics, "history: loaded from corecast.history");
+            }
+            let writer = crate::store::pg::start_writer(pg, inbox_tx.clone(), cfg.limits.history(), cfg.ingest_cpu)
+                .map_err(BootError::History)?;
+            (None, Durable::Postgres(writer), per_shard)
+        }
+    };
     let ingest = match &cfg.database_url {
         Some(_) => Some(crate::ingest::start(&cfg, inbox_tx).map_err(BootError::Ingest)?),
         None => None,
@@ -72,7 +92,7 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
         let cpu = cfg.cpus[id];
         let (cfg, verifier, stats, stop, ready_tx) =
             (cfg.clone(), verifier.clone(), stats.clone(), stop.clone(), ready_tx.clone());
-        let ingest = ingest.clone();
+        let (ingest, durable) = (ingest.clone(), durable.clone());
         let recovered = std::mem::take(&mut recovered[id]);
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
@@ -82,7 +102,7 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
             // runnable tasks when the timer fires right before a scheduling round (fixed only in
             // the unreleased fork); shards yield on elapsed time themselves (`Shard::relax`).
             .spawn(move || {
-                shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx, ingest, inbox, log_generation, recovered)
+                shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx, ingest, inbox, durable, recovered)
             })
             .map_err(|e| BootError::Executor { shard: id, cpu, message: e.to_string() })?;
         handles.push(h);
@@ -145,11 +165,11 @@ async fn shard_main(
     ready: mpsc::Sender<()>,
     ingest: Option<IngestHandle>,
     inbox: flume::Receiver<ShardMsg>,
-    log_generation: u64,
+    durable: Durable,
     recovered: Vec<(Topic, RecoveredTopic)>,
 ) {
     let mesh = ends.connect().await;
-    let shard = Rc::new(Shard::new(id, cfg, verifier, stats, ingest, Some(log_generation)));
+    let shard = Rc::new(Shard::new(id, cfg, verifier, stats, ingest, durable));
     for (topic, rt) in recovered {
         shard.restore_topic(topic, rt);
     }
@@ -242,30 +262,8 @@ fn prepare_history(cfg: &Config) -> Result<(std::fs::File, u64, PerShard), BootE
         .max()
         .unwrap_or(0);
     let generation = crate::shard::history::unix_ms().max(newest + 1);
-    let now = crate::shard::history::unix_ms();
-    let limits = cfg.limits.history();
-    let mut per_shard: Vec<Vec<(Topic, RecoveredTopic)>> = (0..cfg.shards).map(|_| Vec::new()).collect();
-    let mut snapshots: Vec<Vec<Record>> = (0..cfg.shards).map(|_| Vec::new()).collect();
     let (topics, records) = (rec.topics.len(), rec.records);
-    for (topic, mut rt) in rec.topics {
-        rt.messages.retain(|m| {
-            now.saturating_sub(m.created_ms) <= limits.durable_age_ms && m.expires_ms.is_none_or(|e| e > now)
-        });
-        // The per-topic bound applies to what is recovered too (it may have been lowered).
-        rt.messages.sort_by_key(|m| m.offset);
-        let excess = rt.messages.len().saturating_sub(limits.durable_messages);
-        rt.messages.drain(..excess);
-        let owner = topic.owner(cfg.shards);
-        for m in &rt.messages {
-            snapshots[owner].push(Record::Message { topic: topic.clone(), msg: (**m).clone() });
-        }
-        // No checkpoint goes into the snapshot: it describes the previous run's clean end and
-        // must not make a later crash of this run look clean (the epoch would continue over
-        // lost, non-persisted messages and offsets would be reused).
-        if !rt.messages.is_empty() || (rt.clean && rt.epoch.is_some()) {
-            per_shard[owner].push((topic, rt));
-        }
-    }
+    let (per_shard, snapshots) = distribute(cfg, rec.topics);
     for (shard, recs) in snapshots.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
         log::write_snapshot(&dir.join(log::segment_name(generation, 0, shard)), recs)
             .map_err(|e| err(e.to_string()))?;
@@ -285,6 +283,35 @@ fn prepare_history(cfg: &Config) -> Result<(std::fs::File, u64, PerShard), BootE
         );
     }
     Ok((lock, generation, per_shard))
+}
+
+/// Applies the current bounds to recovered topics and hands each to its current owner shard;
+/// also returns, per shard, the message records to keep (the log's compacted snapshot).
+fn distribute(cfg: &Config, topics: std::collections::HashMap<Topic, RecoveredTopic>) -> (PerShard, Vec<Vec<Record>>) {
+    let now = crate::shard::history::unix_ms();
+    let limits = cfg.limits.history();
+    let mut per_shard: Vec<Vec<(Topic, RecoveredTopic)>> = (0..cfg.shards).map(|_| Vec::new()).collect();
+    let mut snapshots: Vec<Vec<Record>> = (0..cfg.shards).map(|_| Vec::new()).collect();
+    for (topic, mut rt) in topics {
+        rt.messages.retain(|m| {
+            now.saturating_sub(m.created_ms) <= limits.durable_age_ms && m.expires_ms.is_none_or(|e| e > now)
+        });
+        // The per-topic bound applies to what is recovered too (it may have been lowered).
+        rt.messages.sort_by_key(|m| m.offset);
+        let excess = rt.messages.len().saturating_sub(limits.durable_messages);
+        rt.messages.drain(..excess);
+        let owner = topic.owner(cfg.shards);
+        for m in &rt.messages {
+            snapshots[owner].push(Record::Message { topic: topic.clone(), msg: (**m).clone() });
+        }
+        // No checkpoint goes into the snapshot: it describes the previous run's clean end and
+        // must not make a later crash of this run look clean (the epoch would continue over
+        // lost, non-persisted messages and offsets would be reused).
+        if !rt.messages.is_empty() || (rt.clean && rt.epoch.is_some()) {
+            per_shard[owner].push((topic, rt));
+        }
+    }
+    (per_shard, snapshots)
 }
 
 /// Housekeeping every 100 ms: the shutdown flag, idle timeouts, token expiry.

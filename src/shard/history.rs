@@ -23,8 +23,9 @@ use crate::protocol::phoenix::session::{format_uuid, Payload, Persist, Publish};
 use crate::protocol::phoenix::{Topic, Vsn};
 use crate::shard::mesh::{Backlog, Origin, ShardMsg};
 use crate::shard::stats::ShardStats;
-use crate::shard::{Kind, Shard};
+use crate::shard::{Durable, Kind, Shard};
 use crate::store::log::{self, Record, RecoveredTopic};
+use crate::store::pg::{PgHistory, WriteBatch};
 
 /// Unix time in milliseconds.
 pub fn unix_ms() -> u64 {
@@ -237,11 +238,12 @@ impl Shard {
         });
     }
 
-    /// Queues a record for the log writer (when the log is enabled).
     /// Queues a record for the log writer; returns the logical log position after it (what a
     /// sync must cover before the record is durable), or `None` when the log is off.
     fn log_append(&self, rec: &Record) -> Option<u64> {
-        self.log_generation?;
+        if matches!(self.durable, Durable::Off) {
+            return None;
+        }
         if self.log_closed.fired() {
             return None; // the writer could not start (or has stopped): nothing to wait for
         }
@@ -304,7 +306,11 @@ impl Shard {
     /// arrive during a sync form the next batch: group commit), compacts big segments, and
     /// on shutdown flushes and closes. Runs until shutdown.
     pub async fn log_loop(self: Rc<Self>) {
-        let Some(generation) = self.log_generation else { return };
+        let generation = match &self.durable {
+            Durable::Off => return,
+            Durable::Postgres(pg) => return self.clone().pg_loop(pg.clone()).await,
+            Durable::Log { generation } => *generation,
+        };
         let dir = self.cfg.data_dir.clone();
         let mut seq = 1u32;
         // Compact when the segment has grown to twice the live data it holds after the last
@@ -367,6 +373,41 @@ impl Shard {
                 }
             }
         }
+    }
+}
+
+impl Shard {
+    /// The log writer for the Postgres store: hands each batch of records to the writer
+    /// thread and releases its acknowledgements once the commit is reported; records queued
+    /// meanwhile form the next batch (group commit).
+    async fn pg_loop(self: Rc<Self>, pg: PgHistory) {
+        loop {
+            self.wait_log(|| !self.log_buf.borrow().is_empty() || self.log_stop.fired()).await;
+            let records = std::mem::take(&mut *self.log_buf.borrow_mut());
+            let upto = self.log_appended.get();
+            if !records.is_empty() {
+                pg.send(WriteBatch { shard: self.id, upto, records });
+                self.wait_log(|| self.pg_synced.get() >= upto).await;
+            }
+            self.release_durable_acks(upto);
+            if self.log_stop.fired() && self.log_buf.borrow().is_empty() {
+                self.log_closed.fire();
+                return;
+            }
+        }
+    }
+
+    /// Waits until `ready` holds, woken through `log_waker`.
+    async fn wait_log(&self, ready: impl Fn() -> bool) {
+        futures_lite::future::poll_fn(|cx| {
+            if ready() {
+                std::task::Poll::Ready(())
+            } else {
+                *self.log_waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await;
     }
 }
 

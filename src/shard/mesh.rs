@@ -73,6 +73,9 @@ pub enum ShardMsg {
     /// From the ingest thread: queue each frame on each listed connection of this shard
     /// (Postgres changes, `system` messages). A frame is encoded once for all its connections.
     ToConns { items: Vec<(Bytes, Vec<ConnId>)> },
+    /// From the Postgres history writer: this shard's log records up to position `upto` are
+    /// committed.
+    HistorySynced { upto: u64 },
     /// From the ingest thread: the decision on a private join held by this shard.
     JoinDecision { conn: ConnId, topic: Topic, allowed: bool, reason: String },
     /// From the ingest thread: end this channel with a `system` error and `phx_close`.

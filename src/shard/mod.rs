@@ -284,8 +284,10 @@ pub struct Shard {
     presence_waker: RefCell<Option<Waker>>,
     /// Prefix of this shard's `phx_ref`s (random per process, so refs never repeat).
     presence_prefix: Box<str>,
-    /// Generation of this process's log segments; `None` when persistence is off.
-    log_generation: Option<u64>,
+    /// Where persisted messages go.
+    durable: Durable,
+    /// Postgres store: this shard's log position the writer has committed up to.
+    pg_synced: Cell<u64>,
     /// Encoded records waiting for the log writer.
     log_buf: RefCell<Vec<u8>>,
     /// Total bytes ever queued for the log (logical positions for durable acknowledgements).
@@ -303,6 +305,17 @@ pub struct Shard {
     last_yield: Cell<Instant>,
 }
 
+/// Where a shard's persisted messages and checkpoints go.
+#[derive(Debug, Clone)]
+pub enum Durable {
+    /// Nowhere: persistence is off.
+    Off,
+    /// The embedded log: this process's segment generation.
+    Log { generation: u64 },
+    /// The Postgres table, through its writer thread.
+    Postgres(crate::store::pg::PgHistory),
+}
+
 impl std::fmt::Debug for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shard").field("id", &self.id).finish_non_exhaustive()
@@ -317,7 +330,7 @@ impl Shard {
         verifier: Arc<Verifier>,
         stats: Arc<[ShardStats]>,
         ingest: Option<IngestHandle>,
-        log_generation: Option<u64>,
+        durable: Durable,
     ) -> Self {
         let l = &cfg.limits;
         let ctx = SessionCtx {
@@ -353,7 +366,8 @@ impl Shard {
             presence_dirty: RefCell::new(Vec::new()),
             presence_waker: RefCell::new(None),
             presence_prefix: format!("{:08x}.", fastrand::u32(..)).into(),
-            log_generation,
+            durable,
+            pg_synced: Cell::new(0),
             log_buf: RefCell::new(Vec::new()),
             log_appended: Cell::new(0),
             durable_acks: RefCell::new(std::collections::VecDeque::new()),
@@ -666,6 +680,10 @@ impl Shard {
                     }
                 }
                 ShardStats::add(&self.my_stats().deliveries, n);
+            }
+            ShardMsg::HistorySynced { upto } => {
+                self.pg_synced.set(self.pg_synced.get().max(upto));
+                self.wake_log();
             }
             ShardMsg::JoinDecision { conn, topic, allowed, reason } => {
                 let Some(sub) = self.pending_auth.borrow_mut().remove(&(conn, topic.clone())) else { return };

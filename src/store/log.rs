@@ -243,7 +243,8 @@ pub fn recover(dir: &Path) -> io::Result<Recovered> {
     Ok(rec)
 }
 
-fn apply(topics: &mut HashMap<Topic, RecoveredTopic>, r: Record) {
+/// Folds one record into the recovered state (records in log order).
+pub fn apply(topics: &mut HashMap<Topic, RecoveredTopic>, r: Record) {
     match r {
         Record::Message { topic, msg } => {
             let t = topics.entry(topic).or_default();

@@ -1,4 +1,5 @@
-//! Durable history: the embedded on-disk log (see [`log`]).
+//! Durable history: the embedded on-disk log (see [`log`]), or with a database the table
+//! `corecast.history` (see [`pg`]), which reuses the log's record encoding and recovery.
 //!
 //! Every owner shard appends the messages published with `persist` on the topics it owns to
 //! its own log segment (glommio's io_uring DMA file API), group-committed with `fdatasync`
@@ -9,3 +10,4 @@
 //! checkpoint per topic, which lets the topic's stream keep its epoch across the restart.
 
 pub mod log;
+pub mod pg;
