@@ -422,6 +422,25 @@ fn pg_postgres_restart_loses_nothing() {
     let set: BTreeSet<i64> = got.iter().copied().collect();
     assert_eq!(set, (6..=15).collect(), "got {got:?}");
     assert_eq!(got.len(), set.len(), "duplicates after a Postgres restart: {got:?}");
+
+    // History in Postgres while it is down: the persisted message is acknowledged only once
+    // it is committed, after the database is back.
+    pg.stop();
+    let addr = srv.addr;
+    let publish = std::thread::spawn(move || {
+        let body = json!({"messages": [{"topic": "h", "event": "m", "payload": {"n": 1}, "persist": true}]});
+        let t = Instant::now();
+        let (st, _, _) =
+            crate::util::http(addr, "POST", "/realtime/v1/api/broadcast", &[], body.to_string().as_bytes());
+        (st, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!publish.is_finished(), "a persisted message was acknowledged while the database was down");
+    pg.start_again();
+    let (st, waited) = publish.join().unwrap();
+    assert_eq!(st, 202);
+    assert!(waited >= Duration::from_millis(1500), "acknowledged after {waited:?}");
+    assert_eq!(db.sql("SELECT payload::text FROM corecast.history WHERE topic = 'h'").trim(), r#"{"n":1}"#);
     drop(c);
     drop(srv);
 }
