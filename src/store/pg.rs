@@ -105,7 +105,7 @@ const TRIM: &str = "WITH scope AS (SELECT * FROM unnest($3::text[], $4::bool[]) 
 /// Why the Postgres history store could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum PgStoreError {
-    #[error("cannot reach the database for history within {0:?}: {1}")]
+    #[error("cannot reach the database for history within {0:?} (history is loaded from it before serving; --history-store log keeps it on local disk instead): {1}")]
     Unreachable(Duration, tokio_postgres::Error),
     #[error("history table: {0}")]
     Sql(#[from] tokio_postgres::Error),
