@@ -733,6 +733,15 @@ fn history_in_postgres_is_shared_by_nodes() {
     let (st, _, _) = crate::util::http(a.addr, "POST", "/realtime/v1/api/broadcast", &[], body.to_string().as_bytes());
     assert_eq!(st, 202);
     assert_eq!(count(&db, "room"), 6, "five public rows and one private");
+    // A record the database refuses (a NUL in a text column) is logged and skipped; the rest of
+    // its batch is written and nothing is held back.
+    let body = json!({"messages": [
+        {"topic": "odd", "event": "bad\u{0}event", "payload": {}, "persist": true},
+        {"topic": "odd", "event": "good", "payload": {}, "persist": true},
+    ]});
+    let (st, _, _) = crate::util::http(a.addr, "POST", "/realtime/v1/api/broadcast", &[], body.to_string().as_bytes());
+    assert_eq!(st, 202);
+    assert_eq!(db.sql("SELECT event FROM corecast.history WHERE topic = 'odd'").trim(), "good");
     let rows = db.sql("SELECT \"offset\", payload::text FROM corecast.history WHERE NOT private ORDER BY 1");
     assert!(rows.contains("5|{\"n\":5}") || rows.contains("5 | {\"n\":5}"), "rows: {rows}");
     let history = |srv: &Server, q: &str| -> Value {

@@ -46,6 +46,7 @@ const TRIM_RETRY: Duration = Duration::from_secs(1);
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 
 const SCHEMA: &str = "
+SET client_min_messages = warning;
 CREATE SCHEMA IF NOT EXISTS corecast;
 CREATE TABLE IF NOT EXISTS corecast.history (
     topic text NOT NULL,
@@ -105,12 +106,18 @@ const TRIM: &str = "WITH scope AS (SELECT * FROM unnest($3::text[], $4::bool[]) 
 /// Why the Postgres history store could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum PgStoreError {
-    #[error("cannot reach the database for history within {0:?} (history is loaded from it before serving; --history-store log keeps it on local disk instead): {1}")]
-    Unreachable(Duration, tokio_postgres::Error),
-    #[error("history table: {0}")]
-    Sql(#[from] tokio_postgres::Error),
+    #[error("cannot reach the database for history within {after:?} (history is loaded from it before serving; --history-store log keeps it on local disk instead): {}", why(error))]
+    Unreachable { after: Duration, error: tokio_postgres::Error },
+    #[error("history table: {}", why(error))]
+    Sql { error: tokio_postgres::Error },
     #[error("history writer thread: {0}")]
     Thread(std::io::Error),
+}
+
+impl From<tokio_postgres::Error> for PgStoreError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        PgStoreError::Sql { error }
+    }
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -121,7 +128,7 @@ async fn connect(pg: &tokio_postgres::Config) -> Result<Client, tokio_postgres::
     let (client, connection) = pg.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "history: database connection ended");
+            tracing::debug!(error = %why(&e), "history: database connection ended");
         }
     });
     Ok(client)
@@ -137,10 +144,10 @@ pub fn recover(pg: &tokio_postgres::Config) -> Result<Recovered, PgStoreError> {
             match connect(pg).await {
                 Ok(c) => break c,
                 Err(e) if started.elapsed() < CONNECT_PATIENCE => {
-                    tracing::warn!(error = %e, "history: database unavailable; retrying");
+                    tracing::warn!(error = %why(&e), "history: database unavailable; retrying");
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
-                Err(e) => return Err(PgStoreError::Unreachable(CONNECT_PATIENCE, e)),
+                Err(e) => return Err(PgStoreError::Unreachable { after: CONNECT_PATIENCE, error: e }),
             }
         };
         client.batch_execute(SCHEMA).await?;
@@ -241,6 +248,22 @@ struct Conn {
     trim: Statement,
 }
 
+/// Whether `e` is the database refusing the data (data exceptions, integrity violations,
+/// program limits), which retrying cannot fix; anything else (a lost connection, a database
+/// starting or shutting down) is worth retrying.
+/// The error with the database's code and message when it has them (tokio-postgres's own
+/// `Display` says only "db error").
+fn why(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} ({})", d.message(), d.code().code()),
+        None => e.to_string(),
+    }
+}
+
+fn refuses_data(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|d| matches!(&d.code().code()[..2], "22" | "23" | "54"))
+}
+
 /// Column arrays for one transaction.
 #[derive(Default)]
 struct Rows {
@@ -262,6 +285,49 @@ struct Rows {
 }
 
 impl Rows {
+    /// Records (messages and checkpoints).
+    fn len(&self) -> usize {
+        self.topic.len() + self.cp_topic.len()
+    }
+
+    /// Record `i` (messages first, then checkpoints) alone.
+    fn single(&self, i: usize) -> Rows {
+        let mut one = Rows::default();
+        if i < self.topic.len() {
+            one.topic.push(self.topic[i].clone());
+            one.private.push(self.private[i]);
+            one.offset.push(self.offset[i]);
+            one.epoch.push(self.epoch[i].clone());
+            one.id.push(self.id[i].clone());
+            one.event.push(self.event[i].clone());
+            one.json.push(self.json[i].clone());
+            one.bytes.push(self.bytes[i].clone());
+            one.binary_frame.push(self.binary_frame[i]);
+            one.created.push(self.created[i]);
+            one.expires.push(self.expires[i]);
+        } else {
+            let j = i - self.topic.len();
+            one.cp_topic.push(self.cp_topic[j].clone());
+            one.cp_private.push(self.cp_private[j]);
+            one.cp_epoch.push(self.cp_epoch[j].clone());
+            one.cp_offset.push(self.cp_offset[j]);
+        }
+        one
+    }
+
+    /// Record `i` for a log line.
+    fn describe(&self, i: usize) -> String {
+        if i < self.topic.len() {
+            format!(
+                "message {:?} (private: {}) offset {} event {:?}",
+                self.topic[i], self.private[i], self.offset[i], self.event[i]
+            )
+        } else {
+            let j = i - self.topic.len();
+            format!("checkpoint {:?} (private: {})", self.cp_topic[j], self.cp_private[j])
+        }
+    }
+
     fn add(&mut self, rec: Record) {
         match rec {
             Record::Message { topic, msg } => {
@@ -364,8 +430,27 @@ impl Writer {
         Ok(self.conn.as_ref().expect("connected above"))
     }
 
-    /// Writes `rows` in one transaction, retrying until it commits.
+    /// Writes `rows` in one transaction. If the database refuses the data (say, a NUL
+    /// character in an event name), the records are written one by one and those refused are
+    /// logged and skipped: one bad record must not hold back every acknowledgement.
     async fn commit(&mut self, rows: &Rows) {
+        let Err(e) = self.commit_retrying(rows).await else { return };
+        if rows.len() == 1 {
+            tracing::error!(error = %why(&e), record = %rows.describe(0), "history: the database refused this record; it is not persisted");
+            return;
+        }
+        tracing::warn!(error = %why(&e), "history: the database refused a batch; writing its records one by one");
+        for i in 0..rows.len() {
+            let one = rows.single(i);
+            if let Err(e) = self.commit_retrying(&one).await {
+                tracing::error!(error = %why(&e), record = %rows.describe(i), "history: the database refused this record; it is not persisted");
+            }
+        }
+    }
+
+    /// Writes `rows` in one transaction, retrying connection failures and transient errors
+    /// until it commits; returns the database's refusal of the data itself.
+    async fn commit_retrying(&mut self, rows: &Rows) -> Result<(), tokio_postgres::Error> {
         let mut backoff = Backoff::default();
         let mut failed = false;
         loop {
@@ -374,11 +459,12 @@ impl Writer {
                     if failed {
                         tracing::info!("history: database writes work again");
                     }
-                    return;
+                    return Ok(());
                 }
+                Err(e) if refuses_data(&e) => return Err(e),
                 Err(e) => {
                     if !failed {
-                        tracing::warn!(error = %e, "history: cannot write to the database; retrying (persisted messages are acknowledged once written)");
+                        tracing::warn!(error = %why(&e), "history: cannot write to the database; retrying (persisted messages are acknowledged once written)");
                         failed = true;
                     }
                     self.conn = None;
@@ -451,7 +537,7 @@ impl Writer {
                 true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "history: trimming failed; will try again");
+                tracing::warn!(error = %why(&e), "history: trimming failed; will try again");
                 self.conn = None;
                 false
             }
