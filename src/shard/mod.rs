@@ -846,13 +846,20 @@ impl Shard {
         ShardStats::add(&self.my_stats().deliveries, n);
     }
 
-    /// Lets other tasks of the shard run if the current one has run for long (2 ms): called
-    /// inside long loops (flushing, handling batches) so reads and accepts are not starved.
+    /// Lets other tasks of the shard run, and the shard poll its sockets, if the current task
+    /// has run for long (2 ms): called inside long loops (flushing, handling batches) so reads
+    /// and accepts are not starved.
+    ///
+    /// A plain `yield_now` is not enough: glommio 0.9 polls I/O only when its task queues run
+    /// dry or its preempt timer (100 ms) fires, so a task that keeps yielding keeps sockets
+    /// unread. Sleeping for a microsecond parks this task until the executor has been through
+    /// its reactor, which reads what arrived meanwhile (say, the next token of a stream while
+    /// the previous one is still being written to 5,000 subscribers).
     pub async fn relax(&self) {
         let now = Instant::now();
         if now.saturating_duration_since(self.last_yield.get()) >= RELAX_AFTER {
             self.last_yield.set(now);
-            futures_lite::future::yield_now().await;
+            glommio::timer::sleep(std::time::Duration::from_micros(1)).await;
         }
     }
 
