@@ -202,6 +202,9 @@ fn run_step(
     let mut seen = vec![0u64; nw];
     let mut diffs = vec![0u64; nw];
     let mut done = vec![false; nw];
+    // A worker's `sent` count is only final in a tick that came after its PubDone: judging
+    // completion on an older tick would end the step before the last diffs arrived.
+    let mut final_tick = vec![false; nw];
     let mut last_progress = Instant::now();
     let mut last_seen = 0u64;
     let mut all_sent: Option<Instant> = None;
@@ -215,6 +218,7 @@ fn run_step(
                     sent[w] = published;
                     seen[w] = uniq;
                     diffs[w] = delivered;
+                    final_tick[w] = done[w];
                 }
                 Ev::PubDone { phase, .. } if phase == spec.step => done[w] = true,
                 _ => {}
@@ -243,7 +247,8 @@ fn run_step(
             // Done when every observer saw every key (a refused track never shows up: then the
             // stall ends the wait).
             let stalled = last_progress.elapsed() > Duration::from_secs(2) && a.elapsed() > Duration::from_secs(2);
-            if stalled || a.elapsed() > drain || (seen_total > 0 && complete(seen_total, sent_total, fleet)) {
+            let counted = final_tick.iter().all(|f| *f);
+            if stalled || a.elapsed() > drain || (counted && seen_total > 0 && complete(seen_total, sent_total, fleet)) {
                 break;
             }
         }
@@ -376,6 +381,25 @@ fn merge(name: &str, spec: &StepSpec, results: Vec<StepResult>, active_secs: f64
         }
     }
     s.missing = s.expected.saturating_sub(s.seen);
+    if s.missing > 0 {
+        // Which keys, and how many observers missed each: one key missed by every observer
+        // was never in a diff; a whole diff missed by one observer is a delivery problem.
+        let mut seen_by: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+        for r in &results {
+            for &(_obs, k, _) in &r.recvs {
+                *seen_by.entry(k).or_default() += 1;
+            }
+        }
+        let mut short: Vec<(u32, u64)> = send_at
+            .keys()
+            .filter(|k| !refused.contains(k))
+            .map(|&k| (k, s.observers - seen_by.get(&k).copied().unwrap_or(0).min(s.observers)))
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        short.sort_unstable();
+        let list: Vec<String> = short.iter().take(12).map(|(k, n)| format!("member {k} ({n} observers)")).collect();
+        s.errors.push(format!("{} keys missed: {}{}", short.len(), list.join(", "), if short.len() > 12 { ", …" } else { "" }));
+    }
     if s.observers > 0 {
         s.diffs_per_observer = diffs as f64 / s.observers as f64;
         s.diff_bytes_per_observer = diff_bytes as f64 / s.observers as f64;
