@@ -248,7 +248,8 @@ fn run_step(
             // stall ends the wait).
             let stalled = last_progress.elapsed() > Duration::from_secs(2) && a.elapsed() > Duration::from_secs(2);
             let counted = final_tick.iter().all(|f| *f);
-            if stalled || a.elapsed() > drain || (counted && seen_total > 0 && complete(seen_total, sent_total, fleet)) {
+            if stalled || a.elapsed() > drain || (counted && seen_total > 0 && complete(seen_total, sent_total, fleet))
+            {
                 break;
             }
         }
@@ -398,7 +399,12 @@ fn merge(name: &str, spec: &StepSpec, results: Vec<StepResult>, active_secs: f64
             .collect();
         short.sort_unstable();
         let list: Vec<String> = short.iter().take(12).map(|(k, n)| format!("member {k} ({n} observers)")).collect();
-        s.errors.push(format!("{} keys missed: {}{}", short.len(), list.join(", "), if short.len() > 12 { ", …" } else { "" }));
+        s.errors.push(format!(
+            "{} keys missed: {}{}",
+            short.len(),
+            list.join(", "),
+            if short.len() > 12 { ", …" } else { "" }
+        ));
     }
     if s.observers > 0 {
         s.diffs_per_observer = diffs as f64 / s.observers as f64;
