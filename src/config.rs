@@ -63,7 +63,8 @@ pub struct RawConfig {
 
     /// Where persisted messages are kept: `log` (the embedded log under --data-dir),
     /// `postgres` (the table `corecast.history` in the database, shared by every node that
-    /// uses it), or `auto`: postgres when a database URL is set, the log otherwise.
+    /// uses it), or `auto`: postgres when a database URL is set and the table can be used,
+    /// the log otherwise.
     #[arg(long, env = "CORECAST_HISTORY_STORE", value_enum, default_value = "auto")]
     pub history_store: HistoryStoreArg,
 
@@ -171,6 +172,9 @@ pub struct Config {
     pub pg_resume_grace: Duration,
     pub data_dir: PathBuf,
     pub history_store: HistoryStore,
+    /// `--history-store auto` chose Postgres: if the table cannot be used at start (no
+    /// privilege to create it, database unreachable), fall back to the log instead of failing.
+    pub history_store_fallback: bool,
     pub limits: Limits,
 }
 
@@ -311,6 +315,7 @@ impl RawConfig {
             pg_resume_grace: Duration::from_millis(self.pg_resume_grace_ms),
             data_dir: self.data_dir,
             history_store,
+            history_store_fallback: self.history_store == HistoryStoreArg::Auto,
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,
                 max_message_bytes: self.max_message_bytes,

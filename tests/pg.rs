@@ -783,3 +783,36 @@ fn history_in_postgres_is_shared_by_nodes() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `--history-store auto` with a database user that may not create `corecast.history`: the
+/// history goes to the embedded log and everything else works; `--history-store postgres`
+/// refuses to start with the reason.
+#[test]
+fn history_store_falls_back_to_the_log_without_privileges() {
+    let db = TestDb::new("histpriv");
+    // A replication user without CREATE on the database; the publication exists already.
+    db.sql("CREATE ROLE histpriv_user LOGIN REPLICATION; CREATE PUBLICATION corecast FOR ALL TABLES");
+    let url = db.url().replacen("postgres://postgres@", "postgres://histpriv_user@", 1);
+    let srv = Server::start_with_env(&["--slot", db.slot()], &[("DATABASE_URL", &url)]);
+    let body = json!({"messages": [{"topic": "t", "event": "m", "payload": {"n": 1}, "persist": true}]});
+    let (st, _, _) =
+        crate::util::http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[], body.to_string().as_bytes());
+    assert_eq!(st, 202);
+    let srv = srv.restart();
+    let (st, _, body) = crate::util::http(srv.addr, "GET", "/realtime/v1/api/channels/t/messages", &[], b"");
+    assert_eq!(st, 200);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["messages"][0]["payload"], json!({"n": 1}), "persisted in the log: {v}");
+    assert_eq!(db.sql("SELECT count(*) FROM pg_namespace WHERE nspname = 'corecast'").trim(), "0");
+    drop(srv);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corecast"))
+        .args(["--listen", "127.0.0.1:0", "--history-store", "postgres", "--slot", db.slot()])
+        .env("DATABASE_URL", &url)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot use the Postgres history store") && err.contains("permission denied"), "{err}");
+}

@@ -64,23 +64,27 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
     let stats: Arc<[ShardStats]> = (0..cfg.shards).map(|_| ShardStats::default()).collect();
     let (ready_tx, ready_rx) = mpsc::channel();
     let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::bounded(INBOX_CAPACITY)).unzip();
-    let (_lock, durable, mut recovered) = match cfg.history_store {
-        HistoryStore::Log => {
+    let postgres = match cfg.history_store {
+        HistoryStore::Log => None,
+        HistoryStore::Postgres => match postgres_history(&cfg, &inbox_tx) {
+            Ok(p) => Some(p),
+            Err(e) if cfg.history_store_fallback => {
+                tracing::error!(
+                    error = %e,
+                    dir = %cfg.data_dir.display(),
+                    "history: cannot use the corecast.history table; persisted messages go to the embedded log \
+                     instead (--history-store postgres makes this an error)"
+                );
+                None
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    let (_lock, durable, mut recovered) = match postgres {
+        Some((durable, recovered)) => (None, durable, recovered),
+        None => {
             let (lock, generation, recovered) = prepare_history(&cfg)?;
             (Some(lock), Durable::Log { generation }, recovered)
-        }
-        HistoryStore::Postgres => {
-            let url = cfg.database_url.as_deref().unwrap_or_default();
-            let pg = crate::ingest::parse_database_url(url).map_err(BootError::Ingest)?;
-            let rec = crate::store::pg::recover(&pg).map_err(BootError::History)?;
-            let (records, topics) = (rec.records, rec.topics.len());
-            let (per_shard, _) = distribute(&cfg, rec.topics);
-            if records > 0 {
-                tracing::info!(records, topics, "history: loaded from corecast.history");
-            }
-            let writer = crate::store::pg::start_writer(pg, inbox_tx.clone(), cfg.limits.history(), cfg.ingest_cpu)
-                .map_err(BootError::History)?;
-            (None, Durable::Postgres(writer), per_shard)
         }
     };
     let ingest = match &cfg.database_url {
@@ -283,6 +287,26 @@ fn prepare_history(cfg: &Config) -> Result<(std::fs::File, u64, PerShard), BootE
         );
     }
     Ok((lock, generation, per_shard))
+}
+
+/// Loads the history from `corecast.history` and starts its writer.
+fn postgres_history(cfg: &Config, inboxes: &[flume::Sender<ShardMsg>]) -> Result<(Durable, PerShard), BootError> {
+    let url = cfg.database_url.as_deref().unwrap_or_default();
+    let pg = crate::ingest::parse_database_url(url).map_err(BootError::Ingest)?;
+    let patience = if cfg.history_store_fallback {
+        crate::store::pg::AUTO_CONNECT_PATIENCE
+    } else {
+        crate::store::pg::CONNECT_PATIENCE
+    };
+    let rec = crate::store::pg::recover(&pg, patience).map_err(BootError::History)?;
+    let (records, topics) = (rec.records, rec.topics.len());
+    let (per_shard, _) = distribute(cfg, rec.topics);
+    if records > 0 {
+        tracing::info!(records, topics, "history: loaded from corecast.history");
+    }
+    let writer = crate::store::pg::start_writer(pg, inboxes.to_vec(), cfg.limits.history(), cfg.ingest_cpu)
+        .map_err(BootError::History)?;
+    Ok((Durable::Postgres(writer), per_shard))
 }
 
 /// Applies the current bounds to recovered topics and hands each to its current owner shard;

@@ -42,8 +42,12 @@ pub const TRIM_INTERVAL: Duration = Duration::from_secs(30);
 /// How soon a failed start-up trim is tried again.
 const TRIM_RETRY: Duration = Duration::from_secs(1);
 
-/// How long start-up keeps retrying a database that does not answer.
+/// How long start-up keeps retrying a database that does not answer with
+/// `--history-store postgres`; with `auto`, corecast falls back to the log sooner.
 pub const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// The same with `--history-store auto`.
+pub const AUTO_CONNECT_PATIENCE: Duration = Duration::from_secs(5);
 
 const SCHEMA: &str = "
 SET client_min_messages = warning;
@@ -135,19 +139,19 @@ async fn connect(pg: &tokio_postgres::Config) -> Result<Client, tokio_postgres::
 }
 
 /// Creates the schema when missing and reads the stored history (consuming the clean-shutdown
-/// checkpoints). Retries an unreachable database for [`CONNECT_PATIENCE`].
-pub fn recover(pg: &tokio_postgres::Config) -> Result<Recovered, PgStoreError> {
+/// checkpoints). Retries an unreachable database for `patience`.
+pub fn recover(pg: &tokio_postgres::Config, patience: Duration) -> Result<Recovered, PgStoreError> {
     runtime().map_err(PgStoreError::Thread)?.block_on(async {
         let started = Instant::now();
         let mut backoff = Backoff::default();
         let mut client = loop {
             match connect(pg).await {
                 Ok(c) => break c,
-                Err(e) if started.elapsed() < CONNECT_PATIENCE => {
+                Err(e) if started.elapsed() < patience => {
                     tracing::warn!(error = %why(&e), "history: database unavailable; retrying");
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
-                Err(e) => return Err(PgStoreError::Unreachable { after: CONNECT_PATIENCE, error: e }),
+                Err(e) => return Err(PgStoreError::Unreachable { after: patience, error: e }),
             }
         };
         client.batch_execute(SCHEMA).await?;
