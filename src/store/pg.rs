@@ -548,3 +548,50 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(offset: u64, payload: Payload) -> StoredMsg {
+        StoredMsg {
+            offset,
+            epoch: Arc::from("ep"),
+            id: Arc::from(format!("id{offset}").as_str()),
+            event: Arc::from("e"),
+            payload,
+            binary_frame: false,
+            created_ms: 1_700_000_000_000 + offset,
+            expires_ms: (offset == 2).then_some(1_800_000_000_000),
+        }
+    }
+
+    #[test]
+    fn log_records_become_column_arrays() {
+        let t = Topic::new("room", true).unwrap();
+        let mut buf = Vec::new();
+        for rec in [
+            Record::Message { topic: t.clone(), msg: msg(1, Payload::Json(Bytes::from_static(b"{\"a\":1}"))) },
+            Record::Message { topic: t.clone(), msg: msg(2, Payload::Binary(Bytes::from_static(&[0, 255]))) },
+            Record::Checkpoint { topic: t, epoch: Arc::from("ep"), last_offset: 9 },
+        ] {
+            log::encode(&rec, &mut buf);
+        }
+        let mut rows = Rows::default();
+        let mut pos = 0;
+        while let Ok(Some((rec, used))) = log::decode(&buf[pos..]) {
+            pos += used;
+            rows.add(rec);
+        }
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows.json, vec![Some("{\"a\":1}".to_string()), None]);
+        assert_eq!(rows.bytes, vec![None, Some(vec![0, 255])]);
+        assert_eq!(rows.expires, vec![None, Some(1_800_000_000_000)]);
+        assert_eq!((rows.private.clone(), rows.offset.clone()), (vec![true, true], vec![1, 2]));
+        let one = rows.single(1);
+        assert_eq!((one.len(), one.offset.clone(), one.id.clone()), (1, vec![2], vec!["id2".to_string()]));
+        let cp = rows.single(2);
+        assert_eq!((cp.len(), cp.cp_offset.clone(), cp.topic.len()), (1, vec![9], 0));
+        assert!(rows.describe(0).contains("offset 1") && rows.describe(2).starts_with("checkpoint"));
+    }
+}
