@@ -87,6 +87,12 @@ fn installed(dir: &Path) -> bool {
 
 /// Runs `node --test <file>` in tests/js; panics with its output unless it exits 0.
 fn run_js(file: &str) {
+    run_js_with(file, &[], FILE_TIMEOUT);
+}
+
+/// [`run_js`] with extra environment variables (corecast's `DATABASE_URL` is removed unless
+/// `env` sets it) and a wall-clock limit.
+pub(crate) fn run_js_with(file: &str, env: &[(&str, &str)], timeout: Duration) {
     let node = node();
     let mut cmd = Command::new("node");
     cmd.arg("--test").arg("--test-reporter=spec");
@@ -97,6 +103,7 @@ fn run_js(file: &str) {
         .current_dir(js_dir())
         .env("CORECAST_BIN", env!("CARGO_BIN_EXE_corecast"))
         .env_remove("DATABASE_URL")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -117,7 +124,7 @@ fn run_js(file: &str) {
         if let Some(status) = child.try_wait().expect("wait for node") {
             break Some(status);
         }
-        if started.elapsed() > FILE_TIMEOUT {
+        if started.elapsed() > timeout {
             // SAFETY: plain kill(2) on the process group this test created.
             unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.wait();
@@ -134,7 +141,7 @@ fn run_js(file: &str) {
     match status {
         Some(s) if s.success() => println!("{output}"),
         Some(s) => panic!("{file} failed ({s}):\n{output}"),
-        None => panic!("{file} did not finish within {FILE_TIMEOUT:?} (killed):\n{output}"),
+        None => panic!("{file} did not finish within {timeout:?} (killed):\n{output}"),
     }
 }
 

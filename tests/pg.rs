@@ -473,99 +473,17 @@ fn pg_corecast_restart_loses_nothing() {
     assert_eq!(set, (4..=7).collect(), "got {got:?}");
 }
 
-/// The unmodified realtime-js client: `tests/js/pg.test.mjs`.
+/// The unmodified realtime-js client: `tests/js/pg.test.mjs`, with a database (`DATABASE_URL`,
+/// `CORECAST_SLOT` and `PSQL` for the file).
 #[test]
 fn pg_realtime_js() {
     let db = TestDb::new("cc_js");
-    js::run("pg.test.mjs", &db);
+    let (url, psql) = (db.url(), db.pg.psql_path());
+    let env = [("DATABASE_URL", url.as_str()), ("CORECAST_SLOT", db.slot()), ("PSQL", psql.to_str().unwrap())];
+    // Wall-clock limit for the file (it takes seconds; this only catches hangs).
+    crate::interop::run_js_with("pg.test.mjs", &env, Duration::from_secs(120));
 }
 
-mod js {
-    //! Runs one `tests/js` file with node, with a database (like `interop`, plus
-    //! `DATABASE_URL`, `CORECAST_SLOT` and `PSQL`).
-
-    use std::io::Read;
-    use std::path::{Path, PathBuf};
-    use std::process::{Command, Stdio};
-    use std::sync::OnceLock;
-    use std::time::{Duration, Instant};
-
-    use crate::util::pg::TestDb;
-
-    fn js_dir() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("js")
-    }
-
-    fn install() {
-        static DONE: OnceLock<()> = OnceLock::new();
-        DONE.get_or_init(|| {
-            let dir = js_dir();
-            if dir.join("node_modules/@supabase/realtime-js/package.json").exists()
-                && dir.join("node_modules/ws").exists()
-            {
-                return;
-            }
-            let ok = Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(&dir).status();
-            assert!(matches!(ok, Ok(s) if s.success()), "`npm ci` in {} failed: {ok:?}", dir.display());
-        });
-    }
-
-    /// Wall-clock limit for the file (it takes seconds; this only catches hangs).
-    const TIMEOUT: Duration = Duration::from_secs(120);
-
-    pub fn run(file: &str, db: &TestDb) {
-        install();
-        let mut cmd = Command::new("node");
-        // realtime-js leaves push timers behind: do not wait for them (Node 20.14+).
-        cmd.args(["--test", "--test-reporter=spec", "--test-force-exit", file])
-            .current_dir(js_dir())
-            .env("CORECAST_BIN", env!("CARGO_BIN_EXE_corecast"))
-            .env("DATABASE_URL", db.url())
-            .env("CORECAST_SLOT", db.slot())
-            .env("PSQL", db.pg.psql_path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // Own process group, so a hang can be killed with every server it started.
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let started = Instant::now();
-        let mut child = cmd.spawn().expect("run node (Node.js 20.14+ must be on PATH)");
-        let drain = |mut r: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = r.read_to_string(&mut s);
-                s
-            })
-        };
-        let stdout = drain(Box::new(child.stdout.take().unwrap()));
-        let stderr = drain(Box::new(child.stderr.take().unwrap()));
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait for node") {
-                break Some(status);
-            }
-            if started.elapsed() > TIMEOUT {
-                // SAFETY: plain kill(2) on the process group this test created.
-                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let text = format!(
-            "--- node --test {file} ({:.1} s) stdout:\n{}\n--- stderr:\n{}",
-            started.elapsed().as_secs_f64(),
-            stdout.join().unwrap_or_default(),
-            stderr.join().unwrap_or_default()
-        );
-        match status {
-            Some(s) if s.success() => println!("{text}"),
-            Some(s) => panic!("{file} failed ({s}):\n{text}"),
-            None => panic!("{file} did not finish within {TIMEOUT:?} (killed):\n{text}"),
-        }
-    }
-}
-
-/// Percent-encodes a query parameter value.
 fn enc(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
