@@ -51,38 +51,38 @@ pub struct Types {
     by_oid: HashMap<u32, TypeInfo>,
 }
 
-const BUILTIN: &[(u32, &str, Scalar)] = &[
-    (16, "bool", Scalar::Bool),
-    (17, "bytea", Scalar::Bytea),
-    (18, "char", Scalar::Text),
-    (19, "name", Scalar::Text),
-    (20, "int8", Scalar::Int),
-    (21, "int2", Scalar::Int),
-    (23, "int4", Scalar::Int),
-    (25, "text", Scalar::Text),
-    (26, "oid", Scalar::Int),
-    (114, "json", Scalar::Json),
-    (142, "xml", Scalar::Text),
-    (650, "cidr", Scalar::Text),
-    (700, "float4", Scalar::Float),
-    (701, "float8", Scalar::Float),
-    (790, "money", Scalar::Text),
-    (829, "macaddr", Scalar::Text),
-    (869, "inet", Scalar::Text),
-    (1042, "bpchar", Scalar::Text),
-    (1043, "varchar", Scalar::Text),
-    (1082, "date", Scalar::Date),
-    (1083, "time", Scalar::Text),
-    (1114, "timestamp", Scalar::Timestamp),
-    (1184, "timestamptz", Scalar::Timestamptz),
-    (1186, "interval", Scalar::Text),
-    (1266, "timetz", Scalar::Text),
-    (1560, "bit", Scalar::Text),
-    (1562, "varbit", Scalar::Text),
-    (1700, "numeric", Scalar::Numeric),
-    (2950, "uuid", Scalar::Uuid),
-    (3614, "tsvector", Scalar::Text),
-    (3802, "jsonb", Scalar::Json),
+const BUILTIN: &[(u32, &str, Kind)] = &[
+    (16, "bool", Kind::Bool),
+    (17, "bytea", Kind::Bytea),
+    (18, "char", Kind::Text),
+    (19, "name", Kind::Text),
+    (20, "int8", Kind::Int),
+    (21, "int2", Kind::Int),
+    (23, "int4", Kind::Int),
+    (25, "text", Kind::Text),
+    (26, "oid", Kind::Int),
+    (114, "json", Kind::Json),
+    (142, "xml", Kind::Text),
+    (650, "cidr", Kind::Text),
+    (700, "float4", Kind::Float),
+    (701, "float8", Kind::Float),
+    (790, "money", Kind::Text),
+    (829, "macaddr", Kind::Text),
+    (869, "inet", Kind::Text),
+    (1042, "bpchar", Kind::Text),
+    (1043, "varchar", Kind::Text),
+    (1082, "date", Kind::Date),
+    (1083, "time", Kind::Text),
+    (1114, "timestamp", Kind::Timestamp),
+    (1184, "timestamptz", Kind::Timestamptz),
+    (1186, "interval", Kind::Text),
+    (1266, "timetz", Kind::Text),
+    (1560, "bit", Kind::Text),
+    (1562, "varbit", Kind::Text),
+    (1700, "numeric", Kind::Numeric),
+    (2950, "uuid", Kind::Uuid),
+    (3614, "tsvector", Kind::Text),
+    (3802, "jsonb", Kind::Json),
 ];
 
 /// Builtin array types: (array oid, typname, element oid).
@@ -112,39 +112,6 @@ const BUILTIN_ARRAYS: &[(u32, &str, u32)] = &[
     (3807, "_jsonb", 3802),
 ];
 
-#[derive(Debug, Clone, Copy)]
-enum Scalar {
-    Int,
-    Float,
-    Numeric,
-    Bool,
-    Json,
-    Bytea,
-    Timestamp,
-    Timestamptz,
-    Date,
-    Uuid,
-    Text,
-}
-
-impl Scalar {
-    fn kind(self) -> Kind {
-        match self {
-            Self::Int => Kind::Int,
-            Self::Float => Kind::Float,
-            Self::Numeric => Kind::Numeric,
-            Self::Bool => Kind::Bool,
-            Self::Json => Kind::Json,
-            Self::Bytea => Kind::Bytea,
-            Self::Timestamp => Kind::Timestamp,
-            Self::Timestamptz => Kind::Timestamptz,
-            Self::Date => Kind::Date,
-            Self::Uuid => Kind::Uuid,
-            Self::Text => Kind::Text,
-        }
-    }
-}
-
 /// A row of `pg_type` as the catalog lookup returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CatalogType {
@@ -170,8 +137,8 @@ impl Types {
     /// The builtin types.
     pub fn new() -> Self {
         let mut by_oid = HashMap::new();
-        for &(oid, name, s) in BUILTIN {
-            by_oid.insert(oid, TypeInfo { name: Arc::from(name), kind: s.kind() });
+        for (oid, name, kind) in BUILTIN {
+            by_oid.insert(*oid, TypeInfo { name: Arc::from(*name), kind: kind.clone() });
         }
         for &(oid, name, elem) in BUILTIN_ARRAYS {
             let ek = by_oid.get(&elem).map_or(Kind::Text, |t: &TypeInfo| t.kind.clone());
