@@ -205,24 +205,7 @@ mod tests {
     const LIMITS: WsLimits = WsLimits { max_frame: 1 << 16, max_message: 1 << 17 };
 
     fn masked(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        match payload.len() {
-            0..=125 => v.push(0x80 | payload.len() as u8),
-            126..=0xffff => {
-                v.push(0x80 | 126);
-                v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-            }
-            _ => {
-                v.push(0x80 | 127);
-                v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-            }
-        }
-        v.extend_from_slice(&mask);
-        let mut p = payload.to_vec();
-        apply_mask(&mut p, mask, 0);
-        v.extend_from_slice(&p);
-        v
+        crate::protocol::ws::frame::client_frame(fin, opcode, payload, [0x37, 0xfa, 0x21, 0x3d])
     }
 
     #[derive(Debug, PartialEq)]

@@ -264,6 +264,30 @@ impl FrameBuilder {
     }
 }
 
+/// A client frame: FIN if `fin`, raw `opcode` (any value, so invalid ones can be built too),
+/// `payload` masked with `mask` (RFC 6455 §5.3). The server never sends one; benches and unit
+/// tests build their input with it.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(MAX_HEADER + 4 + payload.len());
+    v.push(if fin { 0x80 | opcode } else { opcode });
+    match payload.len() {
+        n @ 0..=125 => v.push(0x80 | n as u8),
+        n @ 126..=0xffff => {
+            v.push(0x80 | 126);
+            v.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            v.push(0x80 | 127);
+            v.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    v.extend_from_slice(&mask);
+    let start = v.len();
+    v.extend_from_slice(payload);
+    apply_mask(&mut v[start..], mask, 0);
+    v
+}
+
 /// A close frame with `code` and a short UTF-8 `reason` (truncated to fit 125 bytes).
 pub fn close_frame(code: CloseCode, reason: &str) -> Bytes {
     let mut r = reason;
@@ -285,23 +309,7 @@ mod tests {
     use super::*;
 
     fn masked(opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut v = vec![0x80 | opcode];
-        match payload.len() {
-            0..=125 => v.push(0x80 | payload.len() as u8),
-            126..=0xffff => {
-                v.push(0x80 | 126);
-                v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-            }
-            _ => {
-                v.push(0x80 | 127);
-                v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
-            }
-        }
-        v.extend_from_slice(&mask);
-        let mut p = payload.to_vec();
-        apply_mask(&mut p, mask, 0);
-        v.extend_from_slice(&p);
-        v
+        client_frame(true, opcode, payload, mask)
     }
 
     #[test]
