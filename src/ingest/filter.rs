@@ -17,6 +17,7 @@
 use std::cmp::Ordering;
 
 use super::types::Kind;
+use crate::protocol::json::days_from_civil;
 
 /// Largest number of values in an `in` list (Supabase's limit).
 pub const MAX_IN_VALUES: usize = 100;
@@ -501,17 +502,6 @@ fn parse_uuid(s: &str) -> Option<u128> {
 }
 
 const DAY_MICROS: i64 = 86_400_000_000;
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let m = m as i64;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
 
 /// `YYYY-MM-DD[( |T)HH:MM[:SS[.ffffff]]][ ][Z|UTC|±HH[[:]MM[[:]SS]]]`, or `±infinity`, as
 /// microseconds since the Unix epoch. The offset is applied only when `tz` (timestamptz).

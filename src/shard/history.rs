@@ -17,7 +17,7 @@ use crate::channel::registry::ConnId;
 use crate::channel::topic::OwnedTopic;
 use crate::channel::{Format, FormatSet};
 use crate::protocol::http;
-use crate::protocol::json::{iso8601_ms, write_str, write_u64};
+use crate::protocol::json::{write_iso8601_ms, write_str, write_u64};
 use crate::protocol::phoenix::message;
 use crate::protocol::phoenix::session::{format_uuid, Payload, Persist, Publish};
 use crate::protocol::phoenix::{Topic, Vsn};
@@ -219,8 +219,9 @@ impl Shard {
                         body.extend_from_slice(b",\"encoding\":\"base64\"");
                     }
                 }
-                body.extend_from_slice(b",\"created_at\":");
-                write_str(&mut body, &iso8601_ms(m.created_ms));
+                body.extend_from_slice(b",\"created_at\":\"");
+                write_iso8601_ms(&mut body, i64::try_from(m.created_ms).unwrap_or(i64::MAX));
+                body.push(b'"');
                 body.push(b'}');
             }
         }
