@@ -213,13 +213,7 @@ pub fn compare(sc: ScenarioKind, args: &RunArgs, servers: &[ServerKind], with_ba
         let tp: Vec<(String, Vec<(f64, f64)>)> = runs
             .iter()
             .filter_map(|r| {
-                let pts: Vec<(f64, f64)> = r
-                    .phases
-                    .iter()
-                    .flat_map(|p| p.timeline.iter())
-                    .enumerate()
-                    .map(|(i, s)| (i as f64 + 1.0, s.delivered_per_sec))
-                    .collect();
+                let pts = r.throughput_timeline();
                 (!pts.is_empty()).then(|| (r.server.clone(), pts))
             })
             .collect();

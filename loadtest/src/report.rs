@@ -432,13 +432,7 @@ pub fn write_run(dir: &Path, r: &RunResult, m: &Machine) -> PathBuf {
             );
             charts.push(name);
         }
-        let tl: Vec<(f64, f64)> = r
-            .phases
-            .iter()
-            .flat_map(|p| p.timeline.iter())
-            .enumerate()
-            .map(|(i, s)| (i as f64 + 1.0, s.delivered_per_sec))
-            .collect();
+        let tl = r.throughput_timeline();
         if !tl.is_empty() {
             let name = format!("{stem}-throughput.svg");
             write(

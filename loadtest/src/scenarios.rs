@@ -475,6 +475,17 @@ impl RunResult {
         self.headline.and_then(|i| self.phases.get(i))
     }
 
+    /// Deliveries per second over the run, one point per second of every phase in order, for
+    /// the throughput charts.
+    pub fn throughput_timeline(&self) -> Vec<(f64, f64)> {
+        self.phases
+            .iter()
+            .flat_map(|p| p.timeline.iter())
+            .enumerate()
+            .map(|(i, s)| (i as f64 + 1.0, s.delivered_per_sec))
+            .collect()
+    }
+
     /// The deliveries/s figure compare quotes: sustained rate for a sweep, else the phase's.
     pub fn deliveries_per_sec(&self) -> f64 {
         if let Some(s) = &self.sweep {

@@ -568,12 +568,9 @@ impl Worker {
         self.start_connects(now);
     }
 
-    fn fail(&mut self, ci: usize, why: &str) {
+    /// Closes connection `ci`'s socket at once (RST) and marks it closed, its output dropped.
+    fn drop_socket(&mut self, ci: usize) {
         let c = &mut self.conns[ci];
-        if c.state == St::Closed || c.state == St::Pending {
-            return;
-        }
-        let was = c.state;
         if c.fd >= 0 {
             self.ep.delete(c.fd);
             sys::close_abortive(c.fd);
@@ -582,6 +579,16 @@ impl Worker {
         c.state = St::Closed;
         c.wbuf.clear();
         c.wpos = 0;
+    }
+
+    fn fail(&mut self, ci: usize, why: &str) {
+        let c = &mut self.conns[ci];
+        if c.state == St::Closed || c.state == St::Pending {
+            return;
+        }
+        let was = c.state;
+        self.drop_socket(ci);
+        let c = &mut self.conns[ci];
         c.rest_inflight = 0;
         let id = c.id;
         let pi = c.pub_idx;

@@ -202,15 +202,7 @@ impl Worker {
 
     /// A member leaves by closing its socket: not a server close, so not counted as one.
     fn presence_close(&mut self, ci: usize) {
-        let c = &mut self.conns[ci];
-        if c.fd >= 0 {
-            self.ep.delete(c.fd);
-            sys::close_abortive(c.fd);
-            c.fd = -1;
-        }
-        c.state = St::Closed;
-        c.wbuf.clear();
-        c.wpos = 0;
+        self.drop_socket(ci);
     }
 
     /// A Phoenix message on a presence-room connection; true if handled here.
