@@ -15,10 +15,9 @@
 import { describe, it, before, after } from 'node:test'
 import assert from 'node:assert/strict'
 import http from 'node:http'
-import net from 'node:net'
 import { existsSync } from 'node:fs'
 import { chromium } from 'playwright-core'
-import { Server, Log, topic, sleep } from './helpers.mjs'
+import { Server, Log, topic, sleep, tcpProxy } from './helpers.mjs'
 
 const CHROMIUM = process.env.CORECAST_CHROMIUM || '/usr/bin/chromium'
 const SKIP = process.env.CORECAST_SKIP_BROWSER === '1'
@@ -107,61 +106,6 @@ async function servePage(t, html) {
   return `http://127.0.0.1:${server.address().port}`
 }
 
-/**
- * A TCP proxy to 127.0.0.1:`port` that records the head of every request going through it
- * (`heads`: the browser's real request lines and headers) and whose `cut()` drops every
- * connection. A connection is also dropped when the upstream goes away (server restart).
- */
-async function loggingProxy(t, port) {
-  const pairs = new Set()
-  const heads = new Log('request heads through the proxy')
-  const server = net.createServer((down) => {
-    const up = net.connect(port, '127.0.0.1')
-    const pair = [down, up]
-    pairs.add(pair)
-    let head = ''
-    let logged = false
-    down.on('data', (d) => {
-      if (!logged) {
-        head += d.toString('latin1')
-        const end = head.indexOf('\r\n\r\n')
-        if (end >= 0) {
-          logged = true
-          const [line, ...rest] = head.slice(0, end).split('\r\n')
-          const headers = {}
-          for (const h of rest) {
-            const i = h.indexOf(':')
-            headers[h.slice(0, i).trim().toLowerCase()] = h.slice(i + 1).trim()
-          }
-          heads.push({ line, headers, t: Date.now() })
-        }
-      }
-      up.write(d)
-    })
-    up.pipe(down)
-    const end = () => {
-      pairs.delete(pair)
-      down.destroy()
-      up.destroy()
-    }
-    down.on('error', end).on('close', end).on('end', end)
-    up.on('error', end).on('close', end).on('end', end)
-  })
-  await new Promise((r) => server.listen(0, '127.0.0.1', r))
-  t.after(() => {
-    for (const [a, b] of pairs) (a.destroy(), b.destroy())
-    server.close()
-  })
-  return {
-    url: `http://127.0.0.1:${server.address().port}`,
-    heads,
-    cut() {
-      for (const [a, b] of pairs) (a.destroy(), b.destroy())
-      pairs.clear()
-    },
-  }
-}
-
 /** POST /realtime/v1/api/broadcast, one request per `[topic, n]`, in order; asserts 202 each. */
 async function publishSeq(server, list, persist = false) {
   for (const [name, n] of list) {
@@ -205,7 +149,7 @@ describe('browser EventSource (headless Chromium)', () => {
     const srv = await new Server().start()
     t.after(() => srv.stop())
     const [x, y] = [topic('browser-x'), topic('browser-y')]
-    const proxy = await loggingProxy(t, srv.port)
+    const proxy = await tcpProxy(t, srv.port)
     // presence=true: the presence_state per topic tells that the stream is registered with each
     // topic's owner (the `open` event alone does not, see sse.test.mjs).
     const sseUrl = `${proxy.url}/realtime/v1/sse?topic=${x}&topic=${y}&presence=true&apikey=anon-key`

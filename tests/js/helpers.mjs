@@ -10,6 +10,7 @@ import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { createHmac } from 'node:crypto'
 import { mkdtempSync, rmSync } from 'node:fs'
+import net from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import WebSocket from 'ws'
@@ -506,5 +507,64 @@ export async function withTranscript(clients, fn) {
   } catch (e) {
     e.message += '\n' + clients.map((c, i) => `--- client ${i}:\n${transcript(c)}`).join('\n')
     throw e
+  }
+}
+
+/**
+ * A TCP proxy to 127.0.0.1:`port` (closed after test `t`) that records the head of every
+ * request going through it (`heads`: the real request lines and headers) and whose `cut()`
+ * destroys every proxied connection (both sides), as a network failure or a load balancer
+ * would. A connection is also dropped when either side ends it (a server restart).
+ */
+export async function tcpProxy(t, port) {
+  const pairs = new Set()
+  const heads = new Log('request heads through the proxy')
+  const server = net.createServer((down) => {
+    const up = net.connect(port, '127.0.0.1')
+    const pair = [down, up]
+    pairs.add(pair)
+    let head = ''
+    let logged = false
+    down.on('data', (d) => {
+      if (!logged) {
+        head += d.toString('latin1')
+        const end = head.indexOf('\r\n\r\n')
+        if (end >= 0) {
+          logged = true
+          const [line, ...rest] = head.slice(0, end).split('\r\n')
+          const headers = {}
+          for (const h of rest) {
+            const i = h.indexOf(':')
+            headers[h.slice(0, i).trim().toLowerCase()] = h.slice(i + 1).trim()
+          }
+          heads.push({ line, headers, t: Date.now() })
+        }
+      }
+      up.write(d)
+    })
+    up.pipe(down)
+    const end = () => {
+      pairs.delete(pair)
+      down.destroy()
+      up.destroy()
+    }
+    down.on('error', end).on('close', end).on('end', end)
+    up.on('error', end).on('close', end).on('end', end)
+  })
+  await new Promise((r) => server.listen(0, '127.0.0.1', r))
+  t.after(() => {
+    for (const [a, b] of pairs) (a.destroy(), b.destroy())
+    server.close()
+  })
+  return {
+    url: `http://127.0.0.1:${server.address().port}`,
+    heads,
+    get connections() {
+      return pairs.size
+    },
+    cut() {
+      for (const [a, b] of pairs) (a.destroy(), b.destroy())
+      pairs.clear()
+    },
   }
 }

@@ -6,9 +6,8 @@
 
 import { describe, it, before, after } from 'node:test'
 import assert from 'node:assert/strict'
-import net from 'node:net'
 import { EventSource } from 'eventsource'
-import { Server, Log, clientOnShard, subscribed, topic, arrayBuffer, jwt, nowSecs, sleep } from './helpers.mjs'
+import { Server, Log, clientOnShard, subscribed, topic, arrayBuffer, jwt, nowSecs, sleep, tcpProxy } from './helpers.mjs'
 
 let srv
 before(async () => {
@@ -81,43 +80,6 @@ async function publishSeq(server, list) {
 /** Broadcast events of `log` for `name`, as their payload.n. */
 const ns = (log, name) =>
   log.filter((e) => e.type === 'broadcast' && e.data.topic === name).map((e) => e.data.payload.n)
-
-/**
- * A TCP proxy to `port` on 127.0.0.1 whose `cut()` destroys every proxied connection (both
- * sides), as a network failure or a load balancer would.
- */
-async function tcpProxy(t, port) {
-  const pairs = new Set()
-  const server = net.createServer((down) => {
-    const up = net.connect(port, '127.0.0.1')
-    const pair = [down, up]
-    pairs.add(pair)
-    down.pipe(up)
-    up.pipe(down)
-    const end = () => {
-      pairs.delete(pair)
-      down.destroy()
-      up.destroy()
-    }
-    down.on('error', end).on('close', end)
-    up.on('error', end).on('close', end)
-  })
-  await new Promise((r) => server.listen(0, '127.0.0.1', r))
-  t.after(() => {
-    for (const [a, b] of pairs) (a.destroy(), b.destroy())
-    server.close()
-  })
-  return {
-    url: `http://127.0.0.1:${server.address().port}`,
-    get connections() {
-      return pairs.size
-    },
-    cut() {
-      for (const [a, b] of pairs) (a.destroy(), b.destroy())
-      pairs.clear()
-    },
-  }
-}
 
 /** Asserts `got` (a topic's received n's) is exactly `want`: complete, in order, no duplicate. */
 function assertExactly(got, want, what) {
