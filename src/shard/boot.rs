@@ -267,10 +267,22 @@ fn prepare_history(cfg: &Config) -> Result<(std::fs::File, u64, PerShard), BootE
         .unwrap_or(0);
     let generation = crate::shard::history::unix_ms().max(newest + 1);
     let (topics, records) = (rec.topics.len(), rec.records);
-    let (per_shard, snapshots) = distribute(cfg, rec.topics);
-    for (shard, recs) in snapshots.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-        log::write_snapshot(&dir.join(log::segment_name(generation, 0, shard)), recs)
-            .map_err(|e| err(e.to_string()))?;
+    let per_shard = distribute(cfg, rec.topics);
+    // One compacted snapshot per shard: the messages it now owns. No checkpoint goes into it:
+    // it describes the previous run's clean end and must not make a later crash of this run
+    // look clean (the epoch would continue over lost, non-persisted messages and offsets would
+    // be reused).
+    for (shard, topics) in per_shard.iter().enumerate() {
+        let recs: Vec<Record> = topics
+            .iter()
+            .flat_map(|(topic, rt)| {
+                rt.messages.iter().map(|m| Record::Message { topic: topic.clone(), msg: (**m).clone() })
+            })
+            .collect();
+        if !recs.is_empty() {
+            log::write_snapshot(&dir.join(log::segment_name(generation, 0, shard)), &recs)
+                .map_err(|e| err(e.to_string()))?;
+        }
     }
     log::sync_dir(dir).map_err(|e| err(e.to_string()))?;
     for f in &rec.files {
@@ -300,7 +312,7 @@ fn postgres_history(cfg: &Config, inboxes: &[flume::Sender<ShardMsg>]) -> Result
     };
     let rec = crate::store::pg::recover(&pg, patience).map_err(BootError::History)?;
     let (records, topics) = (rec.records, rec.topics.len());
-    let (per_shard, _) = distribute(cfg, rec.topics);
+    let per_shard = distribute(cfg, rec.topics);
     if records > 0 {
         tracing::info!(records, topics, "history: loaded from corecast.history");
     }
@@ -309,13 +321,11 @@ fn postgres_history(cfg: &Config, inboxes: &[flume::Sender<ShardMsg>]) -> Result
     Ok((Durable::Postgres(writer), per_shard))
 }
 
-/// Applies the current bounds to recovered topics and hands each to its current owner shard;
-/// also returns, per shard, the message records to keep (the log's compacted snapshot).
-fn distribute(cfg: &Config, topics: std::collections::HashMap<Topic, RecoveredTopic>) -> (PerShard, Vec<Vec<Record>>) {
+/// Applies the current bounds to recovered topics and hands each to its current owner shard.
+fn distribute(cfg: &Config, topics: std::collections::HashMap<Topic, RecoveredTopic>) -> PerShard {
     let now = crate::shard::history::unix_ms();
     let limits = cfg.limits.history();
     let mut per_shard: Vec<Vec<(Topic, RecoveredTopic)>> = (0..cfg.shards).map(|_| Vec::new()).collect();
-    let mut snapshots: Vec<Vec<Record>> = (0..cfg.shards).map(|_| Vec::new()).collect();
     for (topic, mut rt) in topics {
         rt.messages.retain(|m| {
             now.saturating_sub(m.created_ms) <= limits.durable_age_ms && m.expires_ms.is_none_or(|e| e > now)
@@ -324,18 +334,11 @@ fn distribute(cfg: &Config, topics: std::collections::HashMap<Topic, RecoveredTo
         rt.messages.sort_by_key(|m| m.offset);
         let excess = rt.messages.len().saturating_sub(limits.durable_messages);
         rt.messages.drain(..excess);
-        let owner = topic.owner(cfg.shards);
-        for m in &rt.messages {
-            snapshots[owner].push(Record::Message { topic: topic.clone(), msg: (**m).clone() });
-        }
-        // No checkpoint goes into the snapshot: it describes the previous run's clean end and
-        // must not make a later crash of this run look clean (the epoch would continue over
-        // lost, non-persisted messages and offsets would be reused).
         if !rt.messages.is_empty() || (rt.clean && rt.epoch.is_some()) {
-            per_shard[owner].push((topic, rt));
+            per_shard[topic.owner(cfg.shards)].push((topic, rt));
         }
     }
-    (per_shard, snapshots)
+    per_shard
 }
 
 /// Housekeeping every 100 ms: the shutdown flag, idle timeouts, token expiry.
