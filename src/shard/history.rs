@@ -459,7 +459,7 @@ fn resume_error(topic: &Topic, format: Format, message: &str, epoch: &str, oldes
     write_u64(&mut p, oldest);
     p.push(b'}');
     if format == Format::Sse {
-        return crate::shard::presence::sse_topic_event(topic, "system", &p);
+        return crate::protocol::sse::topic_event(topic.name(), "system", &p);
     }
     message::encode(vsn, None, None, &wire, "system", &p)
 }

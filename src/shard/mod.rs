@@ -724,7 +724,7 @@ impl Shard {
                     (false, error) => self.send(conn, reply.frame(&topic, error.as_deref())),
                     (true, Some(e)) => {
                         let data = format!(r#"{{"status":"error","message":{}}}"#, crate::protocol::json::quote(&e));
-                        self.send(conn, presence::sse_topic_event(&topic, "system", data.as_bytes()));
+                        self.send(conn, crate::protocol::sse::topic_event(topic.name(), "system", data.as_bytes()));
                     }
                     (true, None) => {}
                 }

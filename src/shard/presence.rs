@@ -25,12 +25,6 @@ use crate::protocol::ws::frame::{write_header, OpCode};
 use crate::shard::mesh::ShardMsg;
 use crate::shard::Shard;
 
-/// An SSE event about a topic: `event: <event>` with data `{"topic","event","payload"}`
-/// (presence state and diffs, system messages).
-pub(super) fn sse_topic_event(topic: &Topic, event: &str, payload: &[u8]) -> Bytes {
-    crate::protocol::sse::topic_event(topic.name(), event, payload)
-}
-
 fn member(shard: usize, conn: ConnId) -> MemberId {
     (shard, ((conn.index as u64) << 32) | conn.generation as u64)
 }
@@ -138,7 +132,7 @@ impl Shard {
             }
             Format::Sse => {
                 // Shared: the state body is large, the framing small; one copy per stream.
-                self.send(conn, sse_topic_event(topic, "presence_state", &body));
+                self.send(conn, crate::protocol::sse::topic_event(topic.name(), "presence_state", &body));
                 return;
             }
         };
@@ -195,7 +189,8 @@ impl Shard {
                         }
                     }
                     if formats.contains(Format::Sse) {
-                        by_format[Format::Sse.index()] = Some(sse_topic_event(&topic, "presence_diff", &diff));
+                        by_format[Format::Sse.index()] =
+                            Some(crate::protocol::sse::topic_event(topic.name(), "presence_diff", &diff));
                     }
                     let targets: Vec<usize> = t.listening_shards().collect();
                     (Arc::new(Frames { by_format, offset: 0, epoch: t.epoch().clone(), sse_with_id: None }), targets)

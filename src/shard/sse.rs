@@ -11,7 +11,6 @@ use crate::ingest::{IngestMsg, PgSubscribe};
 use crate::protocol::phoenix::message::Vsn;
 use crate::protocol::phoenix::session::ReplyTo;
 use crate::shard::mesh::{Backlog, ShardMsg};
-use crate::shard::presence::sse_topic_event;
 use crate::shard::rest::SseRequest;
 use crate::shard::stats::ShardStats;
 use crate::shard::{Kind, Shard, SseState};
@@ -30,7 +29,7 @@ impl Shard {
         for (i, topic) in req.topics.iter().enumerate() {
             if let Some(msg) = &req.bad_resume {
                 let data = format!(r#"{{"status":"error","message":{}}}"#, crate::protocol::json::quote(msg));
-                self.send(id, sse_topic_event(topic, "system", data.as_bytes()));
+                self.send(id, crate::protocol::sse::topic_event(topic.name(), "system", data.as_bytes()));
             }
             let local = LocalSub {
                 conn: id,
