@@ -474,20 +474,7 @@ pub fn system(
         Format::V1 => message::system(Vsn::V1, join_ref, wire_topic, extension, ok, text),
         Format::V2 => message::system(Vsn::V2, join_ref, wire_topic, extension, ok, text),
         Format::Sse => {
-            let channel = wire_topic.strip_prefix(topic::PREFIX).unwrap_or(wire_topic);
-            let mut p = Vec::with_capacity(text.len() + channel.len() + 80);
-            p.extend_from_slice(b"{\"extension\":");
-            write_str(&mut p, extension);
-            p.extend_from_slice(if ok {
-                b",\"status\":\"ok\",\"message\":"
-            } else {
-                b",\"status\":\"error\",\"message\":"
-            });
-            write_str(&mut p, text);
-            p.extend_from_slice(b",\"channel\":");
-            write_str(&mut p, channel);
-            p.push(b'}');
-            envelope(format, wire_topic, "system", &p)
+            envelope(format, wire_topic, "system", &message::system_payload(wire_topic, extension, ok, text))
         }
     }
 }

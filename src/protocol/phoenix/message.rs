@@ -275,6 +275,12 @@ pub fn error_reply(vsn: Vsn, join_ref: Option<&str>, msg_ref: Option<&str>, topi
 
 /// A `system` message: `{"extension","status","message","channel"}` with `ref` null.
 pub fn system(vsn: Vsn, join_ref: Option<&str>, topic: &str, extension: &str, ok: bool, message: &str) -> Bytes {
+    encode(vsn, join_ref, None, topic, "system", &system_payload(topic, extension, ok, message))
+}
+
+/// The payload of a `system` message about `extension` on the wire `topic`:
+/// `{"extension","status","message","channel"}` (also sent as an SSE `system` event).
+pub fn system_payload(topic: &str, extension: &str, ok: bool, message: &str) -> Vec<u8> {
     let channel = topic.strip_prefix(crate::protocol::phoenix::topic::PREFIX).unwrap_or(topic);
     let mut p = Vec::with_capacity(message.len() + channel.len() + 80);
     p.extend_from_slice(b"{\"extension\":");
@@ -284,7 +290,7 @@ pub fn system(vsn: Vsn, join_ref: Option<&str>, topic: &str, extension: &str, ok
     p.extend_from_slice(b",\"channel\":");
     write_str(&mut p, channel);
     p.push(b'}');
-    encode(vsn, join_ref, None, topic, "system", &p)
+    p
 }
 
 /// `phx_close` or `phx_error` for a channel: Phoenix sends both with `ref == join_ref`, which
