@@ -136,6 +136,7 @@ pub const MAX_SSE_BINDINGS: usize = 100;
 /// (default: the first). Unlike a join payload this is strict: a bad value is the request's
 /// error. Returns `(topic name or None, binding)` pairs.
 pub fn parse_sse_bindings(json: &str) -> Result<Vec<(Option<String>, PgBinding)>, String> {
+    const FIELDS: [&str; 5] = ["event", "schema", "table", "filter", "topic"];
     const SHAPE: &str = "postgres_changes must be a JSON array of objects like \
                          {\"event\":\"*\",\"schema\":\"public\",\"table\":\"todos\",\"filter\":\"id=eq.1\"}";
     let list = match serde_json::from_str::<Value>(json) {
@@ -153,12 +154,12 @@ pub fn parse_sse_bindings(json: &str) -> Result<Vec<(Option<String>, PgBinding)>
     let mut out = Vec::with_capacity(list.len());
     for v in &list {
         let Value::Object(o) = v else { return Err(SHAPE.into()) };
-        for key in ["event", "schema", "table", "filter", "topic"] {
+        for key in FIELDS {
             if o.get(key).is_some_and(|v| !v.is_string()) {
                 return Err(format!("postgres_changes: \"{key}\" must be a string"));
             }
         }
-        if let Some(k) = o.keys().find(|k| !["event", "schema", "table", "filter", "topic"].contains(&k.as_str())) {
+        if let Some(k) = o.keys().find(|k| !FIELDS.contains(&k.as_str())) {
             return Err(format!(
                 "postgres_changes: unknown field {k:?} (expected event, schema, table, filter, topic)"
             ));
