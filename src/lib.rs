@@ -10,11 +10,13 @@
 //!   vectored `sendmsg`, and listener setup. Knows nothing of protocols or shards.
 //! - [`shard`]: the runtime. One glommio executor per core, the mesh (the one cross-core
 //!   message type), the connection driver that ties protocol, channel and transport together.
-//! - [`config`] and [`auth`]: leaf utilities (validated configuration; token verification).
+//! - [`config`], [`auth`] and [`entropy`]: leaf utilities (validated configuration; token
+//!   verification; OS randomness for identifiers).
 
 pub mod auth;
 pub mod channel;
 pub mod config;
+pub mod entropy;
 pub mod fuzzing;
 pub mod ingest;
 pub mod protocol;

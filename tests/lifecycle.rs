@@ -82,3 +82,45 @@ fn a_data_dir_is_used_by_one_process_at_a_time() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another corecast process"), "{err}");
 }
+
+/// The PID of `pid`'s only child process (what `unshare --fork` started).
+fn child_of(pid: u32) -> u32 {
+    for _ in 0..100 {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        if let Some(c) = children.split_whitespace().next() {
+            return c.parse().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("process {pid} has no child");
+}
+
+/// Every container runs its server as PID 1, started at nearly the same instant after boot:
+/// whatever corecast seeds its identifiers with must still differ between such starts, or a
+/// resume token from before a crash is accepted against a new stream (a silent gap).
+#[test]
+fn epochs_and_message_ids_differ_between_starts_as_pid1() {
+    let (mut epochs, mut ids) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        let srv = Server::start_as_pid1(&[]);
+        let inner = child_of(srv.pid());
+        let status = std::fs::read_to_string(format!("/proc/{inner}/status")).unwrap();
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap_or_default();
+        assert_eq!(nspid.split_whitespace().last(), Some("1"), "corecast is not PID 1 of its namespace: {nspid}");
+        let body = json!({"messages": [{"topic": "room", "event": "m", "payload": {}, "persist": true}]});
+        let (st, _, _) =
+            crate::util::http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[], body.to_string().as_bytes());
+        assert_eq!(st, 202);
+        let (st, _, page) = crate::util::http(srv.addr, "GET", "/realtime/v1/api/channels/room/messages", &[], b"");
+        assert_eq!(st, 200);
+        let page: serde_json::Value = serde_json::from_slice(&page).unwrap();
+        epochs.push(page["epoch"].as_str().expect("epoch").to_owned());
+        ids.push(page["messages"][0]["id"].as_str().expect("message id").to_owned());
+    }
+    for list in [&epochs, &ids] {
+        let mut unique = list.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), list.len(), "repeated across PID-1 starts: {list:?}");
+    }
+}

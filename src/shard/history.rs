@@ -65,7 +65,7 @@ impl Shard {
             let offset = t.next_offset();
             let id: Arc<str> = match &p.id {
                 Some(id) => id.clone(),
-                None => Arc::from(format_uuid(self.rng.borrow_mut().u128(..)).as_str()),
+                None => Arc::from(format_uuid(crate::entropy::fast_u128()).as_str()),
             };
             let expires_ms = match p.persist {
                 Persist::Ttl(s) => Some(now + s.saturating_mul(1000)),

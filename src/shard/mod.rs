@@ -282,7 +282,7 @@ pub struct Shard {
     /// Owned topics with a presence diff waiting for the end of the coalescing window.
     presence_dirty: RefCell<Vec<Topic>>,
     presence_waker: RefCell<Option<Waker>>,
-    /// Prefix of this shard's `phx_ref`s (random per process, so refs never repeat).
+    /// Prefix of this shard's `phx_ref`s (OS-random per process, so refs never repeat).
     presence_prefix: Box<str>,
     /// Where persisted messages go.
     durable: Durable,
@@ -300,7 +300,6 @@ pub struct Shard {
     pub log_stop: Event,
     pub log_closed: Event,
     next_generation: Cell<u32>,
-    rng: RefCell<fastrand::Rng>,
     /// When a long loop last yielded (see [`Shard::relax`]).
     last_yield: Cell<Instant>,
 }
@@ -365,7 +364,7 @@ impl Shard {
             pg_after_reply: RefCell::new(HashMap::default()),
             presence_dirty: RefCell::new(Vec::new()),
             presence_waker: RefCell::new(None),
-            presence_prefix: format!("{:08x}.", fastrand::u32(..)).into(),
+            presence_prefix: format!("{:08x}.", crate::entropy::u64() as u32).into(),
             durable,
             pg_synced: Cell::new(0),
             log_buf: RefCell::new(Vec::new()),
@@ -376,9 +375,6 @@ impl Shard {
             log_closed: Event::default(),
             next_generation: Cell::new(0),
             last_yield: Cell::new(Instant::now()),
-            rng: RefCell::new(fastrand::Rng::with_seed(
-                0x5eed ^ (id as u64) ^ Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64,
-            )),
             cfg,
         }
     }
@@ -870,8 +866,10 @@ impl Shard {
         }
     }
 
+    /// A fresh stream epoch, straight from the OS: it must differ from every epoch any earlier
+    /// process gave out, or a resume token from before a restart would match the new stream.
     fn new_epoch(&self) -> Arc<str> {
-        let r = self.rng.borrow_mut().u64(..);
+        let r = crate::entropy::u64();
         Arc::from(format!("{r:016x}").as_str())
     }
 

@@ -64,7 +64,38 @@ impl Server {
 
     /// Starts the binary on `listen` with `data_dir`.
     pub fn launch(listen: &str, data_dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corecast"));
+        Self::launch_wrapped(&[], listen, data_dir, args, env)
+    }
+
+    /// Starts the binary as PID 1 of a new PID namespace (`unshare --pid --fork`), the way it
+    /// runs in every container, with a fresh data dir.
+    pub fn start_as_pid1(args: &[&str]) -> Server {
+        Self::launch_wrapped(
+            &["unshare", "--pid", "--fork", "--kill-child"],
+            "127.0.0.1:0",
+            &temp_dir("pid1"),
+            args,
+            &[],
+        )
+    }
+
+    /// Like [`Server::launch`], run under `wrapper` (a command prefix; empty for none).
+    fn launch_wrapped(
+        wrapper: &[&str],
+        listen: &str,
+        data_dir: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        let bin = env!("CARGO_BIN_EXE_corecast");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.args(["--listen", listen, "--shards", "2", "--cpus", "0,1"]).arg("--data-dir").arg(data_dir).args(args);
         cmd.env_remove("DATABASE_URL").env("RUST_LOG", "warn");
         for (k, v) in env {

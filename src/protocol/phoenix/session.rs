@@ -203,8 +203,6 @@ pub struct Session {
     /// Presence calls in the current window and when the window started.
     presence_calls: u32,
     presence_window_start: Option<Instant>,
-    /// Counter for generated presence keys.
-    key_seq: u32,
 }
 
 impl Session {
@@ -218,7 +216,6 @@ impl Session {
             join_refill: None,
             presence_calls: 0,
             presence_window_start: None,
-            key_seq: 0,
         }
     }
 
@@ -407,7 +404,7 @@ impl Session {
         }
         let presence_key: Arc<str> = match &cfg.presence_key {
             Some(k) => Arc::from(k.as_str()),
-            None => self.generated_key(now),
+            None => Self::generated_key(),
         };
         let mut response = String::from("{\"postgres_changes\":[");
         for (i, b) in cfg.postgres_changes.iter().enumerate() {
@@ -654,11 +651,9 @@ impl Session {
         true
     }
 
-    fn generated_key(&mut self, now: Now) -> Arc<str> {
-        self.key_seq = self.key_seq.wrapping_add(1);
-        // A UUID-shaped random key, as Supabase generates (UUID v1 there).
-        let r = fastrand_u128(now, self.key_seq);
-        Arc::from(format_uuid(r).as_str())
+    /// A UUID-shaped random key, as Supabase generates (UUID v1 there).
+    fn generated_key() -> Arc<str> {
+        Arc::from(format_uuid(crate::entropy::fast_u128()).as_str())
     }
 }
 
@@ -702,12 +697,6 @@ pub fn parse_persist(metadata: &str) -> Persist {
         }
         _ => Persist::No,
     }
-}
-
-fn fastrand_u128(now: Now, seq: u32) -> u128 {
-    let mut rng = fastrand::Rng::new();
-    let salt = now.unix_secs as u128 ^ ((seq as u128) << 64);
-    (rng.u128(..)) ^ salt
 }
 
 /// Formats 128 random bits as a version-4 UUID string.
