@@ -9,16 +9,19 @@ use corecast::config::RawConfig;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `RUST_LOG` (default `info`), with glommio's reactor silenced unless `RUST_LOG` names glommio:
+/// it logs an ERROR whenever its NVMe-iopoll probe fails for the history log's filesystem (most
+/// filesystems), which is harmless (the poll ring is then simply not used) but alarming in a log.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let env = std::env::var("RUST_LOG").unwrap_or_default();
+    let base = if env.trim().is_empty() { "info" } else { env.as_str() };
+    let spec = if env.contains("glommio") { base.to_owned() } else { format!("{base},glommio::reactor=off") };
+    tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,glommio::reactor=off"))
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        // glommio's reactor logs an ERROR whenever its NVMe-iopoll probe fails for the history
-        // log's filesystem (most filesystems); the poll ring is then simply not used.
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,glommio::reactor=off".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(log_filter()).with_writer(std::io::stderr).init();
     let raw = RawConfig::parse();
     // The CPUs this process may run on (affinity mask, cpusets): shards are pinned to those.
     let mut allowed: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
