@@ -19,6 +19,19 @@ fn publish(srv: &Server, topic: &str, n: u64, persist: bool) {
     assert_eq!(st, 202);
 }
 
+/// Waits until the stream of `topic` has reached offset `n` (publishes are asynchronous);
+/// returns the history page (persisted messages only) with the stream's `epoch` and `offset`.
+fn wait_offset(srv: &Server, topic: &str, n: u64) -> Value {
+    for _ in 0..200 {
+        let (_, v) = get_json(srv, &format!("/realtime/v1/api/channels/{topic}/messages?limit=1000"));
+        if v["offset"].as_u64().is_some_and(|o| o >= n) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the stream of {topic} never reached offset {n}");
+}
+
 /// Waits until the history of `topic` has `n` messages (publishes are asynchronous).
 fn wait_history(srv: &Server, topic: &str, n: usize) -> Value {
     for _ in 0..200 {
@@ -46,17 +59,18 @@ fn persisted_history_survives_restart_and_pages() {
         &[1, 2, 3],
     );
     assert_eq!(st, 202);
-    publish(&srv, "chat", 7, false); // in the recent window only
-    let before = wait_history(&srv, "chat", 7);
+    publish(&srv, "chat", 7, false); // in the recent window only: not history
+    let before = wait_offset(&srv, "chat", 7);
     let epoch = before["epoch"].as_str().unwrap().to_string();
     let msgs = before["messages"].as_array().unwrap();
     assert_eq!(
         msgs.iter().map(|m| m["offset"].as_u64().unwrap()).collect::<Vec<_>>(),
-        vec![7, 6, 5, 4, 3, 2, 1],
-        "newest first"
+        vec![6, 5, 4, 3, 2, 1],
+        "persisted messages only, newest first"
     );
-    assert_eq!(msgs[1]["payload"], "AQID");
-    assert_eq!(msgs[1]["encoding"], "base64");
+    assert_eq!(before["offset"], 7, "the stream's position counts every message");
+    assert_eq!(msgs[0]["payload"], "AQID");
+    assert_eq!(msgs[0]["encoding"], "base64");
     assert!(msgs[0]["created_at"].as_str().unwrap().ends_with('Z'));
     assert!(msgs[0]["id"].is_string());
     let (_, page) = get_json(&srv, "/realtime/v1/api/channels/chat/messages?limit=2&before=5");
@@ -72,7 +86,8 @@ fn persisted_history_survives_restart_and_pages() {
     let offs: Vec<u64> = after["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
     assert_eq!(offs, vec![6, 5, 4, 3, 2, 1], "the non-persisted message 7 is gone; the rest is back");
     publish(&srv, "chat", 8, true);
-    let v = wait_history(&srv, "chat", 7);
+    let v = wait_offset(&srv, "chat", 8);
+    assert_eq!(v["messages"].as_array().unwrap().len(), 7);
     assert_eq!(v["messages"][0]["offset"], 8);
     assert_eq!(v["messages"][0]["epoch"], epoch.as_str());
 
@@ -128,7 +143,7 @@ fn bad_history_parameters_get_400() {
     }
     let (st, v) = get_json(&srv, "/realtime/v1/api/channels/never/messages");
     assert_eq!(st, 200);
-    assert_eq!(v, json!({"epoch": null, "messages": []}));
+    assert_eq!(v, json!({"epoch": null, "offset": null, "messages": []}));
     let (st, _, _) = http(srv.addr, "POST", "/realtime/v1/api/channels/t/messages", &[], b"");
     assert_eq!(st, 405);
 }
@@ -190,7 +205,8 @@ fn resume_impossible_and_replay() {
     for n in 1..=10 {
         publish(&srv, "w", n, false);
     }
-    let v = wait_history(&srv, "w", 5);
+    let v = wait_offset(&srv, "w", 10);
+    assert_eq!(v["messages"], json!([]), "nothing was persisted, so there is no history");
     let epoch = v["epoch"].as_str().unwrap().to_string();
     // Inside the window: every message after offset 7.
     let mut c = Client::connect(&url);
@@ -214,13 +230,20 @@ fn resume_impossible_and_replay() {
     // The channel stays live after the error.
     publish(&srv, "w", 11, false);
     assert_eq!(c.recv_json()[4]["payload"]["n"], 11);
-    // realtime-js replay: messages since a time, marked replayed.
+    // realtime-js replay: persisted messages since a time, marked replayed; the ones that
+    // were not persisted are not history, so replay skips them.
+    publish(&srv, "w", 12, true);
+    publish(&srv, "w", 13, false);
+    publish(&srv, "w", 14, true);
+    wait_offset(&srv, "w", 14);
     let mut c = Client::connect(&url);
-    c.join_v2("w", "1", json!({"broadcast": {"replay": {"since": 0, "limit": 2}}, "private": false}));
+    c.join_v2("w", "1", json!({"broadcast": {"replay": {"since": 0, "limit": 5}}, "private": false}));
     let a = c.recv_json();
     let b = c.recv_json();
-    assert_eq!((a[4]["payload"]["n"].as_u64(), b[4]["payload"]["n"].as_u64()), (Some(10), Some(11)));
+    assert_eq!((a[4]["payload"]["n"].as_u64(), b[4]["payload"]["n"].as_u64()), (Some(12), Some(14)));
     assert_eq!(a[4]["meta"]["replayed"], true);
+    publish(&srv, "w", 15, false);
+    assert_eq!(c.recv_json()[4]["payload"]["n"], 15, "then live, without 13");
     let _ = Msg::Close(None);
 }
 
@@ -267,14 +290,14 @@ fn clean_restart_keeps_every_stream_resumable() {
     for n in 1..=2 {
         publish(&srv, "eph", n, false);
     }
-    let v = wait_history(&srv, "eph", 2);
+    let v = wait_offset(&srv, "eph", 2);
     let epoch = v["epoch"].as_str().unwrap().to_string();
     // Clean restart: the stream keeps its epoch even though nothing was persisted.
     let srv = srv.restart();
     for n in 3..=5 {
         publish(&srv, "eph", n, false);
     }
-    let v = wait_history(&srv, "eph", 3);
+    let v = wait_offset(&srv, "eph", 5);
     assert_eq!(v["epoch"], epoch.as_str());
     let mut c = Client::connect(&srv.ws_url("2.0.0"));
     c.join_v2("eph", "1", json!({"broadcast": {"resume": {"epoch": epoch, "offset": 2}}}));
@@ -289,7 +312,8 @@ fn clean_restart_keeps_every_stream_resumable() {
     // A crash after the restart (with non-persisted messages published) starts a new epoch.
     let srv = srv.crash_and_restart();
     publish(&srv, "eph", 6, false);
-    let v = wait_history(&srv, "eph", 1);
+    // (offsets go on from the last durable position: the new epoch tells clients the rest)
+    let v = wait_offset(&srv, "eph", 1);
     assert_ne!(v["epoch"], epoch.as_str());
     let _ = url;
 }

@@ -2,6 +2,9 @@
 //! count and age) and the durable set (messages published with `persist`, bounded by count,
 //! age and per-message TTL). Pure data: time is a parameter.
 //!
+//! History pages and replays read the durable set only (history is what was persisted); the
+//! window exists for gapless resume, which must cover every message.
+//!
 //! Offsets are dense in the window (it holds every message from its first offset to the
 //! newest) and sparse in the durable set. A resume after offset `n` is possible exactly when
 //! every offset in `(n, last]` is available from one or the other; otherwise the caller gets
@@ -135,27 +138,18 @@ impl History {
         o
     }
 
-    /// Every stored message with offset < `before` (window and durable, without duplicates),
-    /// newest first. Both parts are sorted by offset, so this starts at `before` directly
-    /// instead of scanning everything newer.
-    fn desc_before(&self, before: u64) -> impl Iterator<Item = &Arc<StoredMsg>> {
-        let idx = self.window.partition_point(|m| m.offset < before);
-        // Durable messages at or after the window's start are also in the window.
-        let older_than = self.window.front().map_or(before, |w| w.offset.min(before));
-        self.window.range(..idx).rev().chain(self.durable.range(..older_than).rev().map(|(_, m)| m))
-    }
-
-    /// A history page: up to `limit` messages with offset < `before` (all when `None`), newest
-    /// first.
+    /// A history page: up to `limit` persisted messages with offset < `before` (all when
+    /// `None`), newest first. History is what was published with `persist`; the window's
+    /// other messages (typing indicators, cursor moves) only back gapless resume.
     pub fn page(&self, before: Option<u64>, limit: usize) -> Vec<Arc<StoredMsg>> {
-        self.desc_before(before.unwrap_or(u64::MAX)).take(limit).cloned().collect()
+        self.durable.range(..before.unwrap_or(u64::MAX)).rev().take(limit).map(|(_, m)| m.clone()).collect()
     }
 
-    /// realtime-js `broadcast.replay`: the newest `limit` messages published at or after
-    /// `since_ms`, oldest first.
+    /// realtime-js `broadcast.replay`: the newest `limit` persisted messages published at or
+    /// after `since_ms`, oldest first.
     pub fn replay(&self, since_ms: u64, limit: usize) -> Vec<Arc<StoredMsg>> {
         let mut v: Vec<Arc<StoredMsg>> =
-            self.desc_before(u64::MAX).take_while(|m| m.created_ms >= since_ms).take(limit).cloned().collect();
+            self.durable.values().rev().take_while(|m| m.created_ms >= since_ms).take(limit).cloned().collect();
         v.reverse();
         v
     }
@@ -219,12 +213,14 @@ mod tests {
         for o in 1..=10 {
             h.push(msg(o, o * 10), o % 2 == 0, &L);
         }
-        // durable 2,4 (and 6,8,10 also in window 6..=10)
-        assert_eq!(offsets(&h.page(None, 3)), vec![10, 9, 8]);
-        assert_eq!(offsets(&h.page(Some(8), 10)), vec![7, 6, 4, 2]);
+        // durable 2,4,6,8,10 (window 6..=10): history and replay show persisted messages only
+        assert_eq!(offsets(&h.page(None, 3)), vec![10, 8, 6]);
+        assert_eq!(offsets(&h.page(Some(8), 10)), vec![6, 4, 2]);
         assert_eq!(offsets(&h.page(Some(2), 10)), Vec::<u64>::new());
-        assert_eq!(offsets(&h.replay(70, 10)), vec![7, 8, 9, 10]);
-        assert_eq!(offsets(&h.replay(0, 2)), vec![9, 10]);
+        assert_eq!(offsets(&h.replay(70, 10)), vec![8, 10]);
+        assert_eq!(offsets(&h.replay(0, 2)), vec![8, 10]);
+        // ... while resume still covers every message of the window
+        assert_eq!(offsets(&h.resume("e", 6, 10).unwrap()), vec![7, 8, 9, 10]);
     }
 
     #[test]
@@ -235,9 +231,10 @@ mod tests {
         m.expires_ms = Some(50);
         h.push(Arc::new(m), true, &L);
         assert!(h.expire(100, &L));
-        assert_eq!(offsets(&h.page(None, 10)), vec![2, 1], "window still has both");
+        assert_eq!(offsets(&h.page(None, 10)), vec![1], "the ttl removed 2 from history");
+        assert_eq!(offsets(&h.resume("e", 0, 2).unwrap()), vec![1, 2], "the window still has both");
         h.expire(2000, &L);
-        assert_eq!(offsets(&h.page(None, 10)), vec![1], "window expired, ttl removed 2");
+        assert_eq!(offsets(&h.page(None, 10)), vec![1]);
         h.expire(200_000, &L);
         assert!(h.is_empty());
     }

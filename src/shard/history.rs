@@ -193,9 +193,15 @@ impl Shard {
         let owned = self.owned.borrow();
         let mut body = Vec::with_capacity(256);
         body.extend_from_slice(b"{\"epoch\":");
+        // The stream's position (epoch, newest offset, persisted or not): where a client that
+        // read this page resumes from to get everything after it.
         match owned.get(topic) {
-            Some(t) => write_str(&mut body, t.epoch()),
-            None => body.extend_from_slice(b"null"),
+            Some(t) => {
+                write_str(&mut body, t.epoch());
+                body.extend_from_slice(b",\"offset\":");
+                write_u64(&mut body, t.last_offset());
+            }
+            None => body.extend_from_slice(b"null,\"offset\":null"),
         }
         body.extend_from_slice(b",\"messages\":[");
         if let Some(t) = owned.get(topic) {
