@@ -226,3 +226,48 @@ fn v1_clients_get_presence_in_v1_framing() {
     }
     let _ = Msg::Close(None);
 }
+
+/// A channel joined with a presence key but without `enabled` (what phoenix.js clients send):
+/// its first `track` turns presence on, as in Supabase Realtime: `ok`, then `presence_state`
+/// with the members so far, then diffs (this member's join included), on both shards.
+#[test]
+fn track_turns_presence_on_for_a_channel_joined_without_it() {
+    let srv = Server::start(&[]);
+    let url = srv.ws_url("2.0.0");
+    let mut a = Client::connect_on(&url, 0);
+    let mut b = Client::connect_on(&url, 1);
+    join_presence(&mut a, "plain", "1", "alice");
+    let r = track(&mut a, "1", "2", "plain", json!({"n": "alice"}));
+    assert_eq!(r[4]["status"], "ok", "{r}");
+    let r = b.join_v2("plain", "3", json!({"presence": {"key": "bob"}}));
+    assert_eq!(r[4]["status"], "ok", "{r}");
+    assert!(b.try_recv(Duration::from_millis(200)).is_none(), "no presence before the track");
+    b.send_json(&json!(["3", "4", "realtime:plain", "presence", {"type": "presence", "event": "track", "payload": {"n": "bob"}}]));
+    let m = b.recv_json();
+    assert_eq!(
+        (m[1].as_str(), m[3].as_str(), m[4]["status"].as_str()),
+        (Some("4"), Some("phx_reply"), Some("ok")),
+        "{m}"
+    );
+    let st = b.recv_json();
+    assert_eq!((st[0].as_str(), st[3].as_str()), (Some("3"), Some("presence_state")), "{st}");
+    assert_eq!(st[4]["alice"]["metas"][0]["n"], "alice", "{st}");
+    // The state is as of the last coalesced diff; the diff that follows brings it current.
+    if st[4]["bob"].is_null() {
+        let d = next_event(&mut b, "presence_diff");
+        assert_eq!(d[4]["joins"]["bob"]["metas"][0]["n"], "bob", "{d}");
+    }
+    // Diffs from now on, in both directions.
+    loop {
+        // (alice's own join may come first)
+        let d = next_event(&mut a, "presence_diff");
+        if !d[4]["joins"]["bob"].is_null() {
+            assert_eq!(d[4]["joins"]["bob"]["metas"][0]["n"], "bob");
+            break;
+        }
+    }
+    let r = track(&mut a, "1", "5", "plain", json!({"n": "alice2"}));
+    assert_eq!(r[4]["status"], "ok");
+    let d = next_event(&mut b, "presence_diff");
+    assert_eq!(d[4]["joins"]["alice"]["metas"][0]["n"], "alice2", "{d}");
+}

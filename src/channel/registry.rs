@@ -166,18 +166,20 @@ impl Registry {
         }
     }
 
-    /// Records whether `conn` tracks presence on `topic`; tracking also enables presence
-    /// diffs for it (as in Supabase, though no `presence_state` is sent for that). Returns
-    /// whether the subscription exists.
-    pub fn set_tracked(&mut self, topic: &Topic, conn: ConnId, tracked: bool) -> bool {
-        let Some(t) = self.topics.get_mut(topic) else { return false };
-        let Some(s) = t.sub_mut(conn) else { return false };
+    /// Records whether `conn` tracks presence on `topic`; tracking also turns presence on for
+    /// a subscription that joined without it (as Supabase Realtime does). `None` when the
+    /// subscription does not exist, else whether this call turned presence on (the caller then
+    /// owes the subscriber a `presence_state`).
+    pub fn set_tracked(&mut self, topic: &Topic, conn: ConnId, tracked: bool) -> Option<bool> {
+        let t = self.topics.get_mut(topic)?;
+        let s = t.sub_mut(conn)?;
         s.tracked = tracked;
-        if tracked && !s.presence {
+        let enabled = tracked && !s.presence;
+        if enabled {
             s.presence = true;
             t.presence_count += 1;
         }
-        true
+        Some(enabled)
     }
 }
 
@@ -257,7 +259,7 @@ mod tests {
                 assert_eq!(r.sub(&t, id(i)).unwrap().conn, id(i));
             }
         }
-        assert!(r.set_tracked(&t, id(50), true));
+        assert_eq!(r.set_tracked(&t, id(50), true), Some(false));
         assert!(r.sub(&t, id(50)).unwrap().tracked);
     }
 

@@ -32,20 +32,27 @@ fn member(shard: usize, conn: ConnId) -> MemberId {
 impl Shard {
     /// Subscriber side: forwards a track to the owner (which replies).
     pub(super) fn track(&self, id: ConnId, topic: Topic, key: Arc<str>, meta: Bytes, reply: ReplyTo) {
-        if !self.registry.borrow_mut().set_tracked(&topic, id, true) {
+        let Some(enabled) = self.registry.borrow_mut().set_tracked(&topic, id, true) else {
             // The join is still waiting for the database's authorization.
             self.send(id, reply.frame(&topic, Some("presence needs a joined channel: wait for the join reply")));
             return;
-        }
+        };
         let owner = topic.owner(self.shards);
-        self.route(owner, ShardMsg::Track { topic, from: self.id, conn: id, key, meta, reply });
+        self.route(owner, ShardMsg::Track { topic: topic.clone(), from: self.id, conn: id, key, meta, reply });
+        if enabled {
+            // This track turned presence on for a channel joined without it (a `presence.key`
+            // but no `enabled`): like Supabase Realtime, send the state now (after the track on
+            // the same FIFO, so it includes this member), then diffs. Without it a client that
+            // waits for the first `presence_state` (phoenix.js's Presence) never syncs.
+            self.route(owner, ShardMsg::PresenceSync { topic, from: self.id, conn: id });
+        }
     }
 
     /// Subscriber side: stops tracking (untrack, leave, rejoin, disconnect), if tracked.
     pub(super) fn untrack(&self, id: ConnId, topic: &Topic) {
         let tracked = self.registry.borrow().sub(topic, id).is_some_and(|s| s.tracked);
         if tracked {
-            self.registry.borrow_mut().set_tracked(topic, id, false);
+            let _ = self.registry.borrow_mut().set_tracked(topic, id, false);
             let owner = topic.owner(self.shards);
             self.route(owner, ShardMsg::PresenceLeave { topic: topic.clone(), from: self.id, conn: id });
         }
