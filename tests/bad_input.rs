@@ -84,9 +84,28 @@ fn malformed_frames_get_precise_close_codes() {
     r.frame(true, 0, b"x");
     assert_eq!(r.read_close().unwrap().0, 1002);
 
-    // Unknown binary kind: 1007.
+    // A binary push of a kind corecast does not take: an error reply, and the socket and its
+    // channels carry on. A Phoenix kind-0 push (phoenix.js `channel.push(ev, arrayBuffer)`)
+    // names its channel, so the reply goes there; other kinds get it on `phoenix`.
+    let mut c = crate::util::Client::connect(&srv.ws_url("2.0.0"));
+    c.join_v2("kinds", "1", serde_json::json!({"broadcast": {"self": true}}));
+    c.send_binary([&[0u8, 1, 1, 14, 2][..], b"1", b"7", b"realtime:kinds", b"ev", &[1, 2]].concat());
+    let m = c.recv_json();
+    assert_eq!(
+        (m[0].as_str(), m[1].as_str(), m[2].as_str(), m[3].as_str()),
+        (Some("1"), Some("7"), Some("realtime:kinds"), Some("phx_reply")),
+        "{m}"
+    );
+    assert_eq!(m[4]["status"], "error");
+    assert!(m[4]["response"]["reason"].as_str().unwrap().contains("unsupported binary message kind 0"), "{m}");
+    c.send_binary(vec![9, 9, 9]);
+    let m = c.recv_json();
+    assert_eq!((m[2].as_str(), m[4]["status"].as_str()), (Some("phoenix"), Some("error")), "{m}");
+    c.send_json(&serde_json::json!(["1", "8", "realtime:kinds", "broadcast", {"type": "broadcast", "event": "e", "payload": {"still": true}}]));
+    assert_eq!(c.recv_json()[4]["payload"]["still"], true, "the channel carries on");
+    // A truncated kind-3 push cannot be attributed to a channel: 1007.
     let mut r = Raw::upgrade(srv.addr, "vsn=2.0.0");
-    r.frame(true, 2, &[9, 9, 9]);
+    r.frame(true, 2, &[3, 9, 9]);
     assert_eq!(r.read_close().unwrap().0, 1007);
 
     // Truncated frame, then the client vanishes: nothing breaks.

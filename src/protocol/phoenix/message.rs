@@ -185,6 +185,18 @@ pub fn decode_binary(data: &[u8]) -> Result<BinaryPush<'_>, DecodeError> {
     })
 }
 
+/// The `(join_ref, ref, topic)` of a Phoenix kind-0 binary push (what `phoenix` JS sends for
+/// `channel.push(event, arrayBuffer)`): `u8 0 | u8 join_ref_len | u8 ref_len | u8 topic_len |
+/// u8 event_len | join_ref | ref | topic | event | payload`. corecast does not accept such
+/// pushes, but can address its refusal to the channel that sent one.
+pub fn binary_push_address(data: &[u8]) -> Option<(&str, &str, &str)> {
+    let [0, jl, rl, tl, _el, rest @ ..] = data else { return None };
+    let (jl, rl, tl) = (*jl as usize, *rl as usize, *tl as usize);
+    let head = rest.get(..jl + rl + tl)?;
+    let text = std::str::from_utf8;
+    Some((text(&head[..jl]).ok()?, text(&head[jl..jl + rl]).ok()?, text(&head[jl + rl..]).ok()?))
+}
+
 /// A decoded kind-3 push. Refs here are bare strings (not JSON tokens).
 #[derive(Debug, PartialEq, Eq)]
 pub struct BinaryPush<'a> {
@@ -405,6 +417,10 @@ mod tests {
         assert_eq!((p.join_ref, p.msg_ref, p.topic, p.event), ("10", "1", "top", "user-event"));
         assert!(decode_binary(&full[..10]).is_err());
         assert_eq!(decode_binary(&[4, 0, 0]).unwrap_err(), DecodeError::BinaryKind(4));
+        let kind0 = [&[0u8, 1, 1, 5, 2][..], b"1", b"2", b"room1", b"ev", &[9, 9]].concat();
+        assert_eq!(binary_push_address(&kind0), Some(("1", "2", "room1")));
+        assert_eq!(binary_push_address(&kind0[..8]), None, "truncated");
+        assert_eq!(binary_push_address(&[3, 0, 0, 0, 0]), None, "not kind 0");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::{Claims, Verifier};
 use crate::protocol::phoenix::config::{self, PgBinding, Replay, Resume};
-use crate::protocol::phoenix::message::{self, decode_binary, decode_text, InPayload, Vsn};
+use crate::protocol::phoenix::message::{self, decode_binary, decode_text, DecodeError, InPayload, Vsn};
 use crate::protocol::phoenix::topic::{Topic, PREFIX};
 use crate::protocol::ws::CloseCode;
 
@@ -312,9 +312,22 @@ impl Session {
         }
         let p = match decode_binary(data) {
             Ok(p) => p,
+            // A well-formed frame of a kind corecast does not take: an error reply, on the
+            // channel when the frame says which (Phoenix kind-0 pushes do), and carry on.
+            Err(e @ DecodeError::BinaryKind(_)) => {
+                let reason = e.to_string();
+                let reply = match message::binary_push_address(data) {
+                    Some((jr, mr, topic)) => {
+                        let (jr, mr) = (quote_ref(jr), quote_ref(mr));
+                        message::error_reply(self.vsn, jr.as_deref(), mr.as_deref(), topic, &reason)
+                    }
+                    None => message::error_reply(self.vsn, None, None, "phoenix", &reason),
+                };
+                return out.push(Action::Send(reply));
+            }
             Err(e) => return out.push(Action::Close(CloseCode::InvalidPayload, e.to_string())),
         };
-        let mr = (!p.msg_ref.is_empty()).then(|| crate::protocol::json::quote(p.msg_ref));
+        let mr = quote_ref(p.msg_ref);
         let mr = mr.as_deref();
         let Some(idx) = self.channels.iter().position(|c| &*c.wire == p.topic) else {
             return out.push(Action::Send(message::error_reply(self.vsn, None, mr, p.topic, "unmatched topic")));
@@ -672,6 +685,11 @@ fn close_channel(vsn: Vsn, c: &Channel, message: &str, out: &mut Vec<Action>) {
     out.push(Action::Send(message::system(vsn, c.join_ref.as_deref(), &c.wire, "system", false, message)));
     out.push(Action::Send(message::channel_control(vsn, c.join_ref.as_deref(), &c.wire, "phx_close")));
     out.push(Action::Unsubscribe(c.topic.clone()));
+}
+
+/// A bare binary-header ref as a JSON token (`None` when empty).
+fn quote_ref(r: &str) -> Option<String> {
+    (!r.is_empty()).then(|| crate::protocol::json::quote(r))
 }
 
 /// Compares a raw JSON ref token (`"6"` or `6`) with a bare ref string (`6`).
