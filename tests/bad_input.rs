@@ -215,6 +215,35 @@ fn auth_at_connect() {
         b"",
     );
     assert_eq!(st, 101);
+
+    // Phoenix 1.8's `authToken`: the token in the subprotocols, `phoenix` selected.
+    use base64::Engine;
+    let with_protocols = |protocols: &str| {
+        http(
+            srv.addr,
+            "GET",
+            "/realtime/v1/websocket?vsn=2.0.0",
+            &[
+                ("Sec-WebSocket-Protocol", protocols),
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ("Sec-WebSocket-Version", "13"),
+            ],
+            b"",
+        )
+    };
+    let b64 = |t: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t);
+    let (st, head, _) = with_protocols(&format!("phoenix, base64url.bearer.phx.{}", b64(&good)));
+    assert_eq!(st, 101, "{head}");
+    assert!(head.to_ascii_lowercase().contains("sec-websocket-protocol: phoenix\r\n"), "{head}");
+    let expired = jwt(secret, json!({"role": "anon", "exp": unix_now() - 10}));
+    let (st, _, body) = with_protocols(&format!("phoenix, base64url.bearer.phx.{}", b64(&expired)));
+    assert_eq!(st, 401);
+    assert!(String::from_utf8_lossy(&body).contains("expired"));
+    let (st, _, body) = with_protocols("phoenix, base64url.bearer.phx.***");
+    assert_eq!(st, 401);
+    assert!(String::from_utf8_lossy(&body).contains("auth token subprotocol"));
 }
 
 #[test]

@@ -74,4 +74,6 @@ pub enum HandshakeError {
     BadKey,
     #[error("unsupported vsn `{0}` (use 1.0.0 or 2.0.0)")]
     BadVsn(String),
+    #[error("malformed auth token subprotocol (`base64url.bearer.phx.` + an unpadded base64url token)")]
+    BadAuthToken,
 }

@@ -25,6 +25,11 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
+    /// Every header named `name` (case-insensitive) whose value is UTF-8, in order.
+    pub fn headers_named<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'a str> + 's {
+        self.headers.iter().filter(move |(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| *v)
+    }
+
     /// The first header named `name` (case-insensitive) whose value is UTF-8.
     pub fn header(&self, name: &str) -> Option<&'a str> {
         self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| *v)

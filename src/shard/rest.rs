@@ -311,7 +311,14 @@ fn upgrade(shard: &Shard, req: &Request<'_>) -> Outcome {
         let e = HandshakeError::BadVsn(vsn_raw.unwrap_or_default().into_owned());
         return respond(http::json_error(400, &e.to_string(), false), false);
     };
-    let claims = match authenticate(shard, token(req, false).as_deref()) {
+    // A Phoenix 1.8 `authToken` (in the subprotocols) is the token the client chose for auth:
+    // it comes before the apikey header and query parameter.
+    let phx_token = match handshake::auth_token(req) {
+        Ok(t) => t,
+        Err(e) => return respond(http::json_error(401, &e.to_string(), false), false),
+    };
+    let tok = phx_token.map(Cow::Owned).or_else(|| token(req, false));
+    let claims = match authenticate(shard, tok.as_deref()) {
         Ok(c) => c,
         Err(e) => return respond(http::json_error(401, &e.to_string(), false), false),
     };

@@ -1,5 +1,11 @@
 //! The RFC 6455 opening handshake: validate the upgrade request, compute
-//! `Sec-WebSocket-Accept`, and write the `101 Switching Protocols` response.
+//! `Sec-WebSocket-Accept`, negotiate the subprotocol, and write the `101 Switching Protocols`
+//! response.
+//!
+//! Subprotocols: Phoenix 1.8 clients with an `authToken` offer
+//! `Sec-WebSocket-Protocol: phoenix, base64url.bearer.phx.<token>`; the server selects `phoenix`
+//! (a client that offered protocols refuses a response that selects none) and the token is read
+//! with [`auth_token`]. No other subprotocol is selected.
 
 use base64::Engine;
 
@@ -37,13 +43,43 @@ pub fn accept(req: &Request<'_>) -> Result<Vec<u8>, HandshakeError> {
         Ok(raw) if raw.len() == 16 => {}
         _ => return Err(HandshakeError::BadKey),
     }
-    let mut resp = Vec::with_capacity(160);
+    let mut resp = Vec::with_capacity(192);
     resp.extend_from_slice(
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
     );
     resp.extend_from_slice(accept_key(key).as_bytes());
+    if offered(req).any(|p| p == PHOENIX) {
+        resp.extend_from_slice(b"\r\nSec-WebSocket-Protocol: phoenix");
+    }
     resp.extend_from_slice(b"\r\n\r\n");
     Ok(resp)
+}
+
+/// The subprotocol Phoenix clients offer (and the only one selected).
+const PHOENIX: &str = "phoenix";
+/// Prefix of the subprotocol that carries a Phoenix 1.8 `authToken`.
+const AUTH_TOKEN_PREFIX: &str = "base64url.bearer.phx.";
+
+/// The subprotocols a request offers, in order.
+fn offered<'a>(req: &'a Request<'a>) -> impl Iterator<Item = &'a str> {
+    req.headers_named("sec-websocket-protocol").flat_map(|v| v.split(',')).map(str::trim).filter(|p| !p.is_empty())
+}
+
+/// The token a Phoenix 1.8 client sent as its `authToken` (the subprotocol
+/// `base64url.bearer.phx.<base64url(token)>`, unpadded; the standard alphabet is accepted too),
+/// if it sent one.
+pub fn auth_token(req: &Request<'_>) -> Result<Option<String>, HandshakeError> {
+    let Some(enc) = offered(req).find_map(|p| p.strip_prefix(AUTH_TOKEN_PREFIX)) else {
+        return Ok(None);
+    };
+    let enc = enc.trim_end_matches('=');
+    let raw = if enc.contains(['+', '/']) {
+        base64::engine::general_purpose::STANDARD_NO_PAD.decode(enc)
+    } else {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(enc)
+    };
+    let token = raw.ok().and_then(|b| String::from_utf8(b).ok()).ok_or(HandshakeError::BadAuthToken)?;
+    Ok(Some(token))
 }
 
 #[cfg(test)]
@@ -75,5 +111,28 @@ mod tests {
         assert_eq!(req(&ok.replace("dGhlIHNhbXBsZSBub25jZQ==", "short")), Err(HandshakeError::BadKey));
         assert_eq!(req(&ok.replace("keep-alive, Upgrade", "close")), Err(HandshakeError::NoConnectionUpgrade));
         assert_eq!(req(&ok.replace("GET", "POST")), Err(HandshakeError::NotGet));
+        assert!(!resp.contains("Sec-WebSocket-Protocol"), "nothing offered, nothing selected");
+    }
+
+    #[test]
+    fn phoenix_subprotocol_and_auth_token() {
+        let head = |protocols: &str| {
+            format!("GET /socket/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: {protocols}\r\n\r\n")
+        };
+        let token = |raw: &str| {
+            let (r, _) = crate::protocol::http::parse_request(raw.as_bytes(), 8192).unwrap().unwrap();
+            auth_token(&r)
+        };
+        // What phoenix.js 1.8 sends for `authToken: "a.b-c"`: btoa() with the padding removed.
+        let h = head("phoenix, base64url.bearer.phx.YS5iLWM");
+        let resp = String::from_utf8(req(&h).unwrap()).unwrap();
+        assert!(resp.contains("\r\nSec-WebSocket-Protocol: phoenix\r\n"), "{resp}");
+        assert_eq!(token(&h), Ok(Some("a.b-c".into())));
+        // Bytes outside base64url's alphabet in standard base64 ("?>?" → "Pz4/").
+        assert_eq!(token(&head("phoenix, base64url.bearer.phx.Pz4/")), Ok(Some("?>?".into())));
+        assert_eq!(token(&head("phoenix")), Ok(None));
+        assert_eq!(token(&head("phoenix, base64url.bearer.phx.%%%")), Err(HandshakeError::BadAuthToken));
+        let other = String::from_utf8(req(&head("mqtt")).unwrap()).unwrap();
+        assert!(!other.contains("Sec-WebSocket-Protocol"), "only phoenix is ever selected");
     }
 }
