@@ -108,6 +108,7 @@ fn enqueue(c: &mut Criterion) {
                     pg: false,
                     tracked: false,
                     awaiting_backlog: false,
+                    held: false,
                 },
             );
         }

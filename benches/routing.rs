@@ -25,6 +25,7 @@ fn sub(index: u32) -> LocalSub {
         pg: false,
         tracked: false,
         awaiting_backlog: false,
+        held: false,
     }
 }
 

@@ -36,6 +36,10 @@ pub struct LocalSub {
     /// Waiting for its backlog from the owner: live messages are skipped until it arrives
     /// (they are in the backlog).
     pub awaiting_backlog: bool,
+    /// Its join reply is held until the owner acknowledges this shard's interest: nothing is
+    /// delivered to it before that (a message still in flight from before the interest was
+    /// registered would otherwise reach it ahead of its join reply). Set by [`Registry::hold`].
+    pub held: bool,
 }
 
 /// Frames held per connection until a subscription is in effect, in join order.
@@ -69,6 +73,12 @@ pub enum InterestChange {
 #[derive(Debug, Default)]
 pub struct Registry {
     topics: HashMap<Topic, LocalTopic, ahash::RandomState>,
+    /// Interest additions sent to a remote owner and not yet acknowledged, per topic and
+    /// format. It outlives the topic's local entry: when the last subscriber leaves and a new
+    /// one joins before the owner answered, the first acknowledgement belongs to the old
+    /// addition (the owner may since have dropped that interest), so only the last one may
+    /// release the new joiner's reply.
+    unacked: HashMap<(Topic, Format), u32, ahash::RandomState>,
 }
 
 impl Registry {
@@ -142,21 +152,49 @@ impl Registry {
         changes
     }
 
-    /// Holds `frames` for `conn` until the owner acknowledges interest in `format`.
+    /// An interest addition in `format` went to the topic's (remote) owner.
+    pub fn interest_sent(&mut self, topic: &Topic, format: Format) {
+        *self.unacked.entry((topic.clone(), format)).or_default() += 1;
+    }
+
+    /// Holds `frames` for `conn` until the owner acknowledges interest in `format`; nothing
+    /// is delivered to `conn` on `topic` until then.
     pub fn hold(&mut self, topic: &Topic, format: Format, conn: ConnId, frames: Vec<Bytes>) {
         if let Some(t) = self.topics.get_mut(topic) {
+            if let Some(s) = t.sub_mut(conn) {
+                s.held = true;
+            }
             t.pending[format.index()].get_or_insert_with(Vec::new).push((conn, frames));
         }
     }
 
     /// Whether interest in `format` is waiting for the owner's acknowledgement.
     pub fn is_pending(&self, topic: &Topic, format: Format) -> bool {
-        self.topics.get(topic).is_some_and(|t| t.pending[format.index()].is_some())
+        self.unacked.get(&(topic.clone(), format)).is_some_and(|&n| n > 0)
     }
 
-    /// The owner acknowledged interest in `format`: returns the held frames, in join order.
+    /// The owner acknowledged one interest addition in `format`. When it was the last one
+    /// outstanding, returns the held frames, in join order, and their subscribers go live;
+    /// else nothing yet.
     pub fn release(&mut self, topic: &Topic, format: Format) -> Held {
-        self.topics.get_mut(topic).and_then(|t| t.pending[format.index()].take()).unwrap_or_default()
+        let key = (topic.clone(), format);
+        match self.unacked.get_mut(&key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                return Vec::new();
+            }
+            _ => {
+                self.unacked.remove(&key);
+            }
+        }
+        let Some(t) = self.topics.get_mut(topic) else { return Vec::new() };
+        let held = t.pending[format.index()].take().unwrap_or_default();
+        for (conn, _) in &held {
+            if let Some(s) = t.sub_mut(*conn) {
+                s.held = false;
+            }
+        }
+        held
     }
 
     /// Marks `conn`'s backlog on `topic` as delivered.
@@ -208,6 +246,7 @@ mod tests {
             pg: false,
             tracked: false,
             awaiting_backlog: false,
+            held: false,
         }
     }
 
@@ -231,14 +270,40 @@ mod tests {
         let mut r = Registry::new();
         r.add(&t, sub(1, Format::V2));
         assert!(!r.is_pending(&t, Format::V2));
+        r.interest_sent(&t, Format::V2);
         r.hold(&t, Format::V2, ConnId { index: 1, generation: 0 }, vec![Bytes::from_static(b"a")]);
+        assert!(r.sub(&t, ConnId { index: 1, generation: 0 }).unwrap().held);
         r.add(&t, sub(2, Format::V2));
         r.hold(&t, Format::V2, ConnId { index: 2, generation: 0 }, vec![Bytes::from_static(b"b")]);
         assert!(r.is_pending(&t, Format::V2));
         let held = r.release(&t, Format::V2);
         assert_eq!(held.iter().map(|(c, _)| c.index).collect::<Vec<_>>(), vec![1, 2]);
         assert!(!r.is_pending(&t, Format::V2));
+        assert!(!r.sub(&t, ConnId { index: 1, generation: 0 }).unwrap().held);
         assert!(r.release(&t, Format::V2).is_empty());
+    }
+
+    /// The last subscriber leaves and a new one joins before the owner answered the first
+    /// addition: the first acknowledgement must not release the new joiner (the owner may
+    /// have dropped that interest since); the second does.
+    #[test]
+    fn only_the_last_outstanding_ack_releases() {
+        let t = Topic::new("room", false).unwrap();
+        let mut r = Registry::new();
+        let (a, b) = (ConnId { index: 1, generation: 0 }, ConnId { index: 2, generation: 0 });
+        assert_eq!(r.add(&t, sub(1, Format::V2)), vec![InterestChange::Added(Format::V2)]);
+        r.interest_sent(&t, Format::V2);
+        r.hold(&t, Format::V2, a, vec![]);
+        assert_eq!(r.remove(&t, a), vec![InterestChange::Removed(Format::V2)]);
+        assert_eq!(r.add(&t, sub(2, Format::V2)), vec![InterestChange::Added(Format::V2)]);
+        r.interest_sent(&t, Format::V2);
+        r.hold(&t, Format::V2, b, vec![Bytes::from_static(b"reply")]);
+        assert!(r.release(&t, Format::V2).is_empty(), "the old addition's ack");
+        assert!(r.is_pending(&t, Format::V2));
+        assert!(r.sub(&t, b).unwrap().held);
+        let held = r.release(&t, Format::V2);
+        assert_eq!(held.iter().map(|(c, _)| c.index).collect::<Vec<_>>(), vec![2]);
+        assert!(!r.sub(&t, b).unwrap().held);
     }
 
     #[test]
@@ -259,7 +324,7 @@ mod tests {
                 assert_eq!(r.sub(&t, id(i)).unwrap().conn, id(i));
             }
         }
-        assert_eq!(r.set_tracked(&t, id(50), true), Some(false));
+        assert_eq!(r.set_tracked(&t, id(50), true), Some(true), "tracking turns presence on");
         assert!(r.sub(&t, id(50)).unwrap().tracked);
     }
 

@@ -271,7 +271,7 @@ impl Shard {
     }
 
     /// Sends the acknowledgements of every persisted message now synced (up to `synced`).
-    fn release_durable_acks(&self, synced: u64) {
+    pub(super) fn release_durable_acks(&self, synced: u64) {
         loop {
             let next = {
                 let mut acks = self.durable_acks.borrow_mut();

@@ -3,7 +3,8 @@
 //!
 //! This is the only layer that ties the others together: the connection driver
 //! ([`conn`]) turns socket bytes into protocol actions and executes them against the shard's
-//! state; [`mesh`] carries [`mesh::ShardMsg`] between shards; [`boot`] starts everything.
+//! state; [`mesh`] carries [`mesh::ShardMsg`] between shards; [`boot`] starts everything;
+//! [`sim`] drives several shards in one thread for tests of the ordering rules.
 //!
 //! Data flow of a broadcast: a connection's `Publish` goes to the topic's owner shard (local
 //! call or mesh), which assigns the offset, encodes the message once per wire format in use
@@ -20,6 +21,7 @@ pub mod history;
 pub mod mesh;
 pub mod presence;
 pub mod rest;
+pub mod sim;
 pub mod sse;
 pub mod stats;
 
@@ -563,6 +565,7 @@ impl Shard {
             pg,
             tracked: false,
             awaiting_backlog: want.is_some(),
+            held: false,
         };
         let changes = self.registry.borrow_mut().add(&sub.topic, local);
         ShardStats::gauge(&self.my_stats().subscriptions, 1);
@@ -633,6 +636,9 @@ impl Shard {
                 InterestChange::Added(f) => (f, true),
                 InterestChange::Removed(f) => (f, false),
             };
+            if present && owner != self.id {
+                self.registry.borrow_mut().interest_sent(topic, format);
+            }
             self.route(owner, ShardMsg::Interest { topic: topic.clone(), from: self.id, format, present });
         }
     }
@@ -809,7 +815,7 @@ impl Shard {
         let mut conns = self.conns.borrow_mut();
         let mut n = 0u64;
         for sub in &local.subs {
-            if Some(sub.conn) == skip || sub.awaiting_backlog {
+            if Some(sub.conn) == skip || sub.awaiting_backlog || sub.held {
                 continue;
             }
             let Some(frame) = frames.get(sub.format) else {

@@ -156,7 +156,7 @@ impl Shard {
         let registry = self.registry.borrow();
         let Some(local) = registry.get(topic) else { return };
         let mut conns = self.conns.borrow_mut();
-        for sub in local.subs.iter().filter(|s| s.presence) {
+        for sub in local.subs.iter().filter(|s| s.presence && !s.held) {
             let Some(frame) = frames.get(sub.format) else { continue };
             let Some(slot) = conns.get_mut(sub.conn.index as usize) else { continue };
             if slot.generation == sub.conn.generation {
@@ -180,32 +180,37 @@ impl Shard {
             })
             .await;
             glommio::timer::sleep(window).await;
-            let topics = std::mem::take(&mut *self.presence_dirty.borrow_mut());
-            for topic in topics {
-                let out = {
-                    let mut owned = self.owned.borrow_mut();
-                    let Some(t) = owned.get_mut(&topic) else { continue };
-                    let Some(diff) = t.presence.as_mut().and_then(Presence::take_diff) else { continue };
-                    let formats = t.formats();
-                    let wire = topic.wire_name();
-                    let mut by_format: [Option<Bytes>; 3] = [None, None, None];
-                    for (f, vsn) in [(Format::V1, Vsn::V1), (Format::V2, Vsn::V2)] {
-                        if formats.contains(f) {
-                            by_format[f.index()] =
-                                Some(message::encode(vsn, None, None, &wire, "presence_diff", &diff));
-                        }
+            self.flush_presence_diffs();
+        }
+    }
+
+    /// Owner side: the end of a coalescing window: sends every pending diff to the shards
+    /// listening to its topic.
+    pub(super) fn flush_presence_diffs(&self) {
+        let topics = std::mem::take(&mut *self.presence_dirty.borrow_mut());
+        for topic in topics {
+            let out = {
+                let mut owned = self.owned.borrow_mut();
+                let Some(t) = owned.get_mut(&topic) else { continue };
+                let Some(diff) = t.presence.as_mut().and_then(Presence::take_diff) else { continue };
+                let formats = t.formats();
+                let wire = topic.wire_name();
+                let mut by_format: [Option<Bytes>; 3] = [None, None, None];
+                for (f, vsn) in [(Format::V1, Vsn::V1), (Format::V2, Vsn::V2)] {
+                    if formats.contains(f) {
+                        by_format[f.index()] = Some(message::encode(vsn, None, None, &wire, "presence_diff", &diff));
                     }
-                    if formats.contains(Format::Sse) {
-                        by_format[Format::Sse.index()] =
-                            Some(crate::protocol::sse::topic_event(topic.name(), "presence_diff", &diff));
-                    }
-                    let targets: Vec<usize> = t.listening_shards().collect();
-                    (Arc::new(Frames { by_format, offset: 0, epoch: t.epoch().clone(), sse_with_id: None }), targets)
-                };
-                let (frames, targets) = out;
-                for shard in targets {
-                    self.route(shard, ShardMsg::DeliverPresence { topic: topic.clone(), frames: frames.clone() });
                 }
+                if formats.contains(Format::Sse) {
+                    by_format[Format::Sse.index()] =
+                        Some(crate::protocol::sse::topic_event(topic.name(), "presence_diff", &diff));
+                }
+                let targets: Vec<usize> = t.listening_shards().collect();
+                (Arc::new(Frames { by_format, offset: 0, epoch: t.epoch().clone(), sse_with_id: None }), targets)
+            };
+            let (frames, targets) = out;
+            for shard in targets {
+                self.route(shard, ShardMsg::DeliverPresence { topic: topic.clone(), frames: frames.clone() });
             }
         }
     }

@@ -39,6 +39,7 @@ impl Shard {
                 pg: self.ingest.is_some() && !req.pg[i].is_empty(),
                 tracked: false,
                 awaiting_backlog: true,
+                held: false,
             };
             let changes = self.registry.borrow_mut().add(topic, local);
             ShardStats::gauge(&self.my_stats().subscriptions, 1);
