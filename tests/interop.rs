@@ -202,3 +202,118 @@ fn eventsource_sse() {
 fn browser_eventsource() {
     run_js("browser.test.mjs");
 }
+
+/// A fresh database (and replication slot) on the shared test PostgreSQL, as the environment
+/// the client test files read: `DATABASE_URL`, `CORECAST_SLOT`, `PSQL`.
+fn pg_env(db: &crate::util::pg::TestDb) -> Vec<(String, String)> {
+    vec![
+        ("DATABASE_URL".into(), db.url()),
+        ("CORECAST_SLOT".into(), db.slot().into()),
+        ("PSQL".into(), db.pg.psql_path().to_string_lossy().into_owned()),
+    ]
+}
+
+/// The full SDK, `@supabase/supabase-js` (tests/js/supabase-js.test.mjs): `createClient` with
+/// corecast as the project URL, socket and REST-fallback broadcast, presence, removeChannel,
+/// private channels through `accessToken`, postgres_changes under RLS with `realtime.setAuth`.
+#[test]
+fn supabase_js() {
+    let db = crate::util::pg::TestDb::new("cc_sbjs");
+    let env = pg_env(&db);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    run_js_with("supabase-js.test.mjs", &env, FILE_TIMEOUT);
+}
+
+/// The official Phoenix JS client, npm `phoenix` 1.8 (tests/js/phoenix.test.mjs): join, push,
+/// receive, the Presence helper, presence by `track` on a `presence: {key}` join, a kind-0
+/// binary push answered with an error reply, the `authToken` subprotocol, postgres_changes.
+#[test]
+fn phoenix_js() {
+    let db = crate::util::pg::TestDb::new("cc_phx");
+    let env = pg_env(&db);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    run_js_with("phoenix.test.mjs", &env, FILE_TIMEOUT);
+}
+
+/// Supabase's Python client `realtime` (`AsyncRealtimeClient`, tests/python/test_realtime.py,
+/// pytest): broadcast over the socket and REST, presence, private channels, postgres_changes
+/// under RLS with `set_auth`. Runs in the venv `target/py-venv`, made by
+/// `tests/python/setup.sh` (python3 with the venv module; pip reaches PyPI) when it is missing
+/// or older than `tests/python/requirements.txt`.
+#[test]
+fn python_realtime() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let setup = root.join("tests").join("python").join("setup.sh");
+    let python = root.join("target").join("py-venv").join("bin").join("python");
+    // setup.sh is idempotent (a stamp of the requirements it installed); run it every time.
+    static SETUP: OnceLock<Result<(), String>> = OnceLock::new();
+    let ready = SETUP.get_or_init(|| {
+        let status = Command::new("bash")
+            .arg(&setup)
+            .env("PY_VENV", root.join("target").join("py-venv"))
+            .status()
+            .map_err(|e| format!("run {}: {e}", setup.display()))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} failed ({status}): the Python client tests need python3 with the venv module \
+                 (Debian: apt-get install python3-venv) and pip access to PyPI",
+                setup.display()
+            ))
+        }
+    });
+    if let Err(e) = ready {
+        panic!("{e}");
+    }
+    let db = crate::util::pg::TestDb::new("cc_py");
+    let mut cmd = Command::new(&python);
+    cmd.args(["-m", "pytest", "-q", "-rA", "--color=no"])
+        .current_dir(root.join("tests").join("python"))
+        .env("CORECAST_BIN", env!("CARGO_BIN_EXE_corecast"))
+        .env_remove("DATABASE_URL")
+        .envs(pg_env(&db))
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    run_checked(cmd, "pytest tests/python", FILE_TIMEOUT);
+}
+
+/// Runs `cmd` in its own process group with piped output; panics with that output unless it
+/// exits 0 within `timeout` (then the whole group is killed).
+fn run_checked(mut cmd: Command, what: &str, timeout: Duration) {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let started = Instant::now();
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            break Some(status);
+        }
+        if started.elapsed() > timeout {
+            // SAFETY: plain kill(2) on the process group this test created.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = format!(
+        "--- {what} ({:.1} s) stdout:\n{}\n--- stderr:\n{}",
+        started.elapsed().as_secs_f64(),
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default()
+    );
+    match status {
+        Some(s) if s.success() => println!("{output}"),
+        Some(s) => panic!("{what} failed ({s}):\n{output}"),
+        None => panic!("{what} did not finish within {timeout:?} (killed):\n{output}"),
+    }
+}

@@ -229,6 +229,38 @@ describe('phoenix.js: socket, channels, broadcast, presence', () => {
     })
   })
 
+  it('Presence helper: one key on two sockets is one entry with two metas', async (t) => {
+    const socks = [0, 1, 2].map(() => phxSocket(t, srv, { params: { apikey: ANON } }))
+    for (const s of socks) s.connect()
+    const name = `realtime:${topic('phx-multi')}`
+    const [c1, c2, watcher] = socks.map((s, i) =>
+      s.channel(name, { config: { presence: { key: i < 2 ? 'same' : 'watcher', enabled: true } } })
+    )
+    const pw = presence(watcher)
+    await withTranscript(socks, async () => {
+      for (const c of [c1, c2, watcher]) await joined(c)
+      assert.equal((await track(c1, { tab: 1 })).status, 'ok')
+      assert.equal((await track(c2, { tab: 2 })).status, 'ok')
+      await until(() => listed(pw).same?.length === 2, {
+        label: 'two metas',
+        describe: () => JSON.stringify(pw.log.items),
+      })
+      const refs = pw.list((k, { metas }) => metas.map((m) => m.phx_ref)).flat()
+      assert.equal(new Set(refs).size, 2, `phx_refs are unique: ${refs}`)
+      socks[0].disconnect()
+      await until(() => JSON.stringify(listed(pw)) === JSON.stringify({ same: [{ tab: 2 }] }), {
+        label: 'one meta left',
+        describe: () => JSON.stringify(pw.log.items),
+      })
+      // onLeave for the key with the remaining meta as `current`.
+      const [l] = await pw.log.wait((e) => e.event === 'leave' && e.key === 'same')
+      assert.deepEqual(
+        l.current.metas.map((m) => m.tab),
+        [2]
+      )
+    })
+  })
+
   // (a) Phoenix apps join with `presence: {key}` and no `enabled`; a `track` must then turn
   // presence on for that channel as Supabase Realtime does: `presence_state` and diffs arrive,
   // so that Presence.onSync fires and list() shows the members.

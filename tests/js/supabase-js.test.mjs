@@ -335,6 +335,13 @@ describe('supabase-js: postgres_changes under row-level security', { skip: skipP
            USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
          GRANT SELECT ON sb_notes TO authenticated, anon;`)
     srv = await new Server({ args: ['--jwt-secret', SECRET], env: { DATABASE_URL: DB } }).start()
+    // corecast creates realtime.messages once it reached the database; then add a policy.
+    for (let i = 0; sql("SELECT to_regprocedure('realtime.topic()') IS NOT NULL") !== 't'; i++) {
+      if (i > 300) throw new Error('realtime.messages was not created')
+      await sleep(50)
+    }
+    sql(`CREATE POLICY sb_room_of_user ON realtime.messages FOR SELECT TO authenticated
+           USING (realtime.topic() = 'sb-room-of-' || (current_setting('request.jwt.claims', true)::jsonb ->> 'sub'))`)
   })
   after(() => srv?.stop())
 
@@ -430,6 +437,32 @@ describe('supabase-js: postgres_changes under row-level security', { skip: skipP
         ['d2'],
         'carol no longer sees her rows after setAuth(dave)'
       )
+    })
+  })
+
+  it('private channel under a realtime.messages policy: setAuth to a user without access closes it', async (t) => {
+    let current = user('erin')
+    const c = supabase(t, srv, { accessToken: async () => current })
+    const name = `sb-room-of-erin`
+    await withTranscript([c], async () => {
+      await c.realtime.setAuth()
+      const ch = c.channel(name, { config: { private: true } })
+      const system = new Log(`system of ${name}`)
+      ch.on('system', {}, (p) => system.push(p))
+      const statuses = track(ch)
+      await subscribed(ch)
+      // Another user's room is refused.
+      const other = c.channel('sb-room-of-frank', { config: { private: true } })
+      const [no] = await track(other).wait((s) => s.status !== 'CLOSED', { label: 'refusal' })
+      assert.equal(no.status, 'CHANNEL_ERROR')
+      assert.match(no.err, /Unauthorized/)
+      await c.removeChannel(other)
+
+      current = user('frank')
+      await c.realtime.setAuth(current)
+      const [sys] = await system.wait((p) => p.status === 'error', { label: 'a system error' })
+      assert.match(sys.message, /no longer have permission/)
+      await statuses.wait((s) => s.status === 'CLOSED', { label: 'CLOSED after the revocation' })
     })
   })
 })
