@@ -361,6 +361,35 @@ describe('phoenix.js: socket, channels, broadcast, presence', () => {
     })
   })
 
+  it('reconnect and rejoin after a server restart (authToken socket)', async (t) => {
+    const own = await new Server({ args: ['--jwt-secret', SECRET] }).start()
+    t.after(() => own.stop())
+    const s = phxSocket(t, own, { authToken: ANON })
+    s.connect()
+    const name = `realtime:${topic('phx-rc')}`
+    const ch = s.channel(name, {
+      config: { broadcast: { self: true, ack: true }, presence: { key: 'me', enabled: true } },
+    })
+    const got = on(ch, 'broadcast')
+    const states = on(ch, 'presence_state')
+    await withTranscript([s], async () => {
+      await joined(ch)
+      await states.wait()
+      await own.stop()
+      await own.restart()
+      // Phoenix reconnects (the authToken again in the subprotocol) and rejoins with a new join_ref.
+      await s.tap.opens.wait(() => true, { count: 2, label: 'the second open' })
+      await states.wait(() => true, { count: 2, label: 'presence_state after the rejoin' })
+      const joins = framesOf(s.tap, 'out', name).filter((f) => frameEvent(f) === 'phx_join')
+      assert.equal(joins.length, 2)
+      assert.notEqual(joins[0][0], joins[1][0])
+      assert.equal(s.tap.upgrades.items[1].headers['sec-websocket-protocol'], 'phoenix')
+      await until(() => ch.state === 'joined', { label: 'joined again' })
+      assert.equal((await reply(ch.push('broadcast', { type: 'broadcast', event: 'after', payload: {} }))).status, 'ok')
+      await got.wait((m) => m.event === 'after')
+    })
+  })
+
   it('authToken: a bad token is refused at the upgrade (401), like a bad apikey', async (t) => {
     const bad = jwt('not-the-secret', { role: 'anon', exp: nowSecs() + 3600 })
     const s = phxSocket(t, srv, { authToken: bad, reconnectAfterMs: () => 60000 })

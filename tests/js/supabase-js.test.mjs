@@ -288,6 +288,35 @@ describe('supabase-js: broadcast, presence, channels', () => {
     })
   })
 
+  it('persisted messages (httpSend and send with persist) are replayed to a private join with broadcast.replay', async (t) => {
+    const name = topic('sb-room')
+    const a = supabase(t, srv, { accessToken: async () => ROOMS })
+    await withTranscript([a], async () => {
+      await a.realtime.setAuth()
+      const ch = a.channel(name, { config: { private: true, broadcast: { ack: true } } })
+      await subscribed(ch)
+      const since = Date.now() - 1000
+      assert.deepEqual(await ch.httpSend('h1', { n: 1 }, { persist: true }), { success: true })
+      assert.equal(await ch.send({ type: 'broadcast', event: 's1', payload: { n: 2 }, persist: true }), 'ok')
+      assert.equal(await ch.send({ type: 'broadcast', event: 'transient', payload: { n: 3 } }), 'ok')
+      const b = supabase(t, srv, { accessToken: async () => ROOMS })
+      await b.realtime.setAuth()
+      const late = b.channel(name, { config: { private: true, broadcast: { replay: { since, limit: 10 } } } })
+      const got = collect(late)
+      await subscribed(late)
+      const replayed = await got.wait(() => true, { count: 2 })
+      assert.deepEqual(
+        replayed.map((m) => [m.event, m.payload, m.meta.replayed]),
+        [
+          ['h1', { n: 1 }, true],
+          ['s1', { n: 2 }, true],
+        ]
+      )
+      await sleep(200)
+      assert.equal(got.items.length, 2, 'only persisted messages are replayed')
+    })
+  })
+
   it('private channels: the accessToken option is the join token; the anon key is refused', async (t) => {
     const name = topic('sb-room')
     const ok = supabase(t, srv, { accessToken: async () => ROOMS })

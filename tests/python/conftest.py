@@ -45,7 +45,7 @@ def jwt(claims: dict, secret: str = SECRET) -> str:
 class Server:
     """A corecast process: `--shards 2 --cpus 0,1`, `--jwt-secret SECRET`, a temp data dir."""
 
-    def __init__(self, args: list[str] = (), env: dict[str, str] | None = None):
+    def __init__(self, args: list[str] = (), env: dict[str, str] | None = None, port: int = 0):
         binary = os.environ.get("CORECAST_BIN")
         if not binary:
             raise RuntimeError("CORECAST_BIN is not set (path of the corecast binary)")
@@ -54,7 +54,7 @@ class Server:
         for k in ("DATABASE_URL", "CORECAST_DATABASE_URL", "CORECAST_JWT_SECRET"):
             full_env.pop(k, None)
         full_env.update(env or {})
-        argv = [binary, "--listen", "127.0.0.1:0", "--shards", "2", "--cpus", "0,1"]
+        argv = [binary, "--listen", f"127.0.0.1:{port}", "--shards", "2", "--cpus", "0,1"]
         argv += ["--data-dir", self.data_dir, "--jwt-secret", SECRET, *args]
         self.argv = argv
         self.stderr: list[str] = []

@@ -327,3 +327,45 @@ async def test_set_auth_switches_identity(pg_server, connect, client_log):
     await asyncio.sleep(0.3)
     bodies = [x["data"]["record"]["body"] for x in changes[seen:] if x["data"]["record"]["body"] != "probe"]
     assert bodies == ["d2"], "carol's rows are no longer visible after set_auth(dave)"
+
+
+# -----------------------------------------------------------------------------------------------
+# Reconnect
+# -----------------------------------------------------------------------------------------------
+
+
+async def test_reconnect_after_server_restart():
+    """The client's auto-reconnect: the server goes away (1001), comes back on the same port, the
+    channel is rejoined (presence_state again) and broadcasts flow."""
+    srv = Server()
+    port = srv.port
+    client = AsyncRealtimeClient(srv.endpoint, ANON, initial_backoff=0.2, max_retries=30)
+    try:
+        await client.connect()
+        ch = client.channel(topic("py-rc"), config(broadcast={"self": True}, presence={"key": "me", "enabled": True}))
+        got, statuses, syncs = [], [], []
+        ch.on_broadcast("*", got.append)
+        ch.on_presence_sync(lambda: syncs.append(dict(ch.presence_state())))
+        await ch.subscribe(lambda status, err: statuses.append(status))
+        srv.stop()
+        srv = None
+        for _ in range(50):
+            try:
+                srv = Server(port=port)
+                break
+            except RuntimeError:
+                await asyncio.sleep(0.1)
+        assert srv is not None, "corecast did not start again on the same port"
+        await until(
+            lambda: statuses.count(RealtimeSubscribeStates.SUBSCRIBED) >= 2, "SUBSCRIBED again", describe=lambda: f"{statuses}"
+        )
+        assert RealtimeSubscribeStates.CHANNEL_ERROR in statuses
+        await until(lambda: len(syncs) >= 2, "presence_state after the rejoin")
+        await ch.send_broadcast("after", {"x": 1})
+        await until(lambda: any(m["event"] == "after" for m in got), "a broadcast after the rejoin")
+    finally:
+        for c in list(client.channels.values()):
+            c.rejoin_timer.reset()
+        await client.close()
+        if srv:
+            srv.stop()
