@@ -320,7 +320,9 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8]) -> bool {
     shard.with_slot(id, |s| s.closing.is_none()).unwrap_or(false)
 }
 
-fn echo_code(code: u16) -> CloseCode {
+/// The close code sent in answer to a peer's close with `code`: the same code where the server
+/// has one of its own for it, 1000 otherwise. Public for the conformance echo example.
+pub fn echo_code(code: u16) -> CloseCode {
     match code {
         1001 => CloseCode::GoingAway,
         1002 => CloseCode::Protocol,
