@@ -29,10 +29,23 @@ pub struct WsConn {
     /// Bytes of an incomplete frame carried over from the previous read. Empty (and without an
     /// allocation) whenever the last read ended on a frame boundary.
     carry: Vec<u8>,
-    /// A fragmented message being reassembled: its opcode and payload so far.
-    partial: Option<(OpCode, Vec<u8>)>,
+    /// A fragmented message being reassembled.
+    partial: Option<Partial>,
     /// Set once a close frame was received; later input is ignored.
     closed: bool,
+}
+
+/// A fragmented message being reassembled.
+#[derive(Debug)]
+struct Partial {
+    /// Text or binary.
+    opcode: OpCode,
+    /// The payload so far.
+    data: Vec<u8>,
+    /// For text: how much of `data` is known to be valid UTF-8. Each fragment is checked as it
+    /// arrives, so at most an incomplete last character (3 bytes) is unchecked, and a message
+    /// that can no longer be valid fails at once instead of after its last fragment.
+    utf8_valid: usize,
 }
 
 /// Limits a [`WsConn`] enforces.
@@ -52,7 +65,7 @@ impl WsConn {
 
     /// Bytes currently held between reads (for memory accounting and tests).
     pub fn buffered(&self) -> usize {
-        self.carry.capacity() + self.partial.as_ref().map_or(0, |p| p.1.capacity())
+        self.carry.capacity() + self.partial.as_ref().map_or(0, |p| p.data.capacity())
     }
 
     /// Whether a close frame has been received.
@@ -147,22 +160,31 @@ impl WsConn {
                 if fin {
                     deliver(opcode, payload, on_event)?;
                 } else {
-                    self.partial = Some((opcode, payload.to_vec()));
+                    let utf8_valid = if opcode == OpCode::Text { utf8_prefix(payload, 0)? } else { 0 };
+                    self.partial = Some(Partial { opcode, data: payload.to_vec(), utf8_valid });
                 }
             }
             OpCode::Continuation => {
-                let Some((op, mut data)) = self.partial.take() else {
+                let Some(mut p) = self.partial.take() else {
                     return Err(WsError::Protocol("continuation frame without a message"));
                 };
-                let size = data.len() + payload.len();
+                let size = p.data.len() + payload.len();
                 if size > limits.max_message {
                     return Err(WsError::TooBig { size: size as u64, limit: limits.max_message });
                 }
-                data.extend_from_slice(payload);
-                if fin {
-                    deliver(op, &data, on_event)?;
+                p.data.extend_from_slice(payload);
+                if p.opcode == OpCode::Text {
+                    p.utf8_valid = utf8_prefix(&p.data, p.utf8_valid)?;
+                }
+                if !fin {
+                    self.partial = Some(p);
+                } else if p.opcode == OpCode::Binary {
+                    on_event(WsEvent::Binary(&p.data));
+                } else if p.utf8_valid == p.data.len() {
+                    on_event(WsEvent::Text(&p.data));
                 } else {
-                    self.partial = Some((op, data));
+                    // The message ends inside a character.
+                    return Err(WsError::InvalidUtf8);
                 }
             }
         }
@@ -180,6 +202,18 @@ fn deliver(opcode: OpCode, data: &[u8], on_event: &mut impl FnMut(WsEvent<'_>)) 
         on_event(WsEvent::Binary(data));
     }
     Ok(())
+}
+
+/// Checks the text bytes `data[from..]` (`from` is a character boundary up to which `data` is
+/// valid) and returns how far `data` is now known to be valid UTF-8. An incomplete character at
+/// the end is left for the next fragment; bytes that no continuation can make valid fail at
+/// once (RFC 6455 §8.1 allows failing as soon as the message cannot be valid).
+fn utf8_prefix(data: &[u8], from: usize) -> Result<usize, WsError> {
+    match std::str::from_utf8(&data[from..]) {
+        Ok(_) => Ok(data.len()),
+        Err(e) if e.error_len().is_none() => Ok(from + e.valid_up_to()),
+        Err(_) => Err(WsError::InvalidUtf8),
+    }
 }
 
 fn parse_close(payload: &[u8]) -> Result<(u16, &str), WsError> {
@@ -285,6 +319,37 @@ mod tests {
         s.extend(masked(true, 0, &chunk));
         let (_, r) = feed(&mut WsConn::new(), &s);
         assert_eq!(r.unwrap_err().close_code().as_u16(), 1009);
+    }
+
+    #[test]
+    fn invalid_utf8_fails_at_its_fragment() {
+        // Autobahn 6.4.1: a valid first fragment, then one that no continuation can make valid
+        // (U+110000 encoded as F4 90 80 80): the error comes without waiting for the rest.
+        let mut ws = WsConn::new();
+        let (ev, r) = feed(&mut ws, &masked(false, 1, "κόσμε".as_bytes()));
+        r.unwrap();
+        assert!(ev.is_empty());
+        let (ev, r) = feed(&mut ws, &masked(false, 0, &[0xf4, 0x90, 0x80, 0x80, 0xce]));
+        assert!(ev.is_empty());
+        assert_eq!(r.unwrap_err().close_code().as_u16(), 1007);
+        // A character split over fragments is fine, even split over three.
+        let euro = "€".as_bytes();
+        let mut s = masked(false, 1, &[b'a', euro[0]]);
+        s.extend(masked(false, 0, &euro[1..2]));
+        s.extend(masked(true, 0, &[euro[2], b'b']));
+        let (ev, r) = feed(&mut WsConn::new(), &s);
+        r.unwrap();
+        assert_eq!(ev, vec![Ev::Text("a€b".into())]);
+        // A message that ends inside a character is not.
+        let mut s = masked(false, 1, b"a");
+        s.extend(masked(true, 0, &euro[..2]));
+        assert_eq!(feed(&mut WsConn::new(), &s).1.unwrap_err().close_code().as_u16(), 1007);
+        // Binary fragments are never checked.
+        let mut s = masked(false, 2, &[0xff]);
+        s.extend(masked(true, 0, &[0xfe]));
+        let (ev, r) = feed(&mut WsConn::new(), &s);
+        r.unwrap();
+        assert_eq!(ev, vec![Ev::Bin(vec![0xff, 0xfe])]);
     }
 
     #[test]
