@@ -46,7 +46,7 @@ pub struct Lat {
 }
 
 impl Lat {
-    fn of(h: &Histogram<u64>) -> Lat {
+    pub(crate) fn of(h: &Histogram<u64>) -> Lat {
         if h.is_empty() {
             return Lat::default();
         }
@@ -126,7 +126,7 @@ pub struct HistorySummary {
 }
 
 /// A blocking HTTP/1.1 keep-alive connection.
-struct Http {
+pub(crate) struct Http {
     s: TcpStream,
     buf: Vec<u8>,
     host: String,
@@ -134,7 +134,7 @@ struct Http {
 }
 
 impl Http {
-    fn connect(addr: SocketAddrV4) -> io::Result<Http> {
+    pub(crate) fn connect(addr: SocketAddrV4) -> io::Result<Http> {
         let s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -172,7 +172,7 @@ impl Http {
         }
     }
 
-    fn call(&mut self, method: &str, path: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
+    pub(crate) fn call(&mut self, method: &str, path: &str, body: &[u8]) -> io::Result<(u16, Vec<u8>)> {
         self.send(method, path, body)?;
         self.recv()
     }
@@ -202,7 +202,7 @@ fn batch_body(out: &mut Vec<u8>, topic: &str, writer: u64, first_seq: u64, n: us
 }
 
 /// Send `n` messages starting at `first_seq` in one request; Ok(status).
-fn publish(
+pub(crate) fn publish(
     c: &mut Http,
     body: &mut Vec<u8>,
     topic: &str,

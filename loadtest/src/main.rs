@@ -5,6 +5,8 @@
 //!   runs one scenario against one server (started here, pinned to CPU 0, or `--addr`);
 //! - `loadtest sse|presence|history` run corecast-only scenarios (SSE fan-out, presence diffs,
 //!   persisted history);
+//! - `loadtest soak --minutes N` runs churn, broadcasts, presence, SSE and persisted messages
+//!   together and checks that the server's memory and fds stay flat (corecast only);
 //! - `loadtest baseline --subscribers N` measures the raw `sendmsg` cost of this machine;
 //! - `loadtest compare <scenario>` runs the baseline and then the scenario against corecast and
 //!   every peer, and prints a table with ratios to corecast.
@@ -22,6 +24,7 @@ mod presence;
 mod report;
 mod scenarios;
 mod servers;
+mod soak;
 mod sys;
 mod wire;
 mod worker;
@@ -68,6 +71,10 @@ enum Cmd {
     /// Postgres changes end to end (commit→client latency, ingest throughput, RLS-checked
     /// deliveries/s) against a real database; see `pg.rs`.
     Pg(pg::PgArgs),
+    /// Soak (corecast only): WebSocket churn, broadcasts, presence churn, SSE streams and
+    /// persisted messages together for --minutes; server RSS and fds sampled every 10 s; pass
+    /// criteria checked at the end (exit code 1 when one fails).
+    Soak(soak::SoakArgs),
     /// Raw-socket baseline: per-sendmsg cost of this machine and the generator's ceiling.
     Baseline(BaselineArgs),
     /// Baseline, then one scenario against corecast and each peer; table with ratios.
@@ -282,6 +289,7 @@ fn main() -> ExitCode {
         Cmd::Presence(a) => run_scenario(ScenarioKind::Presence, a),
         Cmd::History(a) => run_scenario(ScenarioKind::History, a),
         Cmd::Pg(a) => pg::run(a),
+        Cmd::Soak(a) => soak::run(a),
         Cmd::Baseline(a) => run_baseline(a),
         Cmd::Compare(a) if matches!(a.scenario, ScenarioKind::Presence | ScenarioKind::History) => {
             // No peer has Phoenix presence or a history API: the comparison is corecast's run.
