@@ -66,8 +66,10 @@ impl Pg {
             "--locale=C",
             "-N",
         ]));
-        let conf = "\nlisten_addresses = '127.0.0.1'\nwal_level = logical\nmax_replication_slots = 10\n\
-                    max_wal_senders = 10\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
+        // Every test that streams changes leaves a slot of its own (a killed server cannot drop
+        // it), and inactive slots count against the limit: room for all of the suite's.
+        let conf = "\nlisten_addresses = '127.0.0.1'\nwal_level = logical\nmax_replication_slots = 64\n\
+                    max_wal_senders = 64\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
                     wal_sender_timeout = 10s\n";
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path).unwrap();
