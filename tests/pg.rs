@@ -1,8 +1,12 @@
 //! Postgres changes against a real PostgreSQL 15 (see `util::pg`): payload shapes, filters,
-//! row-level security, private channels, bad subscriptions, and no change lost when Postgres
-//! or corecast restarts. Plus the unmodified realtime-js client (`tests/js/pg.test.mjs`).
+//! row-level security (and the warning when it filters a channel that runs with the apikey's
+//! claims), private channels, bad subscriptions, and no change lost when Postgres or corecast
+//! restarts. Plus the unmodified realtime-js client (`tests/js/pg.test.mjs`).
 
 use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -337,6 +341,233 @@ fn pg_row_level_security_per_user_batched() {
     db.sql("INSERT INTO notes (owner, body) VALUES ('u2', 'four')");
     assert_eq!(ids_of(&u1.changes("notes", 1), "record"), [4]);
     assert_eq!(ids_of(&u2.changes("notes", 1), "record"), [4]);
+}
+
+/// corecast on `db` (its own slot), its log (stderr, escape sequences removed) kept line by
+/// line for the test to read.
+struct LoggedServer {
+    addr: std::net::SocketAddr,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    data_dir: std::path::PathBuf,
+}
+
+impl LoggedServer {
+    fn start(db: &TestDb, extra: &[&str]) -> LoggedServer {
+        let data_dir = crate::util::temp_dir("pglog");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_corecast"))
+            .args(["--listen", "127.0.0.1:0", "--shards", "2", "--cpus", "0,1", "--slot", db.slot()])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(extra)
+            .env("DATABASE_URL", db.url())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn corecast");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(strip_ansi(&line));
+            }
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = lines.next().and_then(Result::ok).unwrap_or_default();
+        std::thread::spawn(move || for _ in lines {});
+        let addr = ready
+            .strip_prefix("corecast listening on http://")
+            .and_then(|r| r.split(' ').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no ready line (got {ready:?}); log: {:#?}", log.lock().unwrap()));
+        LoggedServer { addr, child, log, data_dir }
+    }
+
+    /// Log lines containing `needle`.
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.log.lock().unwrap().iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+
+    fn ws(&self, apikey: &str) -> Rx {
+        Rx::connect(&format!("ws://{}/realtime/v1/websocket?apikey={apikey}&vsn=2.0.0", self.addr))
+    }
+}
+
+impl Drop for LoggedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// `s` without ANSI escape sequences (`ESC [ … letter`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The scenario of a realtime-js client with the anon key as `apikey` and an `accessToken`
+/// callback: its join goes out before the callback resolved, so the channel runs with the
+/// apikey's claims (`anon`) and RLS filters every row. That is correct, and corecast says why,
+/// once per connection however many rows, channels and rejoins; the three ways that do run as
+/// the user (join `access_token`, a later `access_token` push, the user token as apikey) get
+/// the rows and no warning.
+#[test]
+fn pg_rls_filtering_apikey_claims_is_logged_once_per_connection() {
+    const WARNING: &str = "row-level security filtered a change for this channel";
+    let db = TestDb::new("cc_rls_warn");
+    db.sql(
+        "DO $$ BEGIN CREATE ROLE authenticated NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         DO $$ BEGIN CREATE ROLE anon NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         CREATE TABLE todos (id bigserial PRIMARY KEY, owner text NOT NULL, task text);
+         ALTER TABLE todos ENABLE ROW LEVEL SECURITY;
+         GRANT SELECT ON todos TO anon, authenticated;
+         CREATE POLICY own ON todos FOR SELECT TO authenticated
+           USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');",
+    );
+    let srv = LoggedServer::start(&db, &["--jwt-secret", SECRET]);
+    let (anon, user) = (token(json!({"role": "anon"})), token(json!({"role": "authenticated", "sub": "u1"})));
+    let binding = json!([{"event": "*", "schema": "public", "table": "todos"}]);
+    // The case that is warned about: anon apikey, joins without access_token (two channels).
+    let mut filtered = srv.ws(&anon);
+    filtered.join("todos", "1", binding.clone(), json!({}));
+    filtered.join("todos-2", "2", binding.clone(), json!({}));
+    // The three ways that run as the user.
+    let mut join_token = srv.ws(&anon);
+    join_token.join("todos", "1", binding.clone(), json!({"access_token": user}));
+    let mut pushed = srv.ws(&anon);
+    pushed.join("todos", "1", binding.clone(), json!({}));
+    let mut as_apikey = srv.ws(&user);
+    as_apikey.join("todos", "1", binding.clone(), json!({}));
+    for c in [&mut filtered, &mut join_token, &mut pushed, &mut as_apikey] {
+        c.subscribed("todos");
+    }
+    filtered.subscribed("todos-2");
+    pushed.c.send_json(&json!(["1", "5", "realtime:todos", "access_token", {"access_token": user}]));
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 0..3 {
+        db.sql(&format!(
+            "INSERT INTO todos (owner, task) VALUES ('u1', 'a{round}'); INSERT INTO todos (owner, task) VALUES ('u1', 'b{round}')"
+        ));
+        for c in [&mut join_token, &mut pushed, &mut as_apikey] {
+            assert_eq!(c.changes("todos", 2).len(), 2, "round {round}");
+        }
+        // A rejoin storm on the same connection: still one warning.
+        let r = (10 + round).to_string();
+        filtered.join("todos", &r, binding.clone(), json!({}));
+        filtered.subscribed("todos");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while srv.lines_with(WARNING).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let warned = srv.lines_with(WARNING);
+    assert_eq!(warned.len(), 1, "exactly one warning; log: {:#?}", srv.log.lock().unwrap());
+    let w = &warned[0];
+    assert!(w.contains("WARN"), "{w}");
+    for part in ["todos", "anon", "public.todos", "await client.setAuth()", "as apikey", "access_token"] {
+        assert!(w.contains(part), "the warning names {part:?}: {w}");
+    }
+    for t in ["todos", "todos-2"] {
+        assert!(filtered.quiet(t, Duration::from_millis(100)).is_empty(), "{t}: RLS filtered every row");
+    }
+    // A second connection in the same situation is warned once too.
+    let mut again = srv.ws(&anon);
+    again.join("todos", "1", binding, json!({}));
+    again.subscribed("todos");
+    db.sql("INSERT INTO todos (owner, task) VALUES ('u1', 'c')");
+    assert_eq!(as_apikey.changes("todos", 1).len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while srv.lines_with(WARNING).len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(srv.lines_with(WARNING).len(), 2, "one more for the new connection");
+}
+
+/// The RLS check queries corecast sends are index lookups under the table's policies, not a
+/// scan of the whole table per auth context: the key comparison must be leakproof to be
+/// evaluated before a policy (`rls::check_sql`). Planned here by the real Postgres, as corecast
+/// runs them: `= ANY` keys with a generic plan, `unnest` keys with custom plans.
+#[test]
+fn pg_rls_check_queries_use_the_primary_key() {
+    use corecast::ingest::catalog::{ColMeta, TableMeta};
+    use corecast::ingest::rls::check_sql;
+    let db = TestDb::new("cc_rls_plan");
+    db.sql(
+        "DO $$ BEGIN CREATE ROLE authenticated NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         CREATE TABLE one (id bigint PRIMARY KEY, owner text NOT NULL);
+         CREATE TABLE two (a int, b timestamptz, owner text NOT NULL, PRIMARY KEY (a, b));
+         INSERT INTO one SELECT g, 'u' || (g % 100) FROM generate_series(1, 20000) g;
+         INSERT INTO two SELECT g, '2024-01-01'::timestamptz + g * interval '1 s', 'u' || (g % 100) FROM generate_series(1, 20000) g;
+         ALTER TABLE one ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE two ENABLE ROW LEVEL SECURITY;
+         GRANT SELECT ON one, two TO authenticated;
+         CREATE POLICY own ON one FOR SELECT TO authenticated USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
+         CREATE POLICY own ON two FOR SELECT TO authenticated USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
+         ANALYZE one; ANALYZE two;",
+    );
+    let col = |name: &str, type_oid: u32, sql_type: &str| ColMeta {
+        name: name.into(),
+        type_oid,
+        typname: String::new(),
+        sql_type: sql_type.into(),
+        pk: true,
+    };
+    let table = |name: &str, columns| TableMeta {
+        relid: 0,
+        schema: "public".into(),
+        name: name.into(),
+        rls: true,
+        published: true,
+        columns,
+    };
+    let plan = |setup: &str, prepare: &str, execute: &str| {
+        db.sql(&format!(
+            "BEGIN; SET LOCAL ROLE authenticated; SELECT set_config('request.jwt.claims', '{{\"sub\": \"u7\"}}', true); \
+             {setup} PREPARE q{prepare}; EXPLAIN (COSTS OFF) EXECUTE q{execute}; COMMIT;"
+        ))
+    };
+    let one = check_sql(&table("one", vec![col("id", 20, "bigint")])).unwrap();
+    assert!(one.by_key, "{one:?}");
+    let p =
+        plan("SET LOCAL plan_cache_mode = force_generic_plan;", &format!("(text[]) AS {}", one.sql), "('{7,8,107}')");
+    assert!(p.contains("Index Cond") && !p.contains("Seq Scan"), "{p}");
+    assert_eq!(
+        db.sql(&format!(
+            "BEGIN; SET LOCAL ROLE authenticated; SELECT set_config('request.jwt.claims', '{{\"sub\": \"u7\"}}', true); \
+             PREPARE q(text[]) AS {}; EXECUTE q('{{7,8,107}}'); COMMIT;",
+            one.sql
+        ))
+        .lines()
+        .skip(1)
+        .collect::<Vec<_>>(),
+        ["7", "107"],
+        "the visible keys, as text"
+    );
+    let two =
+        check_sql(&table("two", vec![col("a", 23, "integer"), col("b", 1184, "timestamp with time zone")])).unwrap();
+    assert!(!two.by_key, "{two:?}");
+    let p = plan(
+        "",
+        &format!("(int4[], text[], text[]) AS {}", two.sql),
+        "('{0,1}', '{7,8}', '{\"2024-01-01 00:00:07+00\",\"2024-01-01 00:00:08+00\"}')",
+    );
+    assert!(p.contains("Index Cond") && !p.contains("Seq Scan"), "{p}");
 }
 
 #[test]

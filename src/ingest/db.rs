@@ -47,6 +47,9 @@ impl Conn {
 pub struct Db {
     config: tokio_postgres::Config,
     conns: RefCell<Vec<Option<Rc<Conn>>>>,
+    /// One per slot: held while the slot connects, so that tasks finding it broken at the same
+    /// time (every RLS check on it) make one new connection, not one each.
+    connecting: Vec<tokio::sync::Mutex<()>>,
     next: Cell<usize>,
 }
 
@@ -68,7 +71,13 @@ impl Db {
         if !opts.contains("statement_timeout") {
             config.options(format!("{opts} -c statement_timeout={STATEMENT_TIMEOUT_MS}").trim());
         }
-        Self { config, conns: RefCell::new((0..size.max(1)).map(|_| None).collect()), next: Cell::new(0) }
+        let size = size.max(1);
+        Self {
+            config,
+            conns: RefCell::new((0..size).map(|_| None).collect()),
+            connecting: (0..size).map(|_| tokio::sync::Mutex::new(())).collect(),
+            next: Cell::new(0),
+        }
     }
 
     /// Number of connections.
@@ -79,8 +88,13 @@ impl Db {
     /// Connection `i` (mod size), connecting it if needed.
     pub async fn get(&self, i: usize) -> Result<Rc<Conn>, Error> {
         let i = i % self.size();
-        if let Some(c) = self.conns.borrow()[i].as_ref().filter(|c| !c.client.is_closed()) {
-            return Ok(c.clone());
+        let open = || self.conns.borrow()[i].as_ref().filter(|c| !c.client.is_closed()).cloned();
+        if let Some(c) = open() {
+            return Ok(c);
+        }
+        let _connecting = self.connecting[i].lock().await;
+        if let Some(c) = open() {
+            return Ok(c);
         }
         let (client, connection) = self.config.connect(NoTls).await?;
         tokio::task::spawn_local(async move {

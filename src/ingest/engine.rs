@@ -9,7 +9,13 @@
 //!
 //! Batches form by themselves: while one batch waits for its RLS checks, the next
 //! transactions queue up, so under load each check covers more changes and the number of
-//! queries stays one per auth context per batch.
+//! queries stays one per auth context per batch. Within a batch, the deliveries of auth
+//! contexts without checks go out first, and each other context's as soon as its own check
+//! has answered (not when the slowest of them has): with 1,000 contexts the first subscribers
+//! get their changes after one check, the last after all of them. A context's deliveries
+//! always leave together and in change order, and a batch is out before the next starts, so
+//! no subscriber sees a change before an earlier one. The checks wait until the batch's
+//! transactions are visible to new snapshots (see [`rls::committed_visible`]).
 //!
 //! "Subscribed to PostgreSQL" goes out once a subscription is validated against the catalog
 //! *and* the slot exists: from then on every transaction that commits is in the slot and will
@@ -25,7 +31,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use super::catalog::{self, TableMeta};
-use super::db::Db;
+use super::db::{self, Db};
 use super::encode::{self, ChangeType};
 use super::filter;
 use super::pgoutput::Datum;
@@ -57,6 +63,17 @@ const AUTHORIZE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Transactions taken into one batch at most.
 const MAX_BATCH_TXNS: usize = 1024;
+
+/// How long RLS checks wait for a committed transaction to become visible to snapshots.
+const VISIBLE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// RLS checks sent ahead on each pool connection. Enough to keep its backend busy; with more,
+/// the ingest thread would spend the first milliseconds of a large batch queueing every
+/// context's statements before it reads the first answer (about 10 ms for 1,000 contexts).
+const CHECKS_IN_FLIGHT_PER_CONN: usize = 16;
+
+/// Size of the warned-connections set before it is first pruned of closed connections.
+const WARNED_CONNS_MIN: usize = 1024;
 
 /// Everything the ingest needs from the configuration.
 #[derive(Debug, Clone)]
@@ -94,6 +111,8 @@ pub fn spawn(
 struct Pending {
     gen: u64,
     claims: Arc<Claims>,
+    /// `claims` are the connect apikey's (no `access_token` yet).
+    apikey: bool,
 }
 
 /// A cached catalog lookup (`None`: the table or role does not exist).
@@ -127,6 +146,10 @@ struct Engine {
     privileges: PrivilegeCache,
     /// (role, table) pairs already warned about (no SELECT privilege).
     warned: RefCell<HashSet<(String, u32)>>,
+    /// Connections already warned that RLS filtered a row for apikey claims (see
+    /// [`Engine::warn_apikey_filtered`]); pruned of closed connections as it grows.
+    warned_conns: RefCell<HashSet<(usize, ConnId)>>,
+    warned_conns_prune_at: Cell<usize>,
     ack: watch::Sender<u64>,
 }
 
@@ -149,6 +172,8 @@ async fn run(settings: Settings, rx: flume::Receiver<IngestMsg>, shards: Vec<flu
         by_name: RefCell::new(HashMap::new()),
         privileges: RefCell::new(HashMap::new()),
         warned: RefCell::new(HashSet::new()),
+        warned_conns: RefCell::new(HashSet::new()),
+        warned_conns_prune_at: Cell::new(WARNED_CONNS_MIN),
         ack: ack_tx,
     });
     tokio::task::spawn_local(source::run(settings.source, db, ev_tx, ack_rx));
@@ -174,7 +199,9 @@ impl Engine {
                 let k = key(s.shard, s.conn, s.topic.clone());
                 let gen = self.next_gen.get() + 1;
                 self.next_gen.set(gen);
-                self.pending.borrow_mut().insert(k.clone(), Pending { gen, claims: s.claims.clone() });
+                self.pending
+                    .borrow_mut()
+                    .insert(k.clone(), Pending { gen, claims: s.claims.clone(), apikey: s.apikey_claims });
                 tokio::task::spawn_local(self.clone().subscribe(*s, k, gen));
             }
             IngestMsg::Unsubscribe { shard, conn, topic } => {
@@ -186,6 +213,7 @@ impl Engine {
                 let k = key(shard, conn, topic.clone());
                 if let Some(p) = self.pending.borrow_mut().get_mut(&k) {
                     p.claims = claims.clone();
+                    p.apikey = false;
                 }
                 self.reg.borrow_mut().reauth(&k, AuthCtx::of(&claims));
                 if topic.is_private() {
@@ -229,19 +257,23 @@ impl Engine {
                 }
             }
         };
-        let claims = {
+        let pending = {
             let mut pending = self.pending.borrow_mut();
             match pending.get(&k) {
-                Some(p) if p.gen == gen => pending.remove(&k).map(|p| p.claims),
+                Some(p) if p.gen == gen => pending.remove(&k),
                 _ => None,
             }
         };
-        let Some(claims) = claims else { return };
+        let Some(Pending { claims, apikey, .. }) = pending else { return };
         let wire = k.topic.wire_name();
         match result {
             Ok(bindings) => {
-                let idx =
-                    self.reg.borrow_mut().insert(k, wire.into(), s.join_ref, s.format, AuthCtx::of(&claims), bindings);
+                let idx = {
+                    let mut reg = self.reg.borrow_mut();
+                    let idx = reg.insert(k, wire.into(), s.join_ref, s.format, AuthCtx::of(&claims), bindings);
+                    reg.channel_mut(idx).apikey = apikey;
+                    idx
+                };
                 if self.slot_ready.get() {
                     self.announce(idx);
                 }
@@ -635,24 +667,132 @@ impl Engine {
         pairs.sort_unstable();
         pairs.dedup();
         let privileges = self.retry("reading column privileges", || self.privileges_for(&pairs)).await;
-        let sec = Security::new(&items, &planned, &ctxs, &metas, &privileges);
+        let item_xid: Vec<u32> = txns.iter().flat_map(|t| t.changes.iter().map(move |_| t.xid)).collect();
+        let sec = Security::new(&items, &item_xid, &planned, &ctxs, &metas, &privileges);
         for (role, relid) in &sec.no_privilege {
             if self.warned.borrow_mut().insert((role.clone(), *relid)) {
                 let table = metas.get(relid).cloned().flatten().map_or_else(|| relid.to_string(), |m| m.qualified());
                 tracing::warn!(%role, %table, "role has no SELECT privilege on the table: its subscribers get no changes (GRANT SELECT to it)");
             }
         }
-        // Row-level security: one transaction per auth context for the whole batch.
-        let visible = if sec.jobs.is_empty() {
-            HashSet::new()
-        } else {
-            let jobs = sec.jobs.clone();
-            self.retry("checking row-level security", || rls::check(&self.db, jobs.clone())).await
-        };
+        // Row-level security: one transaction per auth context for the whole batch, and each
+        // context's deliveries go out as soon as its check has answered. All deliveries of a
+        // context (checked or not: DELETEs, tables without RLS) leave together in change order,
+        // so no subscriber sees a change before an earlier one; the next batch starts once this
+        // one is out, which keeps every context's order across batches.
+        let job_of: HashMap<AuthId, usize> = sec.jobs.iter().enumerate().map(|(j, job)| (job.auth, j)).collect();
+        let mut per_job: Vec<Vec<u32>> = vec![Vec::new(); sec.jobs.len()];
+        let mut unchecked = Vec::new();
+        for (i, p) in planned.iter().enumerate() {
+            match job_of.get(&p.target.auth) {
+                Some(&j) => per_job[j].push(i as u32),
+                None => unchecked.push(i as u32),
+            }
+        }
+        let mut enc = plan::Encoder::new(&sec.masks);
+        let nothing = HashSet::new();
+        self.hand_off(&items, &planned, &unchecked, |i| sec.decide(i, &nothing), &mut enc).await;
+        if sec.jobs.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let conns = self.retry("connecting for row-level security", || self.pool()).await;
+        let visibility_waits = self.wait_visible(&conns[0], &sec.xids).await;
+        let mut checks = tokio::task::JoinSet::new();
+        let mut job_of_task = HashMap::with_capacity(sec.jobs.len());
+        let in_flight = Rc::new(tokio::sync::Semaphore::new(CHECKS_IN_FLIGHT_PER_CONN * conns.len()));
+        for (j, job) in sec.jobs.iter().enumerate() {
+            let slot = j % conns.len();
+            let (db, conn, job, in_flight) =
+                (self.db.clone(), conns[slot].clone(), Rc::new(job.clone()), in_flight.clone());
+            let task = checks.spawn_local(async move {
+                let _permit = in_flight.acquire().await;
+                check_until_answered(db, slot, conn, job).await
+            });
+            job_of_task.insert(task.id(), j);
+        }
+        let mut first_ms = None;
+        while let Some(done) = checks.join_next_with_id().await {
+            let (j, visible) = match done {
+                Ok((id, visible)) => (job_of_task[&id], visible.into_iter().collect::<HashSet<i32>>()),
+                Err(e) => {
+                    // Nothing is known visible: the context's checked changes are not sent.
+                    tracing::error!(error = %e, "RLS check task failed");
+                    (job_of_task[&e.id()], HashSet::new())
+                }
+            };
+            first_ms.get_or_insert_with(|| started.elapsed().as_secs_f64() * 1e3);
+            self.hand_off(&items, &planned, &per_job[j], |i| sec.decide(i, &visible), &mut enc).await;
+            self.warn_apikey_filtered(&items, &planned, &ctxs, &per_job[j], &sec, &visible);
+        }
+        tracing::debug!(
+            txns = txns.len(),
+            changes = items.len(),
+            planned = planned.len(),
+            contexts = sec.jobs.len(),
+            visibility_waits,
+            first_ms,
+            all_ms = started.elapsed().as_secs_f64() * 1e3,
+            "batch checked for row-level security"
+        );
+    }
+
+    /// Waits (up to [`VISIBLE_DEADLINE`]) until the batch's transactions are visible to new
+    /// snapshots, so that RLS checks see their rows (see [`rls::committed_visible`]). Returns
+    /// how many times it waited.
+    async fn wait_visible(&self, conn: &db::Conn, xids: &[u32]) -> u32 {
+        let deadline = Instant::now() + VISIBLE_DEADLINE;
+        let mut waits = 0;
+        loop {
+            match rls::committed_visible(conn, xids).await {
+                Ok(true) => return waits,
+                Ok(false) if Instant::now() < deadline => {
+                    // Usually a fraction of a millisecond: probe again at once a few times (a
+                    // round trip each), then every millisecond.
+                    waits += 1;
+                    if waits > 4 {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                Ok(false) => {
+                    tracing::warn!(?xids, "committed transactions still not visible to new snapshots; checking anyway");
+                    return waits;
+                }
+                // The checks will find the connection broken and retry.
+                Err(e) => {
+                    tracing::debug!(error = %e, "visibility probe failed");
+                    return waits;
+                }
+            }
+        }
+    }
+
+    /// The pool's connections, connected.
+    async fn pool(&self) -> Result<Vec<Rc<db::Conn>>, tokio_postgres::Error> {
+        let mut conns = Vec::with_capacity(self.db.size());
+        for i in 0..self.db.size() {
+            conns.push(self.db.get(i).await?);
+        }
+        Ok(conns)
+    }
+
+    /// Encodes the planned deliveries `sel` that `decide` lets through and hands them to the
+    /// shards, in order.
+    async fn hand_off<'p>(
+        &self,
+        items: &[Item<'_>],
+        planned: &'p [plan::Planned],
+        sel: &[u32],
+        decide: impl FnMut(usize) -> Option<Decision>,
+        enc: &mut plan::Encoder<'p>,
+    ) {
+        if sel.is_empty() {
+            return;
+        }
         let mut routed = Routed::new(self.shards.len());
         {
             let types = self.types.borrow();
-            plan::route(&items, &types, &planned, |i| sec.decide(i, &visible), &sec.masks, &mut routed);
+            plan::route_selected(items, &types, planned, sel, decide, enc, &mut routed);
         }
         for (shard, items) in routed.per_shard.into_iter().enumerate() {
             if items.is_empty() {
@@ -662,6 +802,77 @@ impl Engine {
                 let _ = tx.send_async(ShardMsg::ToConns { items }).await;
             }
         }
+    }
+
+    /// Says, once per connection, why a channel that runs with the connect apikey's claims
+    /// (an API key: no `sub`) because its join carried no `access_token` had a change filtered
+    /// by row-level security: the usual cause is realtime-js with an `accessToken` callback,
+    /// which joins before the callback resolved and never pushes the token afterwards.
+    fn warn_apikey_filtered(
+        &self,
+        items: &[Item<'_>],
+        planned: &[plan::Planned],
+        ctxs: &[Arc<AuthCtx>],
+        sel: &[u32],
+        sec: &Security,
+        visible: &HashSet<i32>,
+    ) {
+        for &pi in sel {
+            let (pi, p) = (pi as usize, &planned[pi as usize]);
+            let filtered = p.target.apikey && sec.needs[pi].is_some_and(|(_, item)| !visible.contains(&item));
+            if !filtered || self.warned_conns.borrow().contains(&(p.target.shard, p.target.conn)) {
+                continue;
+            }
+            let ctx = &ctxs[pi];
+            let user = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&ctx.claims)
+                .is_ok_and(|c| c.contains_key("sub"));
+            if user {
+                continue;
+            }
+            self.remember_warned(p.target.shard, p.target.conn);
+            let rel = &items[p.item as usize].change.rel;
+            tracing::warn!(
+                channel = p.target.wire.strip_prefix("realtime:").unwrap_or(&p.target.wire),
+                role = %ctx.role,
+                table = %format!("{}.{}", rel.schema, rel.name),
+                "postgres_changes: row-level security filtered a change for this channel, which runs with the role \
+                 and claims of the connect apikey because its join carried no access_token. To run as a signed-in \
+                 user, call `await client.setAuth()` (with an `accessToken` callback) or `setAuth(token)` before \
+                 subscribing, or connect with the user's token as apikey. (Logged once per connection.)"
+            );
+        }
+    }
+
+    fn remember_warned(&self, shard: usize, conn: ConnId) {
+        let mut warned = self.warned_conns.borrow_mut();
+        warned.insert((shard, conn));
+        if warned.len() > self.warned_conns_prune_at.get() {
+            let live: HashSet<(usize, ConnId)> =
+                self.reg.borrow().channels().map(|(_, c)| (c.key.shard, c.key.conn)).collect();
+            warned.retain(|k| live.contains(k));
+            self.warned_conns_prune_at.set((2 * warned.len()).max(WARNED_CONNS_MIN));
+        }
+    }
+}
+
+/// One context's RLS check on `conn` (pool slot `slot`), retried with backoff on a fresh
+/// connection until the database answers: the changes wait, unsent, rather than go out
+/// unchecked.
+async fn check_until_answered(db: Rc<Db>, slot: usize, conn: Rc<db::Conn>, job: Rc<rls::CtxRows>) -> Vec<i32> {
+    let mut conn = Ok(conn);
+    let mut backoff = Backoff::default();
+    loop {
+        let err = match conn {
+            Ok(c) => match rls::check_one(&c, &job).await {
+                Ok(visible) => return visible,
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "checking row-level security failed; retrying");
+        tokio::time::sleep(delay).await;
+        conn = db.get(slot).await;
     }
 }
 
@@ -674,6 +885,8 @@ struct Security {
     needs: Vec<Option<(AuthId, i32)>>,
     masks: Vec<Vec<bool>>,
     jobs: Vec<rls::CtxRows>,
+    /// Transactions with rows to check (distinct).
+    xids: Vec<u32>,
     /// (role, table) pairs whose role may select no column: their subscribers get nothing.
     no_privilege: Vec<(String, u32)>,
 }
@@ -683,6 +896,7 @@ const NO_PK: &str = "Error 400: Bad Request, no primary key";
 impl Security {
     fn new(
         items: &[Item<'_>],
+        item_xid: &[u32],
         planned: &[plan::Planned],
         ctxs: &[Arc<AuthCtx>],
         metas: &HashMap<u32, Option<Arc<TableMeta>>>,
@@ -691,9 +905,10 @@ impl Security {
         let mut masks: Vec<Vec<bool>> = Vec::new();
         let mut mask_ids: HashMap<(String, u32), Option<u32>> = HashMap::new();
         let mut pk_masks: HashMap<u32, u32> = HashMap::new();
-        let mut sqls: HashMap<u32, Option<Arc<str>>> = HashMap::new();
+        let mut sqls: HashMap<u32, Option<Arc<rls::Check>>> = HashMap::new();
         let mut rows = Vec::new();
         let mut seen = HashSet::new();
+        let mut xids = HashSet::new();
         let mut no_privilege: Vec<(String, u32)> = Vec::new();
         let mut base = Vec::with_capacity(planned.len());
         let mut needs = Vec::with_capacity(planned.len());
@@ -746,7 +961,7 @@ impl Security {
                     ChangeType::Insert | ChangeType::Update => {
                         let sql = sqls
                             .entry(rel.relid)
-                            .or_insert_with(|| meta.as_ref().and_then(|m| rls::check_sql(m)).map(Arc::from))
+                            .or_insert_with(|| meta.as_ref().and_then(|m| rls::check_sql(m)).map(Arc::new))
                             .clone();
                         match sql {
                             None => decision.error = Some(NO_PK),
@@ -769,6 +984,7 @@ impl Security {
                                 let pair = (p.target.auth, p.item as i32);
                                 if seen.insert(pair) {
                                     rows.push((p.target.auth, ctx.clone(), sql, p.item as i32, key));
+                                    xids.insert(item_xid[p.item as usize]);
                                 }
                                 need = Some(pair);
                             }
@@ -779,13 +995,15 @@ impl Security {
             base.push(Some(decision));
             needs.push(need);
         }
-        Self { base, needs, masks, jobs: rls::group(rows), no_privilege }
+        Self { base, needs, masks, jobs: rls::group(rows), xids: xids.into_iter().collect(), no_privilege }
     }
 
-    fn decide(&self, i: usize, visible: &HashSet<(AuthId, i32)>) -> Option<Decision> {
+    /// The decision for planned delivery `i`, given the changes its context's check found
+    /// `visible`.
+    fn decide(&self, i: usize, visible: &HashSet<i32>) -> Option<Decision> {
         let d = self.base[i]?;
         match self.needs[i] {
-            Some(pair) if !visible.contains(&pair) => None,
+            Some((_, item)) if !visible.contains(&item) => None,
             _ => Some(d),
         }
     }

@@ -82,6 +82,10 @@ pub struct PgSubscribe {
     pub format: Format,
     pub bindings: Vec<PgBinding>,
     pub claims: Arc<Claims>,
+    /// `claims` are the connect apikey's because the join carried no `access_token`: a table
+    /// with row-level security that shows such a channel nothing gets one warning per
+    /// connection saying why (realtime-js joins before an `accessToken` callback resolved).
+    pub apikey_claims: bool,
 }
 
 /// Where shards send [`IngestMsg`]s (cheap to clone, `Send`).

@@ -1,7 +1,8 @@
 //! From committed changes to per-shard frames, without I/O: [`match_changes`] finds every
-//! subscribed channel a change reaches (event, table, filter), and [`route`] encodes each
-//! change once per distinct column set and once per distinct (topic, ids, wire format), and
-//! lists every connection that gets each frame, grouped by shard.
+//! subscribed channel a change reaches (event, table, filter), and [`route`] (or
+//! [`route_selected`], a part of them at a time) encodes each change once per distinct column
+//! set and once per distinct (topic, ids, wire format), and lists every connection that gets
+//! each frame, grouped by shard.
 //!
 //! Row-level security and column privileges are decided between the two by the caller (see
 //! `rls`), as a [`Decision`] per planned delivery.
@@ -37,6 +38,8 @@ pub struct Target {
     pub format: Format,
     pub auth: AuthId,
     pub ids: Vec<u32>,
+    /// The channel's claims are the connect apikey's (its join carried no `access_token`).
+    pub apikey: bool,
 }
 
 /// A change (index into the items) matched to a channel.
@@ -114,6 +117,7 @@ pub fn match_changes(reg: &mut Registry, types: &Types, items: &[Item<'_>], out:
                     format: ch.format,
                     auth: ch.auth,
                     ids: h.ids,
+                    apikey: ch.apikey,
                 },
             });
         }
@@ -156,75 +160,110 @@ pub fn columns<'a>(change: &'a Change, types: &'a Types) -> Vec<Col<'a>> {
         .collect()
 }
 
-/// Frames of one change by (data index, topic, format, ids): the frame and its item index on
-/// each shard (`usize::MAX`: none yet).
-type FrameCache<'a> = HashMap<(usize, &'a str, Format, &'a [u32]), (Bytes, Vec<usize>), ahash::RandomState>;
+/// A frame's key: (data index, topic, format, ids).
+type FrameKey<'p> = (usize, &'p str, Format, &'p [u32]);
 
-/// Encodes and groups the planned deliveries `decide` lets through (`None`: skip). `planned`
-/// must be in item order, as [`match_changes`] makes it.
+/// The encodings of one batch, shared by its [`route`] calls (one per auth context when each
+/// context is delivered as its RLS check answers): each change's data once per distinct
+/// decision, each frame once per distinct (data, topic, format, ids).
+#[derive(Debug, Default)]
+pub struct Encoder<'p> {
+    /// The column masks decisions refer to.
+    masks: &'p [Vec<bool>],
+    /// Index into `data` by (item, decision).
+    data_of: HashMap<(u32, Decision), usize, ahash::RandomState>,
+    data: Vec<Vec<u8>>,
+    /// Frame and its id by (data index, topic, format, ids).
+    frames: HashMap<FrameKey<'p>, (Bytes, usize), ahash::RandomState>,
+}
+
+impl<'p> Encoder<'p> {
+    /// An encoder for decisions whose masks index `masks`.
+    pub fn new(masks: &'p [Vec<bool>]) -> Self {
+        Self { masks, ..Self::default() }
+    }
+}
+
+/// Encodes and groups the planned deliveries `sel` (indices into `planned`, in item order)
+/// that `decide` lets through (`None`: skip). `planned` must be in item order, as
+/// [`match_changes`] makes it.
+pub fn route_selected<'p>(
+    items: &[Item<'_>],
+    types: &Types,
+    planned: &'p [Planned],
+    sel: &[u32],
+    mut decide: impl FnMut(usize) -> Option<Decision>,
+    enc: &mut Encoder<'p>,
+    out: &mut Routed,
+) {
+    let shards = out.per_shard.len();
+    // Per frame id of the current item: its item index on each shard (`usize::MAX`: none yet).
+    let mut slots: HashMap<usize, Vec<usize>, ahash::RandomState> = HashMap::default();
+    let mut current = u32::MAX;
+    for &pi in sel {
+        let pi = pi as usize;
+        let p = &planned[pi];
+        if p.item != current {
+            current = p.item;
+            slots.clear();
+        }
+        let Some(d) = decide(pi) else { continue };
+        let item = items[p.item as usize];
+        let next = enc.data.len();
+        let di = *enc.data_of.entry((p.item, d)).or_insert(next);
+        if di == next {
+            let masks = enc.masks;
+            let mask = |m: u32| (m > 0).then(|| masks[m as usize - 1].as_slice());
+            let c = item.change;
+            let cols = columns(c, types);
+            let mut buf = Vec::with_capacity(256);
+            encode::write_data(
+                &mut buf,
+                &Data {
+                    schema: &c.rel.schema,
+                    table: &c.rel.name,
+                    commit_time: item.commit_time,
+                    change: c.op,
+                    columns: &cols,
+                    new: c.new.as_ref(),
+                    old: c.old.as_ref(),
+                    old_key_only: c.old_key_only,
+                    visible: mask(d.mask),
+                    old_only: mask(d.old_only),
+                    error: d.error,
+                },
+            );
+            enc.data.push(buf);
+        }
+        let t = &p.target;
+        let next_id = enc.frames.len();
+        let data = &enc.data;
+        let (frame, id) = enc.frames.entry((di, &*t.wire, t.format, t.ids.as_slice())).or_insert_with(|| {
+            out.frames += 1;
+            (encode::frame(t.format, &t.wire, &t.ids, &data[di]), next_id)
+        });
+        let shard_slots = slots.entry(*id).or_insert_with(|| vec![usize::MAX; shards]);
+        let shard_items = &mut out.per_shard[t.shard];
+        if shard_slots[t.shard] == usize::MAX {
+            shard_slots[t.shard] = shard_items.len();
+            shard_items.push((frame.clone(), Vec::new()));
+        }
+        shard_items[shard_slots[t.shard]].1.push(t.conn);
+        out.deliveries += 1;
+    }
+}
+
+/// [`route_selected`] for every planned delivery at once, with its own [`Encoder`].
 pub fn route(
     items: &[Item<'_>],
     types: &Types,
     planned: &[Planned],
-    mut decide: impl FnMut(usize) -> Option<Decision>,
+    decide: impl FnMut(usize) -> Option<Decision>,
     masks: &[Vec<bool>],
     out: &mut Routed,
 ) {
-    let mut start = 0;
-    let mut datas: Vec<(Decision, Vec<u8>)> = Vec::new();
-    // Per distinct (data, topic, format, ids): the frame and its item index on each shard.
-    let mut frames: FrameCache<'_> = HashMap::default();
-    let shards = out.per_shard.len();
-    while start < planned.len() {
-        let item_idx = planned[start].item;
-        let end = start + planned[start..].iter().take_while(|p| p.item == item_idx).count();
-        let item = items[item_idx as usize];
-        let cols = columns(item.change, types);
-        datas.clear();
-        frames.clear();
-        for (pi, p) in planned.iter().enumerate().take(end).skip(start) {
-            let Some(d) = decide(pi) else { continue };
-            let di = match datas.iter().position(|(k, _)| *k == d) {
-                Some(i) => i,
-                None => {
-                    let mask = |m: u32| (m > 0).then(|| masks[m as usize - 1].as_slice());
-                    let c = item.change;
-                    let mut buf = Vec::with_capacity(256);
-                    encode::write_data(
-                        &mut buf,
-                        &Data {
-                            schema: &c.rel.schema,
-                            table: &c.rel.name,
-                            commit_time: item.commit_time,
-                            change: c.op,
-                            columns: &cols,
-                            new: c.new.as_ref(),
-                            old: c.old.as_ref(),
-                            old_key_only: c.old_key_only,
-                            visible: mask(d.mask),
-                            old_only: mask(d.old_only),
-                            error: d.error,
-                        },
-                    );
-                    datas.push((d, buf));
-                    datas.len() - 1
-                }
-            };
-            let t = &p.target;
-            let (frame, slots) = frames.entry((di, &*t.wire, t.format, t.ids.as_slice())).or_insert_with(|| {
-                out.frames += 1;
-                (encode::frame(t.format, &t.wire, &t.ids, &datas[di].1), vec![usize::MAX; shards])
-            });
-            let shard_items = &mut out.per_shard[t.shard];
-            if slots[t.shard] == usize::MAX {
-                slots[t.shard] = shard_items.len();
-                shard_items.push((frame.clone(), Vec::new()));
-            }
-            shard_items[slots[t.shard]].1.push(t.conn);
-            out.deliveries += 1;
-        }
-        start = end;
-    }
+    let all: Vec<u32> = (0..planned.len() as u32).collect();
+    route_selected(items, types, planned, &all, decide, &mut Encoder::new(masks), out);
 }
 
 #[cfg(test)]
@@ -311,6 +350,37 @@ mod tests {
         assert_eq!(s0[0].0.as_ptr(), s1[0].0.as_ptr());
         assert_eq!(body(&s1[1].0)["payload"]["ids"], serde_json::json!([7]));
         assert_eq!(body(&s1[4].0)[2], "realtime:other");
+    }
+
+    #[test]
+    fn routes_by_selection_sharing_encodings() {
+        let t = txn();
+        let items: Vec<Item<'_>> = t.changes.iter().map(|c| Item { change: c, commit_time: t.commit_time }).collect();
+        let types = Types::new();
+        let mut reg = Registry::new();
+        sub(&mut reg, 0, 1, "room", Format::V2, "");
+        sub(&mut reg, 0, 2, "room", Format::V2, "");
+        sub(&mut reg, 1, 3, "room", Format::V2, "");
+        let mut planned = Vec::new();
+        match_changes(&mut reg, &types, &items, &mut planned);
+        assert_eq!(planned.len(), 6);
+        // As the engine routes one auth context at a time: conn 1 first, then the others.
+        let (first, rest): (Vec<u32>, Vec<u32>) = (0..6u32).partition(|&i| planned[i as usize].target.conn.index == 1);
+        let mut enc = Encoder::default();
+        let mut a = Routed::new(2);
+        route_selected(&items, &types, &planned, &first, |_| Some(ALL), &mut enc, &mut a);
+        let mut b = Routed::new(2);
+        route_selected(&items, &types, &planned, &rest, |_| Some(ALL), &mut enc, &mut b);
+        assert_eq!((a.deliveries, b.deliveries), (2, 4));
+        // Each change is encoded once for room/v2, whichever call needed it first.
+        assert_eq!(a.frames + b.frames, 2);
+        let conns = |r: &Routed, shard: usize| r.per_shard[shard].iter().map(|(_, c)| c.len()).collect::<Vec<_>>();
+        assert_eq!((conns(&a, 0), conns(&b, 0), conns(&b, 1)), (vec![1, 1], vec![1, 1], vec![1, 1]));
+        assert_eq!(a.per_shard[0][0].0.as_ptr(), b.per_shard[0][0].0.as_ptr());
+        assert_eq!(a.per_shard[0][1].0.as_ptr(), b.per_shard[1][1].0.as_ptr());
+        // In change order within each call.
+        assert_eq!(body(&a.per_shard[0][0].0)[4]["data"]["record"]["id"], 1);
+        assert_eq!(body(&a.per_shard[0][1].0)[4]["data"]["record"]["id"], 2);
     }
 
     #[test]

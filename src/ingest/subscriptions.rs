@@ -109,6 +109,9 @@ pub struct Channel {
     pub announced: bool,
     /// Told that the replication connection is down (and not yet that it is back).
     pub told_down: bool,
+    /// Its claims are the connect apikey's: the join carried no `access_token` and none was
+    /// pushed since (see `engine`'s warning about rows all filtered by RLS).
+    pub apikey: bool,
     /// Matching scratch: (match round, index of this channel's hit in the output).
     mark: (u64, usize),
 }
@@ -199,6 +202,7 @@ impl Registry {
             bindings,
             announced: false,
             told_down: false,
+            apikey: false,
             mark: (0, 0),
         }) as u32;
         self.by_key.insert(key, idx);
@@ -239,10 +243,12 @@ impl Registry {
         Some(ch)
     }
 
-    /// Replaces a channel's auth context (after `access_token`).
+    /// Replaces a channel's auth context (after `access_token`); its claims are no longer
+    /// the apikey's.
     pub fn reauth(&mut self, key: &Key, ctx: AuthCtx) {
         let Some(&idx) = self.by_key.get(key) else { return };
         let new = self.intern(ctx);
+        self.chans[idx as usize].apikey = false;
         let old = std::mem::replace(&mut self.chans[idx as usize].auth, new);
         self.release(old);
     }
@@ -439,8 +445,10 @@ mod tests {
         );
         assert_eq!(r.len(), 1);
         assert_eq!(matches(&mut r, "public", "t", EV_INSERT, "1")[0].ids, vec![2]);
-        r.reauth(&key(1, "a"), ctx("authenticated"));
         let idx = r.find(&key(1, "a")).unwrap();
+        r.channel_mut(idx).apikey = true;
+        r.reauth(&key(1, "a"), ctx("authenticated"));
+        assert!(!r.channel(idx).apikey, "claims from an access_token are no longer the apikey's");
         assert_eq!(r.auth(r.channel(idx).auth).role, "authenticated");
         assert_eq!(r.auth_count(), 1);
     }

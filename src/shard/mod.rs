@@ -582,6 +582,7 @@ impl Shard {
             format,
             bindings: sub.postgres_changes.clone(),
             claims: sub.claims.clone(),
+            apikey_claims: sub.claims_from_apikey,
         });
         let wait = remote_owner && (added || self.registry.borrow().is_pending(&sub.topic, format));
         if wait {

@@ -66,6 +66,7 @@ impl Shard {
                     format: Format::Sse,
                     bindings: req.pg[i].clone(),
                     claims: req.claims.clone(),
+                    apikey_claims: false,
                 })));
             }
             if let Some((key, state)) = &req.track {

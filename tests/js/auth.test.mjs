@@ -180,6 +180,26 @@ describe('auth', { concurrency: true }, () => {
     assert.equal(joins.at(-1)[4].access_token, ROOMS)
   })
 
+  it('accessToken callback + await setAuth() before subscribe: the first join carries the callback token', async (t) => {
+    let calls = 0
+    const c = client(t, ANON, {
+      accessToken: async () => {
+        calls++
+        return ROOMS
+      },
+    })
+    // Resolves the callback now, so the join does not go out with the apikey's claims.
+    await c.setAuth()
+    assert.equal(calls, 1)
+    const ch = c.channel(topic('room'), { config: { private: true } })
+    track(ch)
+    await subscribed(ch)
+    const joins = framesOf(c.tap, 'out', ch.topic).filter((f) => f[3] === 'phx_join')
+    assert.equal(joins.length, 1, 'one join, authorized the first time')
+    assert.equal(joins[0][4].access_token, ROOMS)
+    assert.deepEqual(ch.statuses.items.map((s) => s.status), ['SUBSCRIBED'])
+  })
+
   it('setAuth(new valid token) on a joined channel: access_token pushed, channel stays joined', async (t) => {
     const c = client(t, USER)
     const other = client(t, ANON)

@@ -20,6 +20,8 @@ import {
   nowSecs,
   topic,
   withTranscript,
+  framesOf,
+  sleep,
 } from './helpers.mjs'
 
 const DB = process.env.DATABASE_URL
@@ -34,6 +36,7 @@ function sql(q) {
 }
 
 const token = (claims) => jwt(SECRET, { exp: nowSecs() + 3600, ...claims })
+const ANON = token({ role: 'anon' })
 
 let srv
 const clients = []
@@ -48,7 +51,9 @@ before(async () => {
        ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
        CREATE POLICY own ON notes FOR SELECT TO authenticated
          USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
-       GRANT SELECT ON todos, items, notes TO authenticated;`)
+       DO $$ BEGIN CREATE ROLE anon NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+       GRANT SELECT ON todos, items, notes TO authenticated;
+       GRANT SELECT ON notes TO anon;`)
   srv = await new Server({ args: ['--jwt-secret', SECRET], env: { DATABASE_URL: DB } }).start()
   // corecast creates realtime.messages once it reached the database; then add the policy.
   for (let i = 0; sql("SELECT to_regprocedure('realtime.topic()') IS NOT NULL") !== 't'; i++) {
@@ -69,6 +74,19 @@ function client(sub) {
   clients.push(c)
   return c
 }
+
+/** A client with the anon key as apikey (as supabase-js creates it), plus `opts`. */
+function anonClient(opts = {}) {
+  const c = makeClient(srv, { apikey: ANON, ...opts })
+  clients.push(c)
+  return c
+}
+
+/** The server's log so far, without terminal colours. */
+const serverLog = () => srv.stderr.replace(/\x1b\[[0-9;]*m/g, '')
+
+/** The `phx_join` frames the client sent for `ch`. */
+const joinsOf = (c, ch) => framesOf(c.tap, 'out', ch.topic).filter((f) => f[3] === 'phx_join')
 
 /**
  * A channel with postgres_changes bindings; `logs[i]` collects the callbacks of binding i,
@@ -232,5 +250,73 @@ test('a bad filter gets a system error and the channel carries on', { skip }, as
     const [p] = await good.wait()
     assert.equal(p.new.task, 'after')
     assert.equal(bad.ch.state, 'joined')
+  })
+})
+
+test('row-level security as the user with the anon key as apikey: join access_token, setAuth after joining, accessToken callback + await setAuth()', { skip }, async () => {
+  // 1. setAuth(token) before subscribing: the join carries access_token.
+  const joinToken = anonClient()
+  await joinToken.setAuth(token({ role: 'authenticated', sub: 'jt' }))
+  // 2. Joined with the apikey's claims, then setAuth(token): an access_token push.
+  const later = anonClient()
+  // 3. An accessToken callback, resolved with `await client.setAuth()` before subscribing.
+  const callback = anonClient({ accessToken: async () => token({ role: 'authenticated', sub: 'cb' }) })
+  await callback.setAuth()
+  await withTranscript([joinToken, later, callback], async () => {
+    const binding = [{ event: 'INSERT', schema: 'public', table: 'notes' }]
+    const a = await pgChannel(joinToken, binding)
+    const b = await pgChannel(later, binding)
+    const c = await pgChannel(callback, binding)
+    assert.ok(joinsOf(joinToken, a.ch)[0][4].access_token, 'the join carried the setAuth token')
+    assert.equal(joinsOf(later, b.ch)[0][4].access_token, undefined, 'joined with the apikey claims')
+    assert.ok(joinsOf(callback, c.ch)[0][4].access_token, 'the join carried the callback token')
+    await later.setAuth(token({ role: 'authenticated', sub: 'sa' }))
+    await later.tap.frames.wait((f) => f.dir === 'out' && f.frame[3] === 'access_token', { label: 'access_token push' })
+    await sleep(300) // the server applies the new claims
+    sql(`INSERT INTO notes (owner, body) VALUES ('jt', 'j'), ('sa', 's'), ('cb', 'c'), ('nobody', 'n')`)
+    for (const [ch, body] of [
+      [a, 'j'],
+      [b, 's'],
+      [c, 'c'],
+    ]) {
+      const [p] = await ch.logs[0].wait()
+      assert.equal(p.new.body, body)
+    }
+    await sleep(300)
+    assert.deepEqual(
+      [a, b, c].map((ch) => ch.logs[0].items.length),
+      [1, 1, 1]
+    )
+    assert.doesNotMatch(serverLog(), new RegExp(`channel="(${[a, b, c].map((x) => x.ch.subTopic).join('|')})"`))
+  })
+})
+
+test('accessToken callback without setAuth(): a join sent before the callback resolved runs as anon, and corecast logs why once', { skip }, async (t) => {
+  const c = anonClient({ accessToken: async () => token({ role: 'authenticated', sub: 'early' }) })
+  await withTranscript([c], async () => {
+    const binding = [{ event: 'INSERT', schema: 'public', table: 'notes' }]
+    const ch = await pgChannel(c, binding)
+    await sleep(300)
+    const asUser =
+      joinsOf(c, ch.ch).some((f) => f[4].access_token) ||
+      framesOf(c.tap, 'out', ch.ch.topic).some((f) => f[3] === 'access_token')
+    sql(`INSERT INTO notes (owner, body) VALUES ('early', 'e1'); INSERT INTO notes (owner, body) VALUES ('early', 'e2')`)
+    const warned = () => serverLog().split('\n').filter((l) => l.includes(`channel="${ch.ch.subTopic}"`))
+    t.diagnostic(asUser ? 'the callback token reached the server in time' : 'joined with the anon key claims')
+    if (asUser) {
+      // realtime-js got the token to the server in time (timing-dependent): rows arrive.
+      await ch.logs[0].wait(() => true, { count: 2 })
+      assert.equal(warned().length, 0)
+      return
+    }
+    // The documented case: the channel runs with the anon key's claims, RLS shows it nothing.
+    for (let i = 0; warned().length === 0 && i < 100; i++) await sleep(50)
+    await sleep(300)
+    assert.equal(ch.logs[0].items.length, 0, 'RLS filtered every row for anon')
+    const lines = warned()
+    assert.equal(lines.length, 1, `one warning for the connection: ${serverLog()}`)
+    assert.match(lines[0], /row-level security filtered a change/)
+    assert.match(lines[0], /await client\.setAuth\(\)/)
+    assert.match(lines[0], /role=anon/)
   })
 })

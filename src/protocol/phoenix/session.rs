@@ -110,6 +110,8 @@ pub struct Subscription {
     pub resume: Option<Resume>,
     pub postgres_changes: Vec<PgBinding>,
     pub claims: Arc<Claims>,
+    /// `claims` are the connect apikey's: the join carried no `access_token`.
+    pub claims_from_apikey: bool,
     /// Frames to send once the subscription is in effect (the join reply first). Phoenix
     /// replies only after subscribing; the shard holds these until the topic's owner has
     /// registered the subscription, so a message published after the client saw its reply
@@ -462,6 +464,7 @@ impl Session {
             resume: cfg.resume,
             postgres_changes: cfg.postgres_changes,
             claims,
+            claims_from_apikey: cfg.access_token.is_none(),
             reply,
             authorize,
             join_msg_ref: mr.map(Arc::from),
