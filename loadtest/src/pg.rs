@@ -1,6 +1,6 @@
 //! `loadtest pg`: Postgres changes end to end, against a real database.
 //!
-//! Three measurements (`--mode latency|throughput|rls|all`), each on its own table
+//! Four measurements (`--mode latency|throughput|rls|rls-latency|all`), each on its own table
 //! (`loadtest_pg_*`, recreated) and through corecast started here (`--shards 1 --cpus 0,1`:
 //! the shard on CPU 0, the ingest thread on CPU 1) on a fresh slot `loadtest_pg`, or a running
 //! one (`--addr`, which must stream the same database):
@@ -16,6 +16,14 @@
 //!   contexts), on a table with row-level security whose policy reads the JWT claims; 90% of
 //!   the rows are visible to everyone, 10% to no one. Deliveries/s from the first to the last;
 //!   any invisible row delivered is reported as a leak.
+//! - **rls-latency**: `--users` clients, each with its own token (distinct `sub`), on a table
+//!   with row-level security whose policy shows a row to its owner only; the writer commits
+//!   `--rate` single-row transactions per second for `--seconds`, row `i` owned by user
+//!   `i % users`. Every change matches every subscriber, so each batch is RLS-checked for all
+//!   `--users` auth contexts, and each row is delivered to one of them: commit→client latency
+//!   of RLS-checked changes (as in **latency**), and any row delivered to another user is a
+//!   leak. `--rls-own-filter`: each user subscribes with `owner=eq.<its sub>`, so a change is
+//!   checked for one context only.
 //!
 //! corecast runs in development mode here, so tokens are unsigned JWTs whose claims it reads.
 //! The generator is this process: one epoll loop, pinned to CPU 1. SQL goes through `psql`.
@@ -45,6 +53,7 @@ pub enum Mode {
     Latency,
     Throughput,
     Rls,
+    RlsLatency,
     All,
 }
 
@@ -68,10 +77,10 @@ pub struct PgArgs {
     /// Latency: subscribers (one channel each).
     #[arg(long, default_value_t = 100)]
     pub subscribers: usize,
-    /// Latency: committed changes per second.
+    /// Latency and RLS latency: committed changes per second.
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
-    /// Latency: seconds of writing.
+    /// Latency, RLS and RLS latency: seconds of writing.
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
     /// Throughput: rows.
@@ -80,7 +89,7 @@ pub struct PgArgs {
     /// Throughput: rows per transaction.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
-    /// RLS: distinct users (one connection and auth context each).
+    /// RLS and RLS latency: distinct users (one connection and auth context each).
     #[arg(long, default_value_t = 1000)]
     pub users: usize,
     /// RLS: rows, written over --seconds (90% visible to every user, 10% to none).
@@ -89,6 +98,11 @@ pub struct PgArgs {
     /// RLS: rows per transaction.
     #[arg(long, default_value_t = 10)]
     pub rls_batch: usize,
+    /// RLS latency: each user subscribes with the filter `owner=eq.<its sub>`, so a change
+    /// matches one subscriber and is RLS-checked for one auth context (without it every change
+    /// is checked for all `--users` contexts).
+    #[arg(long)]
+    pub rls_own_filter: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -99,6 +113,7 @@ pub struct PgResults {
     pub latency: Option<LatencyResult>,
     pub throughput: Option<ThroughputResult>,
     pub rls: Option<RlsResult>,
+    pub rls_latency: Option<RlsLatencyResult>,
 }
 
 #[derive(Debug, Serialize)]
@@ -136,6 +151,23 @@ pub struct RlsResult {
     pub deliveries_per_sec: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RlsLatencyResult {
+    pub users: usize,
+    pub rate: f64,
+    /// Subscribers filtered to their own rows (`--rls-own-filter`).
+    pub own_filter: bool,
+    pub expected: u64,
+    pub delivered: u64,
+    /// Rows delivered to a user other than their owner.
+    pub leaked: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
 }
 
 const SLOT: &str = "loadtest_pg";
@@ -268,6 +300,10 @@ struct Sub {
 struct Seen {
     t_us: i64,
     hidden: bool,
+    /// `N` of an `"owner":"user-N"` column.
+    owner: Option<usize>,
+    /// The record's `id`, when it is the first column.
+    id: Option<u64>,
 }
 
 /// The subscribers of one measurement, on one epoll loop.
@@ -286,13 +322,14 @@ fn frame(text: &str) -> Vec<u8> {
 
 impl Subs {
     /// Connects `n` clients; client `i` uses token `tokens(i)` and joins `realtime:<topic(i)>`
-    /// with an INSERT binding on `table`.
+    /// with an INSERT binding on `table`, filtered by `filter(i)` when it is `Some`.
     fn connect(
         addr: SocketAddrV4,
         n: usize,
         table: &str,
         tokens: impl Fn(usize) -> String,
         topic: impl Fn(usize) -> String,
+        filter: impl Fn(usize) -> Option<String>,
     ) -> Result<Subs, String> {
         let ep = sys::Epoll::new().map_err(|e| e.to_string())?;
         let mut subs = Vec::with_capacity(n);
@@ -316,8 +353,9 @@ impl Subs {
             if !head.starts_with(b"HTTP/1.1 101") {
                 return Err(format!("upgrade refused: {}", String::from_utf8_lossy(&head)));
             }
+            let filter = filter(i).map_or(String::new(), |f| format!(r#","filter":"{f}""#));
             let join = format!(
-                r#"["1","1","realtime:{}","phx_join",{{"config":{{"broadcast":{{"ack":false,"self":false}},"presence":{{"key":"","enabled":false}},"postgres_changes":[{{"event":"INSERT","schema":"public","table":"{table}"}}],"private":false}}}}]"#,
+                r#"["1","1","realtime:{}","phx_join",{{"config":{{"broadcast":{{"ack":false,"self":false}},"presence":{{"key":"","enabled":false}},"postgres_changes":[{{"event":"INSERT","schema":"public","table":"{table}"{filter}}}],"private":false}}}}]"#,
                 topic(i)
             );
             s.write_all(&frame(&join)).map_err(|e| e.to_string())?;
@@ -368,7 +406,7 @@ impl Subs {
                         sub.closed = true;
                     } else if h.opcode == OP_TEXT {
                         if let Some(seen) = scan_change(p) {
-                            on_change(i, Seen { t_us: t - seen.t_us, hidden: seen.hidden });
+                            on_change(i, Seen { t_us: t - seen.t_us, ..seen });
                         } else if memchr::memmem::find(p, b"\"system\"").is_some() {
                             if memchr::memmem::find(p, b"Subscribed to PostgreSQL").is_some() {
                                 sub.subscribed = true;
@@ -415,18 +453,27 @@ impl Subs {
     }
 }
 
-/// A `postgres_changes` frame's `t_us` (0 when absent) and whether it is a hidden-tenant row.
+/// The decimal number right after the first `key` in `p`.
+fn number_after<T: std::str::FromStr>(p: &[u8], key: &[u8]) -> Option<T> {
+    let digits = &p[memchr::memmem::find(p, key)? + key.len()..];
+    let n = digits.iter().take_while(|c| c.is_ascii_digit()).count();
+    std::str::from_utf8(&digits[..n]).ok()?.parse().ok()
+}
+
+/// A `postgres_changes` frame's `t_us` (0 when absent), whether it is a hidden-tenant row, and
+/// its owner.
 fn scan_change(p: &[u8]) -> Option<Seen> {
     memchr::memmem::find(p, b"\"postgres_changes\",{\"ids\":")?;
     let t_us = match memchr::memmem::find(p, b"\"t_us\":") {
-        Some(i) => {
-            let digits = &p[i + 7..];
-            let n = digits.iter().take_while(|c| c.is_ascii_digit()).count();
-            std::str::from_utf8(&digits[..n]).ok()?.parse().ok()?
-        }
+        Some(_) => number_after(p, b"\"t_us\":")?,
         None => 0,
     };
-    Some(Seen { t_us, hidden: memchr::memmem::find(p, b"\"tenant\":\"t2\"").is_some() })
+    Some(Seen {
+        t_us,
+        hidden: memchr::memmem::find(p, b"\"tenant\":\"t2\"").is_some(),
+        owner: number_after(p, b"\"owner\":\"user-"),
+        id: number_after(p, b"\"record\":{\"id\":"),
+    })
 }
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -435,8 +482,14 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 
 fn latency(a: &PgArgs, db: &Db<'_>, addr: SocketAddrV4) -> Result<LatencyResult, String> {
     db.sql("DROP TABLE IF EXISTS loadtest_pg_lat; CREATE TABLE loadtest_pg_lat (id bigint PRIMARY KEY, t_us bigint NOT NULL, body text); GRANT SELECT ON loadtest_pg_lat TO PUBLIC;")?;
-    let mut subs =
-        Subs::connect(addr, a.subscribers, "loadtest_pg_lat", |_| "anon-key".into(), |i| format!("pg-lat-{i}"))?;
+    let mut subs = Subs::connect(
+        addr,
+        a.subscribers,
+        "loadtest_pg_lat",
+        |_| "anon-key".into(),
+        |i| format!("pg-lat-{i}"),
+        |_| None,
+    )?;
     subs.wait_subscribed(Duration::from_secs(30))?;
     let n = (a.rate * a.seconds as f64).round() as u64;
     let writer = format!(
@@ -488,7 +541,7 @@ fn latency(a: &PgArgs, db: &Db<'_>, addr: SocketAddrV4) -> Result<LatencyResult,
 
 fn throughput(a: &PgArgs, db: &Db<'_>, addr: SocketAddrV4) -> Result<ThroughputResult, String> {
     db.sql("DROP TABLE IF EXISTS loadtest_pg_tp; CREATE TABLE loadtest_pg_tp (id bigint PRIMARY KEY, t_us bigint NOT NULL, body text); GRANT SELECT ON loadtest_pg_tp TO PUBLIC;")?;
-    let mut subs = Subs::connect(addr, 1, "loadtest_pg_tp", |_| "anon-key".into(), |_| "pg-tp".into())?;
+    let mut subs = Subs::connect(addr, 1, "loadtest_pg_tp", |_| "anon-key".into(), |_| "pg-tp".into(), |_| None)?;
     subs.wait_subscribed(Duration::from_secs(30))?;
     let mut sql = String::from("SET synchronous_commit = on;\n");
     let mut start = 1;
@@ -540,7 +593,7 @@ fn rls(a: &PgArgs, db: &Db<'_>, addr: SocketAddrV4) -> Result<RlsResult, String>
     )?;
     let tok =
         |i: usize| token(&serde_json::json!({"role": "authenticated", "sub": format!("user-{i}"), "tenant": "t1"}));
-    let mut subs = Subs::connect(addr, a.users, "loadtest_pg_rls", tok, |i| format!("pg-rls-{i}"))?;
+    let mut subs = Subs::connect(addr, a.users, "loadtest_pg_rls", tok, |i| format!("pg-rls-{i}"), |_| None)?;
     subs.wait_subscribed(Duration::from_secs(60))?;
     // Paced: `rls_rows` rows over `seconds`, `rls_batch` per transaction, so the figure is a
     // sustained rate (a backlog would show as growing latency, not as a burst).
@@ -605,6 +658,94 @@ fn rls(a: &PgArgs, db: &Db<'_>, addr: SocketAddrV4) -> Result<RlsResult, String>
     })
 }
 
+fn rls_latency(a: &PgArgs, db: &Db<'_>, addr: SocketAddrV4) -> Result<RlsLatencyResult, String> {
+    db.sql(
+        "DO $$ BEGIN CREATE ROLE authenticated NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+         DROP TABLE IF EXISTS loadtest_pg_rlslat;
+         CREATE TABLE loadtest_pg_rlslat (id bigint PRIMARY KEY, owner text NOT NULL, t_us bigint NOT NULL, body text);
+         ALTER TABLE loadtest_pg_rlslat ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own_rows ON loadtest_pg_rlslat FOR SELECT TO authenticated
+           USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
+         GRANT SELECT ON loadtest_pg_rlslat TO authenticated;",
+    )?;
+    let tok = |i: usize| token(&serde_json::json!({"role": "authenticated", "sub": format!("user-{i}")}));
+    let own = |i: usize| a.rls_own_filter.then(|| format!("owner=eq.user-{i}"));
+    let mut subs = Subs::connect(addr, a.users, "loadtest_pg_rlslat", tok, |i| format!("pg-rlslat-{i}"), own)?;
+    subs.wait_subscribed(Duration::from_secs(60))?;
+    let n = (a.rate * a.seconds as f64).round() as u64;
+    let writer = format!(
+        "SET synchronous_commit = on;
+         DO $$ DECLARE started timestamptz := clock_timestamp(); i bigint := 0; BEGIN
+           WHILE i < {n} LOOP
+             i := i + 1;
+             WHILE clock_timestamp() < started + make_interval(secs => i / {rate}::float8) LOOP
+               PERFORM pg_sleep(0.0001);
+             END LOOP;
+             INSERT INTO loadtest_pg_rlslat VALUES (i, 'user-' || (i % {users}), (extract(epoch FROM clock_timestamp()) * 1e6)::bigint, 'a short body');
+             COMMIT;
+           END LOOP;
+         END $$;",
+        rate = a.rate,
+        users = a.users
+    );
+    let mut w = db.spawn(&writer)?;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram");
+    let (mut delivered, mut leaked) = (0u64, 0u64);
+    let mut seen = vec![false; n as usize + 1];
+    let deadline = Instant::now() + Duration::from_secs(a.seconds + 30);
+    let mut writer_done = None;
+    while delivered + leaked < n && Instant::now() < deadline {
+        subs.poll(Duration::from_millis(100), |i, s| {
+            if s.owner == Some(i) {
+                if let Some(slot) = s.id.and_then(|id| seen.get_mut(id as usize)) {
+                    *slot = true;
+                }
+                delivered += 1;
+                let _ = h.record(s.t_us.max(1) as u64);
+            } else {
+                leaked += 1;
+            }
+        });
+        if writer_done.is_none() {
+            if let Ok(Some(st)) = w.try_wait() {
+                if !st.success() {
+                    return Err("the writer failed".into());
+                }
+                writer_done = Some(Instant::now());
+            }
+        }
+        // Everything committed has had 10 s to arrive.
+        if writer_done.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
+            break;
+        }
+    }
+    let _ = w.wait();
+    if subs.closed() > 0 {
+        eprintln!("warning: {} subscribers were closed", subs.closed());
+    }
+    let missing: Vec<usize> = (1..seen.len()).filter(|&id| !seen[id]).collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "rls-latency: {} rows never arrived, first ids {:?}",
+            missing.len(),
+            &missing[..missing.len().min(20)]
+        );
+    }
+    Ok(RlsLatencyResult {
+        users: a.users,
+        rate: a.rate,
+        own_filter: a.rls_own_filter,
+        expected: n,
+        delivered,
+        leaked,
+        p50_ms: ms(&h, 0.5),
+        p90_ms: ms(&h, 0.9),
+        p99_ms: ms(&h, 0.99),
+        p999_ms: ms(&h, 0.999),
+        max_ms: h.max() as f64 / 1000.0,
+    })
+}
+
 /// Runs the measurements; returns the process exit code.
 pub fn run(a: PgArgs) -> std::process::ExitCode {
     if !sys::pin_to_cpu(1) {
@@ -650,6 +791,14 @@ pub fn run(a: PgArgs) -> std::process::ExitCode {
                 r.users, r.rows, r.delivered, r.expected, r.deliveries_per_sec, r.leaked, r.p50_ms, r.p99_ms
             );
             results.rls = Some(r);
+        }
+        if want(Mode::RlsLatency) {
+            let r = rls_latency(&a, &db, addr)?;
+            println!(
+                "rls-latency: {} users (distinct auth contexts), {} changes/s, each row visible to its owner only, {}: delivered {} of {}; leaked {}; commit→client ms p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+                r.users, r.rate, if r.own_filter { "each user subscribed to its own rows (filter owner=eq.<sub>)" } else { "no filter (every change checked for every user)" }, r.delivered, r.expected, r.leaked, r.p50_ms, r.p90_ms, r.p99_ms, r.p999_ms, r.max_ms
+            );
+            results.rls_latency = Some(r);
         }
         drop(started);
         if a.addr.is_none() {
