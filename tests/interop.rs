@@ -203,7 +203,7 @@ fn browser_eventsource() {
     run_js("browser.test.mjs");
 }
 
-/// A fresh database (and replication slot) on the shared test PostgreSQL, as the environment
+/// A fresh database (and replication slot) on the client tests' PostgreSQL, as the environment
 /// the client test files read: `DATABASE_URL`, `CORECAST_SLOT`, `PSQL`.
 fn pg_env(db: &crate::util::pg::TestDb) -> Vec<(String, String)> {
     vec![
@@ -218,7 +218,7 @@ fn pg_env(db: &crate::util::pg::TestDb) -> Vec<(String, String)> {
 /// private channels through `accessToken`, postgres_changes under RLS with `realtime.setAuth`.
 #[test]
 fn supabase_js() {
-    let db = crate::util::pg::TestDb::new("cc_sbjs");
+    let db = crate::util::pg::TestDb::on(crate::util::pg::clients(), "cc_sbjs");
     let env = pg_env(&db);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     run_js_with("supabase-js.test.mjs", &env, FILE_TIMEOUT);
@@ -229,7 +229,7 @@ fn supabase_js() {
 /// binary push answered with an error reply, the `authToken` subprotocol, postgres_changes.
 #[test]
 fn phoenix_js() {
-    let db = crate::util::pg::TestDb::new("cc_phx");
+    let db = crate::util::pg::TestDb::on(crate::util::pg::clients(), "cc_phx");
     let env = pg_env(&db);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     run_js_with("phoenix.test.mjs", &env, FILE_TIMEOUT);
@@ -266,7 +266,7 @@ fn python_realtime() {
     if let Err(e) = ready {
         panic!("{e}");
     }
-    let db = crate::util::pg::TestDb::new("cc_py");
+    let db = crate::util::pg::TestDb::on(crate::util::pg::clients(), "cc_py");
     let mut cmd = Command::new(&python);
     cmd.args(["-m", "pytest", "-q", "-rA", "--color=no"])
         .current_dir(root.join("tests").join("python"))

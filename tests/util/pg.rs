@@ -203,6 +203,18 @@ pub fn shared() -> &'static Pg {
     })
 }
 
+/// A second instance for the client interop tests: they create cluster-wide roles (`anon`,
+/// `authenticated`) with their own grants, which would change what every other test's
+/// subscribers may read on the shared instance.
+pub fn clients() -> &'static Pg {
+    static PG: OnceLock<Pg> = OnceLock::new();
+    PG.get_or_init(|| {
+        let pg = Pg::start().keep();
+        watchdog(&pg);
+        pg
+    })
+}
+
 /// A detached shell that waits for this process to exit, then stops the instance and
 /// removes its directory (statics are never dropped).
 // The watchdog outlives this process by design: there is nobody to wait for it.
