@@ -103,46 +103,8 @@ pub(crate) fn run_js_with(file: &str, env: &[(&str, &str)], timeout: Duration) {
         .current_dir(js_dir())
         .env("CORECAST_BIN", env!("CARGO_BIN_EXE_corecast"))
         .env_remove("DATABASE_URL")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // Own process group, so a hang can be killed with every server it started.
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let started = Instant::now();
-    let mut child = cmd.spawn().expect("spawn node");
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break Some(status);
-        }
-        if started.elapsed() > timeout {
-            // SAFETY: plain kill(2) on the process group this test created.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let output = format!(
-        "--- node --test {file} ({:.1} s) stdout:\n{}\n--- stderr:\n{}",
-        started.elapsed().as_secs_f64(),
-        stdout.join().unwrap_or_default(),
-        stderr.join().unwrap_or_default()
-    );
-    match status {
-        Some(s) if s.success() => println!("{output}"),
-        Some(s) => panic!("{file} failed ({s}):\n{output}"),
-        None => panic!("{file} did not finish within {timeout:?} (killed):\n{output}"),
-    }
+        .envs(env.iter().copied());
+    run_checked(cmd, &format!("node --test {file}"), timeout);
 }
 
 /// Join config shapes, vsn 1, `/socket` prefix, heartbeats, leave, removeChannel.
