@@ -51,7 +51,8 @@ pub struct RawConfig {
     pub slot: String,
 
     /// When corecast starts with changes waiting in its slot (it was down while the database
-    /// was written), streaming waits this long (milliseconds since start) so that clients
+    /// was written), streaming waits this long (milliseconds from the moment its replication
+    /// slot is ready, when joins can first be subscribed to Postgres changes) so that clients
     /// reconnecting after the restart have rejoined and receive what they missed. 0 streams at
     /// once (changes committed while corecast was down then reach only clients already back).
     #[arg(long, env = "CORECAST_PG_RESUME_GRACE_MS", default_value_t = 3000)]

@@ -115,6 +115,11 @@ async fn setup(conn: &Conn, cfg: &SourceCfg, first: bool) -> Result<Setup, Strin
                 ));
             }
             if first {
+                // Decoding stops at the flushed WAL. Under `synchronous_commit = off` the last
+                // commits may not be flushed yet (the WAL writer does it within
+                // `wal_writer_delay`), and the peek would miss them: wait until what was
+                // inserted before now is flushed.
+                wait_wal_flushed(c).await;
                 // Peeking fails if the slot is still held by a previous session: assume a backlog.
                 pending = c
                     .query(
@@ -132,6 +137,18 @@ async fn setup(conn: &Conn, cfg: &SourceCfg, first: bool) -> Result<Setup, Strin
         }
     }
     Ok(Setup { pending })
+}
+
+/// Waits (at most 2 s) until the WAL is flushed up to its insert position as of now.
+async fn wait_wal_flushed(c: &tokio_postgres::Client) {
+    let Ok(row) = c.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await else { return };
+    let target: String = row.get(0);
+    for _ in 0..100 {
+        match c.query_one("SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn", &[&target]).await {
+            Ok(r) if !r.get::<_, bool>(0) => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ => return,
+        }
+    }
 }
 
 /// The table private-channel policies are written on, created when missing (RLS on, no
@@ -172,7 +189,9 @@ async fn ensure_messages_table(conn: &Conn) -> Result<(), tokio_postgres::Error>
 
 /// Runs until the processor goes away.
 pub async fn run(cfg: SourceCfg, db: Rc<Db>, tx: mpsc::Sender<Event>, mut ack: watch::Receiver<u64>) {
-    let started = Instant::now();
+    // The grace counts from the first moment a client can be subscribed (the slot exists), not
+    // from process start: a slow start (Postgres still recovering, a busy host) must not eat it.
+    let mut ready_at = Instant::now();
     let mut backoff = Backoff::default();
     let (mut first, mut slot_ready, mut down) = (true, false, false);
     let mut asm = Assembler::new();
@@ -188,7 +207,7 @@ pub async fn run(cfg: SourceCfg, db: Rc<Db>, tx: mpsc::Sender<Event>, mut ack: w
             &mut first,
             &mut slot_ready,
             &mut down,
-            started,
+            &mut ready_at,
             &mut backoff,
         )
         .await
@@ -225,7 +244,7 @@ async fn attempt(
     first: &mut bool,
     slot_ready: &mut bool,
     down: &mut bool,
-    started: Instant,
+    ready_at: &mut Instant,
     backoff: &mut Backoff,
 ) -> Option<String> {
     let conn = match db.get(0).await {
@@ -238,10 +257,11 @@ async fn attempt(
     };
     if !*slot_ready {
         *slot_ready = true;
+        *ready_at = Instant::now();
         tx.send(Event::SlotReady).await.ok()?;
     }
     if std::mem::take(first) && info.pending {
-        let wait = cfg.resume_grace.saturating_sub(started.elapsed());
+        let wait = cfg.resume_grace.saturating_sub(ready_at.elapsed());
         if !wait.is_zero() {
             tracing::info!(
                 grace_ms = wait.as_millis() as u64,

@@ -97,7 +97,8 @@ impl Server {
             None => Command::new(bin),
         };
         cmd.args(["--listen", listen, "--shards", "2", "--cpus", "0,1"]).arg("--data-dir").arg(data_dir).args(args);
-        cmd.env_remove("DATABASE_URL").env("RUST_LOG", "warn");
+        // CC_TEST_LOG=info (or any filter) shows the servers' logs in a test run.
+        cmd.env_remove("DATABASE_URL").env("RUST_LOG", std::env::var("CC_TEST_LOG").unwrap_or_else(|_| "warn".into()));
         for (k, v) in env {
             cmd.env(k, v);
         }
