@@ -90,6 +90,13 @@ pub struct SoakArgs {
     /// WebSocket connect/join/leave/disconnect cycles started per minute.
     #[arg(long, default_value_t = 600.0)]
     pub churn_per_min: f64,
+    /// Percent of churn cycles that also join (and track on) a presence topic.
+    #[arg(long, default_value_t = 50)]
+    pub churn_presence_pct: u64,
+    /// Percent of churn cycles that also join a topic of their own (`<prefix>-own<cycle>`),
+    /// which no other client ever uses.
+    #[arg(long, default_value_t = 25)]
+    pub churn_own_topic_pct: u64,
     /// Shortest time a churn client (or SSE stream) stays, ms.
     #[arg(long, default_value_t = 2000)]
     pub hold_min_ms: u64,
@@ -476,6 +483,7 @@ fn empty_result(a: &SoakArgs, machine: Machine) -> SoakResult {
         ("rate", format!("{} broadcasts/s", a.rate)),
         ("payload", format!("{} B", a.payload)),
         ("churn_per_min", a.churn_per_min.to_string()),
+        ("churn_mix", format!("{} % presence, {} % own topic", a.churn_presence_pct, a.churn_own_topic_pct)),
         ("hold_ms", format!("{}..{}", a.hold_min_ms, a.hold_max_ms)),
         ("presence_topics", a.presence_topics.to_string()),
         ("sse_per_min", a.sse_per_min.to_string()),
@@ -584,6 +592,8 @@ fn soak(a: &SoakArgs, machine: Machine, log_dir: &std::path::Path) -> SoakResult
         rate: a.rate,
         payload: a.payload,
         churn_per_min: a.churn_per_min,
+        churn_presence_pct: a.churn_presence_pct.min(100),
+        churn_own_topic_pct: a.churn_own_topic_pct.min(100),
         hold_min_ms: a.hold_min_ms,
         hold_max_ms: a.hold_max_ms,
         presence_topics: a.presence_topics,

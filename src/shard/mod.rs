@@ -213,19 +213,22 @@ pub struct Slot {
     pub deferred_response: Option<Bytes>,
 }
 
-/// Wakers waiting for an event, woken all at once.
+/// Wakers waiting for an event, woken all at once. A waiter that is dropped before the event
+/// fires (the losing side of a select, e.g. the accept loop's shutdown check, once per
+/// accepted connection) takes its waker out again: nothing accumulates while the event waits.
 #[derive(Debug, Default)]
 pub struct Event {
     fired: Cell<bool>,
-    waiters: RefCell<Vec<Waker>>,
+    waiters: RefCell<Slab<Waker>>,
 }
 
 impl Event {
     /// Fires the event (idempotent) and wakes everyone waiting.
     pub fn fire(&self) {
         self.fired.set(true);
-        for w in self.waiters.borrow_mut().drain(..) {
-            w.wake();
+        let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        for w in waiters {
+            w.1.wake();
         }
     }
 
@@ -235,16 +238,86 @@ impl Event {
     }
 
     /// Waits until fired.
-    pub async fn wait(&self) {
-        futures_lite::future::poll_fn(|cx| {
-            if self.fired.get() {
-                std::task::Poll::Ready(())
-            } else {
-                self.waiters.borrow_mut().push(cx.waker().clone());
-                std::task::Poll::Pending
+    pub fn wait(&self) -> EventWait<'_> {
+        EventWait { event: self, key: None }
+    }
+
+    /// Wakers registered now (for tests).
+    pub fn waiting(&self) -> usize {
+        self.waiters.borrow().len()
+    }
+}
+
+/// The future of [`Event::wait`].
+#[derive(Debug)]
+pub struct EventWait<'a> {
+    event: &'a Event,
+    /// Where this waiter's waker is in `event.waiters`, once registered and until fired.
+    key: Option<usize>,
+}
+
+impl std::future::Future for EventWait<'_> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.event.fired.get() {
+            self.key = None;
+            return std::task::Poll::Ready(());
+        }
+        let mut waiters = self.event.waiters.borrow_mut();
+        match self.key {
+            Some(k) => {
+                if !waiters[k].will_wake(cx.waker()) {
+                    waiters[k] = cx.waker().clone();
+                }
             }
-        })
-        .await
+            None => {
+                let k = waiters.insert(cx.waker().clone());
+                drop(waiters);
+                self.key = Some(k);
+            }
+        }
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for EventWait<'_> {
+    fn drop(&mut self) {
+        // After `fire` the slab was emptied (and nothing registers again): the key is stale.
+        if let Some(k) = self.key.take() {
+            if !self.event.fired.get() {
+                self.event.waiters.borrow_mut().try_remove(k);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod event_tests {
+    use super::Event;
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    #[test]
+    fn dropped_waiters_leave_nothing_behind_and_live_ones_are_woken() {
+        let ev = Event::default();
+        let mut cx = Context::from_waker(Waker::noop());
+        for _ in 0..1000 {
+            let mut w = pin!(ev.wait());
+            assert_eq!(w.as_mut().poll(&mut cx), Poll::Pending);
+            assert_eq!(w.as_mut().poll(&mut cx), Poll::Pending);
+        }
+        assert_eq!(ev.waiting(), 0, "a select that lost left its waker registered");
+        let mut live = Box::pin(ev.wait());
+        assert_eq!(live.as_mut().poll(&mut cx), Poll::Pending);
+        assert_eq!(ev.waiting(), 1);
+        ev.fire();
+        assert_eq!(ev.waiting(), 0);
+        assert_eq!(live.as_mut().poll(&mut cx), Poll::Ready(()));
+        drop(live);
+        assert_eq!(pin!(ev.wait()).poll(&mut cx), Poll::Ready(()));
+        assert_eq!(ev.waiting(), 0);
     }
 }
 

@@ -57,6 +57,10 @@ pub struct Cfg {
     pub rate: f64,
     pub payload: usize,
     pub churn_per_min: f64,
+    /// Percent of churn cycles that also join (and track on) a presence topic.
+    pub churn_presence_pct: u64,
+    /// Percent of churn cycles that also join a topic of their own, used by no one else.
+    pub churn_own_topic_pct: u64,
     pub hold_min_ms: u64,
     pub hold_max_ms: u64,
     pub presence_topics: usize,
@@ -898,12 +902,12 @@ impl Loop {
     fn start_churn(&mut self, cycle: u64, now: u64) {
         let b = (self.rand() % self.cfg.topics.max(1) as u64) as usize;
         let mut chans = vec![(self.cfg.broadcast_topic(b), ChKind::Broadcast)];
-        let presence = self.cfg.presence_topics > 0 && self.chance(50);
+        let presence = self.cfg.presence_topics > 0 && self.chance(self.cfg.churn_presence_pct);
         if presence {
             let p = (self.rand() % self.cfg.presence_topics as u64) as usize;
             chans.push((self.cfg.presence_topic(p), ChKind::Presence));
         }
-        if self.chance(25) {
+        if self.chance(self.cfg.churn_own_topic_pct) {
             chans.push((format!("{}-own{cycle}", self.cfg.prefix), ChKind::Own));
             self.st.churn_own_topics += 1;
         }
