@@ -676,6 +676,27 @@ fn pg_postgres_restart_loses_nothing() {
     drop(srv);
 }
 
+/// A join that cannot be served yet (here the slot name is taken by a physical slot; in the
+/// field: every replication slot in use) is told why at once, and subscribed once it works.
+#[test]
+fn pg_unusable_slot_is_reported_to_joins_then_recovers() {
+    let db = TestDb::new("cc_badslot");
+    db.sql("CREATE TABLE events (id int PRIMARY KEY)");
+    db.pg.psql("postgres", &format!("SELECT pg_create_physical_replication_slot('{}')", db.slot()));
+    let srv = server(&db, &[]);
+    let mut c = Rx::connect(&srv.ws_url("2.0.0"));
+    c.join("ev", "1", json!([{"event": "INSERT", "schema": "public", "table": "events"}]), json!({}));
+    let err = c.system("ev");
+    assert_eq!((err["status"].as_str(), err["extension"].as_str()), (Some("error"), Some("postgres_changes")), "{err}");
+    let text = err["message"].as_str().unwrap();
+    assert!(text.contains("not available yet") && text.contains("is not a pgoutput slot"), "{text}");
+    // The operator frees the name: corecast creates its slot on its next try.
+    db.pg.psql("postgres", &format!("SELECT pg_drop_replication_slot('{}')", db.slot()));
+    c.subscribed("ev");
+    insert_range(&db, 1..=2);
+    assert_eq!(ids_of(&c.changes("ev", 2), "record"), [1, 2]);
+}
+
 #[test]
 fn pg_corecast_restart_loses_nothing() {
     let db = TestDb::new("cc_ccrestart");

@@ -138,6 +138,9 @@ struct Engine {
     /// Becomes `true` with `slot_ready`: subscriptions are checked only after the source
     /// made sure the publication exists (else a table would look unpublished).
     ready: watch::Sender<bool>,
+    /// Why the source cannot stream, while it cannot (`None` once it streams): joins waiting
+    /// for the slot are told, instead of waiting in silence.
+    down_reason: watch::Sender<Option<String>>,
     stream_down: Cell<bool>,
     types: RefCell<Types>,
     tables: TableCache<u32>,
@@ -166,6 +169,7 @@ async fn run(settings: Settings, rx: flume::Receiver<IngestMsg>, shards: Vec<flu
         next_gen: Cell::new(0),
         slot_ready: Cell::new(false),
         ready: watch::channel(false).0,
+        down_reason: watch::channel(None).0,
         stream_down: Cell::new(false),
         types: RefCell::new(Types::new()),
         tables: RefCell::new(HashMap::new()),
@@ -242,7 +246,7 @@ impl Engine {
     }
 
     async fn subscribe(self: Rc<Self>, s: PgSubscribe, k: Key, gen: u64) {
-        let _ = self.ready.subscribe().wait_for(|r| *r).await;
+        self.wait_ready(&s, &k, gen).await;
         let mut backoff = Backoff::default();
         let result = loop {
             if self.pending.borrow().get(&k).is_none_or(|p| p.gen != gen) {
@@ -283,6 +287,43 @@ impl Engine {
                 let frame = encode::system(s.format, s.join_ref.as_deref(), &wire, "postgres_changes", false, &reason);
                 self.system_to(&k, frame);
             }
+        }
+    }
+
+    /// Waits until the slot is ready. While the source cannot stream (no replication slot free,
+    /// the database unreachable, a slot of the wrong kind), the join is told once why, with a
+    /// `system` error; "Subscribed to PostgreSQL" follows when it works.
+    async fn wait_ready(&self, s: &PgSubscribe, k: &Key, gen: u64) {
+        let (mut ready, mut down) = (self.ready.subscribe(), self.down_reason.subscribe());
+        let mut told = false;
+        while !*ready.borrow_and_update() {
+            let reason = down.borrow_and_update().clone();
+            if let (false, Some(reason)) = (told, reason) {
+                told = true;
+                if self.pending.borrow().get(k).is_some_and(|p| p.gen == gen) {
+                    let text = format!(
+                        "Postgres changes are not available yet: {reason}. Retrying; \"Subscribed to PostgreSQL\" follows once they are."
+                    );
+                    let frame = encode::system(
+                        s.format,
+                        s.join_ref.as_deref(),
+                        &k.topic.wire_name(),
+                        "postgres_changes",
+                        false,
+                        &text,
+                    );
+                    self.system_to(k, frame);
+                }
+            }
+            futures_lite::future::or(
+                async {
+                    let _ = ready.changed().await;
+                },
+                async {
+                    let _ = down.changed().await;
+                },
+            )
+            .await;
         }
     }
 
@@ -576,11 +617,13 @@ impl Engine {
                 }
             }
             Event::Up => {
+                self.down_reason.send_replace(None);
                 if self.stream_down.replace(false) {
                     self.broadcast_system(true, "Replication connection re-established");
                 }
             }
             Event::Down(reason) => {
+                self.down_reason.send_replace(Some(reason.clone()));
                 if !self.stream_down.replace(true) {
                     self.broadcast_system(
                         false,
