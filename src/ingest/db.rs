@@ -59,6 +59,18 @@ pub fn is_sql_error(e: &Error) -> bool {
     e.as_db_error().is_some()
 }
 
+/// The error with the database's message, hint and code when it has them (tokio-postgres's
+/// own `Display` says only "db error").
+pub fn describe(e: &Error) -> String {
+    match e.as_db_error() {
+        Some(d) => match d.hint() {
+            Some(h) => format!("{} ({}; hint: {h})", d.message(), d.code().code()),
+            None => format!("{} ({})", d.message(), d.code().code()),
+        },
+        None => e.to_string(),
+    }
+}
+
 impl Db {
     /// A pool of `size` connections to `config` (connected lazily).
     pub fn new(mut config: tokio_postgres::Config, size: usize) -> Self {

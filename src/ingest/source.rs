@@ -82,13 +82,13 @@ struct Setup {
 }
 
 async fn setup(conn: &Conn, cfg: &SourceCfg, first: bool) -> Result<Setup, String> {
-    let e = |e: tokio_postgres::Error| e.to_string();
+    let e = |e: tokio_postgres::Error| super::db::describe(&e);
     let c = &conn.client;
     let pubs = c.query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&cfg.publication]).await.map_err(e)?;
     if pubs.is_empty() {
         c.batch_execute(&format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(&cfg.publication)))
             .await
-            .map_err(|err| format!("cannot create publication {}: {err}", cfg.publication))?;
+            .map_err(|err| format!("cannot create publication {}: {}", cfg.publication, super::db::describe(&err)))?;
         tracing::info!(publication = %cfg.publication, "created publication FOR ALL TABLES");
     }
     let slot = c
@@ -103,7 +103,7 @@ async fn setup(conn: &Conn, cfg: &SourceCfg, first: bool) -> Result<Setup, Strin
         None => {
             c.query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&cfg.slot])
                 .await
-                .map_err(|err| format!("cannot create replication slot {}: {err}", cfg.slot))?;
+                .map_err(|err| format!("cannot create replication slot {}: {}", cfg.slot, super::db::describe(&err)))?;
             tracing::info!(slot = %cfg.slot, "created logical replication slot (pgoutput)");
         }
         Some(row) => {
@@ -249,7 +249,7 @@ async fn attempt(
 ) -> Option<String> {
     let conn = match db.get(0).await {
         Ok(c) => c,
-        Err(e) => return Some(e.to_string()),
+        Err(e) => return Some(super::db::describe(&e)),
     };
     let info = match setup(&conn, cfg, *first).await {
         Ok(i) => i,

@@ -252,9 +252,6 @@ struct Conn {
     trim: Statement,
 }
 
-/// Whether `e` is the database refusing the data (data exceptions, integrity violations,
-/// program limits), which retrying cannot fix; anything else (a lost connection, a database
-/// starting or shutting down) is worth retrying.
 /// The error with the database's code and message when it has them (tokio-postgres's own
 /// `Display` says only "db error").
 fn why(e: &tokio_postgres::Error) -> String {
@@ -264,6 +261,9 @@ fn why(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Whether `e` is the database refusing the data (data exceptions, integrity violations,
+/// program limits), which retrying cannot fix; anything else (a lost connection, a database
+/// starting or shutting down) is worth retrying.
 fn refuses_data(e: &tokio_postgres::Error) -> bool {
     e.as_db_error().is_some_and(|d| matches!(&d.code().code()[..2], "22" | "23" | "54"))
 }
