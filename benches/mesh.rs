@@ -27,11 +27,12 @@ use bytes::Bytes;
 use glommio::channels::shared_channel;
 use glommio::{LocalExecutorBuilder, Placement};
 
+use corecast::bus::ShardMsg;
 use corecast::channel::broadcast::{self, Frames, Message};
 use corecast::channel::{Format, FormatSet};
 use corecast::protocol::phoenix::session::Payload;
 use corecast::protocol::phoenix::Topic;
-use corecast::shard::mesh::{Batch, ShardMsg, CHANNEL_CAPACITY};
+use corecast::shard::mesh::{Batch, CHANNEL_CAPACITY};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -14,6 +14,7 @@
 //!   verification; OS randomness for identifiers).
 
 pub mod auth;
+pub mod bus;
 pub mod channel;
 pub mod config;
 pub mod entropy;

@@ -44,9 +44,9 @@ use super::txn::{Change, Txn};
 use super::types::Types;
 use super::{IngestMsg, PgSubscribe};
 use crate::auth::Claims;
+use crate::bus::ShardMsg;
 use crate::channel::registry::ConnId;
 use crate::protocol::phoenix::Topic;
-use crate::shard::mesh::ShardMsg;
 
 /// Connections in the pool (catalog, subscription checks, RLS, private channel probes).
 pub const POOL_SIZE: usize = 4;

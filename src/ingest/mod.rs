@@ -3,21 +3,21 @@
 //! This module is the boundary between the shards (glommio, `!Send`) and the ingest thread
 //! (tokio current-thread runtime pinned to its own core). Shards send [`IngestMsg`] through an
 //! [`IngestHandle`]; the ingest answers and delivers through each shard's inbox of
-//! [`crate::shard::mesh::ShardMsg`] (a `flume` channel, which wakes a glommio task from a
+//! [`crate::bus::ShardMsg`] (a `flume` channel, which wakes a glommio task from a
 //! foreign thread).
 //!
 //! Contract:
 //! - [`IngestMsg::Subscribe`] registers a channel's `postgres_changes` bindings. The ingest
 //!   validates each binding (table, columns, filter) and answers with a `system` message per
 //!   join (`"Subscribed to PostgreSQL"`, status ok) only once changes will really flow, or an
-//!   error `system` message; via [`crate::shard::mesh::ShardMsg::ToConns`].
-//! - Changes are delivered with [`crate::shard::mesh::ShardMsg::ToConns`]: each frame encoded
+//!   error `system` message; via [`crate::bus::ShardMsg::ToConns`].
+//! - Changes are delivered with [`crate::bus::ShardMsg::ToConns`]: each frame encoded
 //!   once per distinct (ids set, wire format) and listed with every connection that gets it.
 //! - [`IngestMsg::AuthorizeJoin`] asks whether a private channel join is allowed (RLS on the
 //!   corecast-managed messages table); the answer is
-//!   [`crate::shard::mesh::ShardMsg::JoinDecision`].
+//!   [`crate::bus::ShardMsg::JoinDecision`].
 //! - Revoked access or failed re-checks end a channel with
-//!   [`crate::shard::mesh::ShardMsg::CloseChannel`].
+//!   [`crate::bus::ShardMsg::CloseChannel`].
 //!
 //! Modules, pure first:
 //! - [`pgoutput`]: the `pgoutput` message decoder; [`txn`]: messages → committed transactions;
@@ -124,7 +124,7 @@ pub fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
 /// error: the ingest retries with backoff and tells subscribers.
 pub fn start(
     cfg: &crate::config::Config,
-    shards: Vec<flume::Sender<crate::shard::mesh::ShardMsg>>,
+    shards: Vec<flume::Sender<crate::bus::ShardMsg>>,
 ) -> Result<IngestHandle, String> {
     let url = cfg.database_url.as_deref().ok_or("no database URL")?;
     let pg = parse_database_url(url)?;

@@ -12,11 +12,12 @@ use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::auth::Verifier;
+use crate::bus::{ShardMsg, INBOX_CAPACITY};
 use crate::config::{Config, HistoryStore};
 use crate::ingest::IngestHandle;
 use crate::protocol::phoenix::Topic;
 use crate::protocol::ws::CloseCode;
-use crate::shard::mesh::{full_mesh, MeshEnds, ShardMsg, INBOX_CAPACITY};
+use crate::shard::mesh::{full_mesh, MeshEnds};
 use crate::shard::stats::ShardStats;
 use crate::shard::{close_slot, conn, Durable, Kind, Shard};
 use crate::store::log::{self, Record, RecoveredTopic};

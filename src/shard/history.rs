@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures_lite::AsyncWriteExt;
 use glommio::io::{DmaFile, DmaStreamWriter, DmaStreamWriterBuilder};
 
+use crate::bus::{Backlog, Origin, ShardMsg};
 use crate::channel::broadcast::{self, Frames};
 use crate::channel::history::StoredMsg;
 use crate::channel::registry::ConnId;
@@ -21,7 +22,6 @@ use crate::protocol::json::{write_iso8601_ms, write_str, write_u64};
 use crate::protocol::phoenix::message;
 use crate::protocol::phoenix::session::{format_uuid, Payload, Persist, Publish};
 use crate::protocol::phoenix::{Topic, Vsn};
-use crate::shard::mesh::{Backlog, Origin, ShardMsg};
 use crate::shard::stats::ShardStats;
 use crate::shard::{Durable, Kind, Shard};
 use crate::store::log::{self, Record, RecoveredTopic};

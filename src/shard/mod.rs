@@ -3,7 +3,7 @@
 //!
 //! This is the only layer that ties the others together: the connection driver
 //! ([`conn`]) turns socket bytes into protocol actions and executes them against the shard's
-//! state; [`mesh`] carries [`mesh::ShardMsg`] between shards; [`boot`] starts everything;
+//! state; [`mesh`] carries [`crate::bus::ShardMsg`] between shards; [`boot`] starts everything;
 //! [`sim`] drives several shards in one thread for tests of the ordering rules.
 //!
 //! Data flow of a broadcast: a connection's `Publish` goes to the topic's owner shard (local
@@ -49,8 +49,8 @@ use crate::protocol::ws::frame::close_frame;
 use crate::protocol::ws::{CloseCode, WsConn};
 use crate::transport::{Flush, Outbox};
 
-use self::mesh::{Backlog, Origin, ShardMsg};
 use self::stats::ShardStats;
+use crate::bus::{Backlog, Origin, ShardMsg};
 
 /// Local subscribers of a topic from which each shard delivers its own copy of a message (see
 /// [`Frames::localized`]).

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::bus::ShardMsg;
 use crate::channel::broadcast::Frames;
 use crate::channel::presence::{MemberId, Presence, Tracked};
 use crate::channel::registry::ConnId;
@@ -22,7 +23,6 @@ use crate::protocol::phoenix::message::{self, Vsn};
 use crate::protocol::phoenix::session::ReplyTo;
 use crate::protocol::phoenix::Topic;
 use crate::protocol::ws::frame::{write_header, OpCode};
-use crate::shard::mesh::ShardMsg;
 use crate::shard::Shard;
 
 fn member(shard: usize, conn: ConnId) -> MemberId {

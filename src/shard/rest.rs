@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::auth::{AuthError, Claims};
+use crate::bus::ShardMsg;
 use crate::channel::registry::ConnId;
 use crate::protocol::error::HandshakeError;
 use crate::protocol::http::{self, percent_decode, Request};
@@ -26,7 +27,6 @@ use crate::protocol::phoenix::config::{self, PgBinding};
 use crate::protocol::phoenix::session::{Payload, Persist, Publish};
 use crate::protocol::phoenix::{Topic, Vsn};
 use crate::protocol::ws::handshake;
-use crate::shard::mesh::ShardMsg;
 use crate::shard::Shard;
 
 /// Largest number of messages one batch request may carry.

@@ -19,11 +19,11 @@
 use std::sync::Arc;
 
 use crate::auth::{Claims, Verifier};
+use crate::bus::ShardMsg;
 use crate::channel::registry::ConnId;
 use crate::config::{Config, RawConfig};
 use crate::protocol::phoenix::{Session, Vsn};
 use crate::protocol::ws::WsConn;
-use crate::shard::mesh::ShardMsg;
 use crate::shard::stats::ShardStats;
 use crate::shard::{Durable, Kind, Shard, WsState};
 

@@ -5,12 +5,12 @@
 //! `postgres_changes` come from the ingest thread as `postgres_changes` events (not resumable:
 //! they carry no offset).
 
+use crate::bus::{Backlog, ShardMsg};
 use crate::channel::registry::{ConnId, LocalSub};
 use crate::channel::Format;
 use crate::ingest::{IngestMsg, PgSubscribe};
 use crate::protocol::phoenix::message::Vsn;
 use crate::protocol::phoenix::session::ReplyTo;
-use crate::shard::mesh::{Backlog, ShardMsg};
 use crate::shard::rest::SseRequest;
 use crate::shard::stats::ShardStats;
 use crate::shard::{Kind, Shard, SseState};

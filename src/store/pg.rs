@@ -29,11 +29,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio_postgres::{Client, NoTls, Statement};
 
+use crate::bus::ShardMsg;
 use crate::channel::history::{HistoryLimits, StoredMsg};
 use crate::ingest::retry::Backoff;
 use crate::protocol::phoenix::session::Payload;
 use crate::protocol::phoenix::Topic;
-use crate::shard::mesh::ShardMsg;
 use crate::store::log::{self, Record, Recovered};
 
 /// How often stored messages over the bounds are deleted.
