@@ -429,7 +429,9 @@ fn strip_ansi(s: &str) -> String {
 #[test]
 fn pg_rls_filtering_apikey_claims_is_logged_once_per_connection() {
     const WARNING: &str = "row-level security filtered a change for this channel";
-    let db = TestDb::new("cc_rls_warn");
+    // Creates the cluster-wide role `anon`: on the shared instance every other test's dev-mode
+    // subscribers (role `anon` when it exists) would lose SELECT on their tables.
+    let db = TestDb::on(crate::util::pg::clients(), "cc_rls_warn");
     db.sql(
         "DO $$ BEGIN CREATE ROLE authenticated NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
          DO $$ BEGIN CREATE ROLE anon NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
@@ -729,7 +731,8 @@ fn pg_corecast_restart_loses_nothing() {
 /// `CORECAST_SLOT` and `PSQL` for the file).
 #[test]
 fn pg_realtime_js() {
-    let db = TestDb::new("cc_js");
+    // pg.test.mjs creates the role `anon`: not on the shared instance (see above).
+    let db = TestDb::on(crate::util::pg::clients(), "cc_js");
     let (url, psql) = (db.url(), db.pg.psql_path());
     let env = [("DATABASE_URL", url.as_str()), ("CORECAST_SLOT", db.slot()), ("PSQL", psql.to_str().unwrap())];
     // Wall-clock limit for the file (it takes seconds; this only catches hangs).

@@ -203,9 +203,10 @@ pub fn shared() -> &'static Pg {
     })
 }
 
-/// A second instance for the client interop tests: they create cluster-wide roles (`anon`,
-/// `authenticated`) with their own grants, which would change what every other test's
-/// subscribers may read on the shared instance.
+/// A second instance for every test that creates the cluster-wide role `anon` (the client
+/// interop tests, the RLS warning and realtime-js pg tests): dev-mode subscribers run as `anon`
+/// when that role exists, so on the shared instance every other test's subscribers would lose
+/// SELECT on their tables, depending on test order.
 pub fn clients() -> &'static Pg {
     static PG: OnceLock<Pg> = OnceLock::new();
     PG.get_or_init(|| {
