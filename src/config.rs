@@ -58,6 +58,12 @@ pub struct RawConfig {
     #[arg(long, env = "CORECAST_PG_RESUME_GRACE_MS", default_value_t = 3000)]
     pub pg_resume_grace_ms: u64,
 
+    /// This node's name (1 to 64 of `A-Z a-z 0-9 . _ -`), shown in the log, `GET /health`,
+    /// `/metrics` and the `X-Corecast-Node` response header. Default: generated on the first
+    /// start and kept in `--data-dir` (`node-id`).
+    #[arg(long, env = "CORECAST_NODE_ID")]
+    pub node_id: Option<String>,
+
     /// Directory for the durable history log.
     #[arg(long, env = "CORECAST_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -171,6 +177,9 @@ pub struct Config {
     pub slot: String,
     /// See [`RawConfig::pg_resume_grace_ms`].
     pub pg_resume_grace: Duration,
+    /// `--node-id` as given; the boot resolves the default (see [`crate::node::resolve`]) and
+    /// stores the result here, so it is `Some` for every running shard.
+    pub node_id: Option<String>,
     pub data_dir: PathBuf,
     pub history_store: HistoryStore,
     /// `--history-store auto` chose Postgres: if the table cannot be used at start (no
@@ -212,6 +221,13 @@ impl Limits {
     }
 }
 
+impl Config {
+    /// This node's id ("" before the boot resolved it, e.g. in unit tests).
+    pub fn node_id(&self) -> &str {
+        self.node_id.as_deref().unwrap_or("")
+    }
+}
+
 /// A configuration value that parsed but makes no sense.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -227,6 +243,8 @@ pub enum ConfigError {
     FrameOverMessage { frame: usize, message: usize },
     #[error("--jwt-secret is empty; unset it for development mode")]
     EmptySecret,
+    #[error("--node-id {0:?} is not a node id: use 1 to 64 of A-Z a-z 0-9 . _ -")]
+    BadNodeId(String),
     #[error("the database URL is empty")]
     EmptyDatabaseUrl,
     #[error("--history-store postgres needs a database: set --database-url (DATABASE_URL)")]
@@ -301,6 +319,9 @@ impl RawConfig {
             (HistoryStoreArg::Postgres, true) | (HistoryStoreArg::Auto, true) => HistoryStore::Postgres,
             (HistoryStoreArg::Postgres, false) => return Err(ConfigError::HistoryStoreWithoutDatabase),
         };
+        if let Some(id) = self.node_id.as_deref().filter(|id| !crate::node::valid(id)) {
+            return Err(ConfigError::BadNodeId(id.to_string()));
+        }
         if self.max_frame_bytes > self.max_message_bytes {
             return Err(ConfigError::FrameOverMessage { frame: self.max_frame_bytes, message: self.max_message_bytes });
         }
@@ -314,6 +335,7 @@ impl RawConfig {
             publication: self.publication,
             slot: self.slot,
             pg_resume_grace: Duration::from_millis(self.pg_resume_grace_ms),
+            node_id: self.node_id,
             data_dir: self.data_dir,
             history_store,
             history_store_fallback: self.history_store == HistoryStoreArg::Auto,

@@ -20,6 +20,7 @@ pub mod config;
 pub mod entropy;
 pub mod fuzzing;
 pub mod ingest;
+pub mod node;
 pub mod protocol;
 pub mod shard;
 pub mod store;

@@ -118,17 +118,44 @@ fn rest_auth_with_secret() {
 
 #[test]
 fn health_metrics_and_cors_preflight() {
-    let srv = Server::start(&[]);
-    let (st, _, b) = http(srv.addr, "GET", "/health", &[], b"");
-    assert_eq!((st, b.as_slice()), (200, &b"{\"status\":\"ok\"}"[..]));
+    let srv = Server::start(&["--node-id", "edge-1"]);
+    let (st, head, b) = http(srv.addr, "GET", "/health", &[], b"");
+    let health: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        (st, health),
+        (200, json!({"status": "ok", "node": "edge-1", "cluster": "none", "members": ["edge-1"]}))
+    );
+    assert!(head.contains("X-Corecast-Node: edge-1\r\n"), "{head}");
     let (st, _, b) = http(srv.addr, "GET", "/metrics", &[], b"");
     assert_eq!(st, 200);
     let text = String::from_utf8(b).unwrap();
+    assert!(text.contains("corecast_node_info{node=\"edge-1\",cluster=\"none\"} 1"), "{text}");
     assert!(text.contains("# TYPE corecast_connections gauge"));
     assert!(text.contains("corecast_sends_total{shard=\"1\"}"));
     let (st, head, _) = http(srv.addr, "OPTIONS", "/realtime/v1/api/broadcast", &[("Origin", "http://x")], b"");
     assert_eq!(st, 204);
     assert!(head.contains("Access-Control-Allow-Headers"));
+}
+
+/// Without `--node-id` the id is generated on the first start and kept in the data dir: a
+/// restarted node has the same name, a node with another data dir another one.
+#[test]
+fn a_generated_node_id_survives_a_restart() {
+    let node = |srv: &Server| {
+        let (_, _, b) = http(srv.addr, "GET", "/health", &[], b"");
+        serde_json::from_slice::<serde_json::Value>(&b).unwrap()["node"].as_str().unwrap().to_string()
+    };
+    let srv = Server::start(&[]);
+    let first = node(&srv);
+    assert!(first.starts_with("cc-") && first.len() == 15, "{first}");
+    let kept = std::fs::read_to_string(srv.data_dir.join("node-id")).unwrap();
+    assert_eq!(kept.trim(), first);
+    let srv = srv.crash_and_restart();
+    assert_eq!(node(&srv), first);
+    assert_ne!(node(&Server::start(&[])), first);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corecast")).args(["--node-id", "a b"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a node id"));
 }
 
 #[test]

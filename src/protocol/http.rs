@@ -262,6 +262,21 @@ pub fn json_error(status: u16, message: &str, keep_alive: bool) -> Vec<u8> {
     response(status, "application/json", &body, keep_alive)
 }
 
+/// `X-Corecast-Node: <id>\r\n`, set once at boot ([`set_node_id`]); empty until then.
+static NODE_HEADER: std::sync::OnceLock<Box<str>> = std::sync::OnceLock::new();
+
+/// Names this process's node in every response head from now on (`X-Corecast-Node`). The
+/// first call wins: a process is one node. `id` must be a valid node id (no CR/LF).
+pub fn set_node_id(id: &str) {
+    debug_assert!(!id.contains(['\r', '\n']));
+    let _ = NODE_HEADER.set(format!("X-Corecast-Node: {id}\r\n").into_boxed_str());
+}
+
+/// The `X-Corecast-Node` header line, or nothing before [`set_node_id`].
+pub fn node_header() -> &'static [u8] {
+    NODE_HEADER.get().map_or(&[][..], |h| h.as_bytes())
+}
+
 /// Status line, date-less standard headers and CORS; the caller adds the rest and the blank line.
 pub fn head(out: &mut Vec<u8>, status: u16, keep_alive: bool) {
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -269,6 +284,7 @@ pub fn head(out: &mut Vec<u8>, status: u16, keep_alive: bool) {
     out.push(b' ');
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\nServer: corecast\r\n");
+    out.extend_from_slice(node_header());
     out.extend_from_slice(CORS.as_bytes());
     out.extend_from_slice(if keep_alive { b"Connection: keep-alive\r\n" } else { b"Connection: close\r\n" });
 }

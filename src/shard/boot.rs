@@ -55,7 +55,22 @@ fn hint(message: &str) -> &'static str {
 
 /// Runs the server until SIGINT/SIGTERM; calls `ready` with the bound address once every
 /// shard accepts.
-pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), BootError> {
+pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> Result<(), BootError> {
+    let (node, source) = crate::node::resolve(cfg.node_id.as_deref(), &cfg.data_dir)
+        .map_err(|message| BootError::DataDir { dir: cfg.data_dir.display().to_string(), message })?;
+    match source {
+        crate::node::Source::Generated => {
+            tracing::info!(node = %node, dir = %cfg.data_dir.display(), "generated a node id, kept in the data directory")
+        }
+        crate::node::Source::Unkept => tracing::warn!(
+            node = %node,
+            dir = %cfg.data_dir.display(),
+            "generated a node id but the data directory cannot keep it: the next start gets another (set --node-id)"
+        ),
+        crate::node::Source::Flag | crate::node::Source::Kept => {}
+    }
+    crate::protocol::http::set_node_id(&node);
+    cfg.node_id = Some(node);
     let cfg = Arc::new(cfg);
     let (fds, addr) =
         bind_reuseport(cfg.listen, cfg.shards).map_err(|source| BootError::Listen { addr: cfg.listen, source })?;
@@ -118,7 +133,7 @@ pub fn run(cfg: Config, ready: impl FnOnce(std::net::SocketAddr)) -> Result<(), 
         started += 1;
     }
     if started == cfg.shards {
-        ready(addr);
+        ready(addr, cfg.node_id());
     }
     let mut failure = None;
     for (shard, h) in handles.into_iter().enumerate() {

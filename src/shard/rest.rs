@@ -7,7 +7,7 @@
 //! | `GET /realtime/v1/websocket`, `GET /socket/websocket` | `101`, or `400`/`401` with a JSON error |
 //! | `POST /realtime/v1/api/broadcast` (also `/api/broadcast`) | `202`; `400` bad JSON; `422` invalid message |
 //! | `POST /realtime/v1/api/broadcast/{topic}/events/{event}` | `202`; `400`/`415`/`422` |
-//! | `GET /health` | `200 {"status":"ok"}` |
+//! | `GET /health` | `200 {"status":"ok","node":…,"cluster":"none","members":[…]}` |
 //! | `GET /metrics` | Prometheus text |
 //! | `OPTIONS *` | `204` with CORS headers |
 
@@ -78,10 +78,11 @@ pub fn handle(shard: &Shard, id: ConnId, req: &Request<'_>, body: &[u8]) -> Outc
     let path = if path.is_empty() { "/" } else { path };
     match path {
         "/realtime/v1/websocket" | "/socket/websocket" => return upgrade(shard, req),
-        "/health" => return get_only(req, || http::response(200, "application/json", b"{\"status\":\"ok\"}", ka)),
+        "/health" => return get_only(req, || http::response(200, "application/json", &health(shard), ka)),
         "/metrics" => {
             return get_only(req, || {
-                http::response(200, "text/plain; version=0.0.4", super::stats::render(&shard.stats).as_bytes(), ka)
+                let text = super::stats::render(shard.cfg.node_id(), &shard.stats);
+                http::response(200, "text/plain; version=0.0.4", text.as_bytes(), ka)
             })
         }
         _ => {}
@@ -120,6 +121,19 @@ pub fn handle(shard: &Shard, id: ConnId, req: &Request<'_>, body: &[u8]) -> Outc
         }
     }
     respond(http::json_error(404, &format!("no route for {} {}", req.method, req.path), ka), ka)
+}
+
+/// `GET /health`: `{"status":"ok","node":…,"cluster":"none","members":[…]}`. A single node is
+/// its own only member.
+fn health(shard: &Shard) -> Vec<u8> {
+    let mut body = Vec::with_capacity(96);
+    let node = shard.cfg.node_id();
+    body.extend_from_slice(b"{\"status\":\"ok\",\"node\":");
+    crate::protocol::json::write_str(&mut body, node);
+    body.extend_from_slice(b",\"cluster\":\"none\",\"members\":[");
+    crate::protocol::json::write_str(&mut body, node);
+    body.extend_from_slice(b"]}");
+    body
 }
 
 /// `GET /realtime/v1/api/channels/{topic}/messages?limit=50&before=<offset>[&private=true]`:

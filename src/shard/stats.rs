@@ -39,9 +39,14 @@ impl ShardStats {
 /// One metric: name, type, help text and how to read it from a shard.
 type Row = (&'static str, &'static str, &'static str, fn(&ShardStats) -> f64);
 
-/// Renders all shards' stats in the Prometheus text format.
-pub fn render(all: &[ShardStats]) -> String {
+/// Renders all shards' stats in the Prometheus text format, after `corecast_node_info` naming
+/// this node (`node` is a validated node id: nothing to escape).
+pub fn render(node: &str, all: &[ShardStats]) -> String {
     let mut out = String::with_capacity(2048);
+    let _ = writeln!(
+        out,
+        "# HELP corecast_node_info This node (always 1)\n# TYPE corecast_node_info gauge\ncorecast_node_info{{node=\"{node}\",cluster=\"none\"}} 1"
+    );
     let rows: [Row; 14] = [
         ("corecast_connections", "gauge", "Open TCP connections", |s| s.connections.load(Ordering::Relaxed) as f64),
         ("corecast_connections_accepted_total", "counter", "Connections accepted", |s| {

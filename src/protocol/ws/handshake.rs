@@ -51,7 +51,9 @@ pub fn accept(req: &Request<'_>) -> Result<Vec<u8>, HandshakeError> {
     if offered(req).any(|p| p == PHOENIX) {
         resp.extend_from_slice(b"\r\nSec-WebSocket-Protocol: phoenix");
     }
-    resp.extend_from_slice(b"\r\n\r\n");
+    resp.extend_from_slice(b"\r\n");
+    resp.extend_from_slice(crate::protocol::http::node_header());
+    resp.extend_from_slice(b"\r\n");
     Ok(resp)
 }
 
