@@ -13,7 +13,7 @@
 //! rejoined before the backlog is matched against subscriptions.
 
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
@@ -189,9 +189,6 @@ async fn ensure_messages_table(conn: &Conn) -> Result<(), tokio_postgres::Error>
 
 /// Runs until the processor goes away.
 pub async fn run(cfg: SourceCfg, db: Rc<Db>, tx: mpsc::Sender<Event>, mut ack: watch::Receiver<u64>) {
-    // The grace counts from the first moment a client can be subscribed (the slot exists), not
-    // from process start: a slow start (Postgres still recovering, a busy host) must not eat it.
-    let mut ready_at = Instant::now();
     let mut backoff = Backoff::default();
     let (mut first, mut slot_ready, mut down) = (true, false, false);
     let mut asm = Assembler::new();
@@ -207,7 +204,6 @@ pub async fn run(cfg: SourceCfg, db: Rc<Db>, tx: mpsc::Sender<Event>, mut ack: w
             &mut first,
             &mut slot_ready,
             &mut down,
-            &mut ready_at,
             &mut backoff,
         )
         .await
@@ -244,7 +240,6 @@ async fn attempt(
     first: &mut bool,
     slot_ready: &mut bool,
     down: &mut bool,
-    ready_at: &mut Instant,
     backoff: &mut Backoff,
 ) -> Option<String> {
     let conn = match db.get(0).await {
@@ -257,11 +252,12 @@ async fn attempt(
     };
     if !*slot_ready {
         *slot_ready = true;
-        *ready_at = Instant::now();
         tx.send(Event::SlotReady).await.ok()?;
     }
     if std::mem::take(first) && info.pending {
-        let wait = cfg.resume_grace.saturating_sub(ready_at.elapsed());
+        // Counted from now, when the slot is ready and joins can first be subscribed, not from
+        // process start: a slow start (Postgres recovering, a busy host) must not eat it.
+        let wait = cfg.resume_grace;
         if !wait.is_zero() {
             tracing::info!(
                 grace_ms = wait.as_millis() as u64,

@@ -31,6 +31,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::bus::ShardMsg;
 use crate::channel::history::{HistoryLimits, StoredMsg};
+use crate::ingest::db::describe as why;
 use crate::ingest::retry::Backoff;
 use crate::protocol::phoenix::session::Payload;
 use crate::protocol::phoenix::Topic;
@@ -250,15 +251,6 @@ struct Conn {
     insert: Statement,
     checkpoint: Statement,
     trim: Statement,
-}
-
-/// The error with the database's code and message when it has them (tokio-postgres's own
-/// `Display` says only "db error").
-fn why(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(d) => format!("{} ({})", d.message(), d.code().code()),
-        None => e.to_string(),
-    }
 }
 
 /// Whether `e` is the database refusing the data (data exceptions, integrity violations,
