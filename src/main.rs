@@ -41,7 +41,7 @@ fn main() -> ExitCode {
     }
     let shards = cfg.shards;
     let result = corecast::shard::boot::run(cfg, |addr, node| {
-        tracing::info!(%addr, shards, node, "ready");
+        tracing::info!(%addr, shards, %node, "ready");
         // One machine-readable line on stdout, for scripts and the test harness.
         println!("corecast listening on http://{addr} with {shards} shards");
         let _ = std::io::stdout().flush();

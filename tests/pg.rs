@@ -678,6 +678,51 @@ fn pg_postgres_restart_loses_nothing() {
     drop(srv);
 }
 
+/// While corecast is down the database writes more WAL than `max_slot_wal_keep_size` and a
+/// checkpoint invalidates the slot: it can never stream again. corecast recreates it, and the
+/// clients rejoining after the restart are told that changes were lost, then get new ones.
+#[test]
+fn pg_invalidated_slot_is_recreated_and_rejoining_clients_are_told() {
+    let pg: &'static Pg = Pg::leak();
+    struct Stop(&'static Pg);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.shutdown();
+        }
+    }
+    let _stop = Stop(pg);
+    pg.psql("postgres", "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
+    pg.psql("postgres", "SELECT pg_reload_conf()");
+    let db = TestDb::on(pg, "cc_lostslot");
+    db.sql("CREATE TABLE events (id int PRIMARY KEY); CREATE TABLE filler (x text)");
+    let binding = json!([{"event": "INSERT", "schema": "public", "table": "events"}]);
+    let srv = server(&db, &[]);
+    let mut c = Rx::connect(&srv.ws_url("2.0.0"));
+    c.join("ev", "1", binding.clone(), json!({}));
+    c.subscribed("ev");
+    insert_range(&db, 1..=1);
+    assert_eq!(ids_of(&c.changes("ev", 1), "record"), [1]);
+    drop(c);
+    drop(srv);
+    insert_range(&db, 2..=2);
+    for _ in 0..3 {
+        db.sql("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 20000); SELECT pg_switch_wal();");
+    }
+    db.sql("CHECKPOINT");
+    let status = format!("SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{}'", db.slot());
+    assert_eq!(pg.psql("postgres", &status), "lost");
+    let srv = server(&db, &[]);
+    let mut c = Rx::connect(&srv.ws_url("2.0.0"));
+    c.join("ev", "1", binding, json!({}));
+    c.subscribed("ev");
+    let lost = c.system("ev");
+    assert_eq!(lost["status"], "error", "{lost}");
+    assert!(lost["message"].as_str().unwrap().starts_with("Changes were lost: replication slot"), "{lost}");
+    assert_ne!(pg.psql("postgres", &status), "lost");
+    insert_range(&db, 3..=3);
+    assert_eq!(ids_of(&c.changes("ev", 1), "record"), [3]);
+}
+
 /// A join that cannot be served yet (here the slot name is taken by a physical slot; in the
 /// field: every replication slot in use) is told why at once, and subscribed once it works.
 #[test]

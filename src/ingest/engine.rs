@@ -39,7 +39,7 @@ use super::plan::{self, Decision, Item, Routed};
 use super::retry::Backoff;
 use super::rls;
 use super::source::{self, Event, SourceCfg};
-use super::subscriptions::{event_mask, AuthCtx, AuthId, Binding, Key, Pat, Registry};
+use super::subscriptions::{event_mask, AuthCtx, AuthId, Binding, Channel, Key, Pat, Registry};
 use super::txn::{Change, Txn};
 use super::types::Types;
 use super::{IngestMsg, PgSubscribe};
@@ -141,6 +141,10 @@ struct Engine {
     /// Why the source cannot stream, while it cannot (`None` once it streams): joins waiting
     /// for the slot are told, instead of waiting in silence.
     down_reason: watch::Sender<Option<String>>,
+    /// The slot was recreated (changes lost) and until when joins are told so: the clients
+    /// rejoining after a restart (within `--pg-resume-grace-ms`) are the ones who missed them.
+    lost: RefCell<Option<(String, Instant)>>,
+    resume_grace: Duration,
     stream_down: Cell<bool>,
     types: RefCell<Types>,
     tables: TableCache<u32>,
@@ -170,6 +174,8 @@ async fn run(settings: Settings, rx: flume::Receiver<IngestMsg>, shards: Vec<flu
         slot_ready: Cell::new(false),
         ready: watch::channel(false).0,
         down_reason: watch::channel(None).0,
+        lost: RefCell::new(None),
+        resume_grace: settings.source.resume_grace,
         stream_down: Cell::new(false),
         types: RefCell::new(Types::new()),
         tables: RefCell::new(HashMap::new()),
@@ -329,7 +335,7 @@ impl Engine {
 
     /// "Subscribed to PostgreSQL", once per channel.
     fn announce(&self, idx: u32) {
-        let (k, frame) = {
+        let (k, frames) = {
             let mut reg = self.reg.borrow_mut();
             let ch = reg.channel_mut(idx);
             if ch.announced {
@@ -344,9 +350,14 @@ impl Engine {
                 true,
                 "Subscribed to PostgreSQL",
             );
-            (ch.key.clone(), frame)
+            let lost = self.lost.borrow().as_ref().filter(|(_, until)| Instant::now() < *until).map(|(why, _)| {
+                encode::system(ch.format, ch.join_ref.as_deref(), &ch.wire, "postgres_changes", false, why)
+            });
+            (ch.key.clone(), [Some(frame), lost])
         };
-        self.system_to(&k, frame);
+        for frame in frames.into_iter().flatten() {
+            self.system_to(&k, frame);
+        }
     }
 
     /// Checks every binding of a join: `Ok(Ok(bindings))`, `Ok(Err(reason))` for a binding that
@@ -633,6 +644,13 @@ impl Engine {
                     );
                 }
             }
+            Event::SlotRecreated(why) => {
+                // To every announced channel, whatever it was told before (this is news even
+                // to one that knows the connection was down), and to joins of the next grace.
+                let why = format!("Changes were lost: {why}.");
+                self.system_to_all(false, &why);
+                *self.lost.borrow_mut() = Some((why, Instant::now() + self.resume_grace.max(Duration::from_secs(1))));
+            }
             Event::Txn(_) | Event::Idle(_) => {}
         }
     }
@@ -641,10 +659,28 @@ impl Engine {
     /// An error (`ok == false`) goes to every announced channel and marks it; the recovery
     /// message goes to the marked ones only.
     fn broadcast_system(&self, ok: bool, text: &str) {
+        self.system_where(ok, text, |ch| {
+            let pick = ch.announced && ch.told_down == ok;
+            if pick {
+                ch.told_down = !ok;
+            }
+            pick
+        });
+    }
+
+    /// A `postgres_changes` system message to every announced channel, marks untouched.
+    fn system_to_all(&self, ok: bool, text: &str) {
+        self.system_where(ok, text, |ch| ch.announced);
+    }
+
+    /// A `postgres_changes` system message to the channels `pick` chooses (it may update them).
+    fn system_where(&self, ok: bool, text: &str, mut pick: impl FnMut(&mut Channel) -> bool) {
         let mut per_shard: Vec<Vec<(Bytes, Vec<ConnId>)>> = self.shards.iter().map(|_| Vec::new()).collect();
         let mut reg = self.reg.borrow_mut();
-        for ch in reg.channels_mut().filter(|c| c.announced && c.told_down == ok) {
-            ch.told_down = !ok;
+        for ch in reg.channels_mut() {
+            if !pick(ch) {
+                continue;
+            }
             let frame = encode::system(ch.format, ch.join_ref.as_deref(), &ch.wire, "postgres_changes", ok, text);
             if let Some(items) = per_shard.get_mut(ch.key.shard) {
                 items.push((frame, vec![ch.key.conn]));

@@ -33,6 +33,9 @@ pub enum Event {
     Up,
     /// The connection failed or was lost; retrying.
     Down(String),
+    /// Postgres had invalidated the slot (it retained more WAL than `max_slot_wal_keep_size`
+    /// while nobody read it): it was recreated, and what was committed in between is lost.
+    SlotRecreated(String),
     /// A committed transaction.
     Txn(Txn),
     /// Everything up to this LSN was received and no transaction is open: acknowledge it once
@@ -79,6 +82,8 @@ pub fn replication_config(cfg: &SourceCfg) -> ReplicationConfig {
 struct Setup {
     /// Changes were waiting in an existing slot.
     pending: bool,
+    /// The slot had been invalidated and was recreated: why, for the subscribers.
+    recreated: Option<String>,
 }
 
 async fn setup(conn: &Conn, cfg: &SourceCfg, first: bool) -> Result<Setup, String> {
@@ -93,17 +98,20 @@ async fn setup(conn: &Conn, cfg: &SourceCfg, first: bool) -> Result<Setup, Strin
     }
     let slot = c
         .query_opt(
-            "SELECT plugin::text, database::text, current_database()::text FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT plugin::text, database::text, current_database()::text, wal_status::text FROM pg_replication_slots WHERE slot_name = $1",
             &[&cfg.slot],
         )
         .await
         .map_err(e)?;
-    let mut pending = false;
+    let (mut pending, mut recreated) = (false, None);
+    let create = || async {
+        c.query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&cfg.slot])
+            .await
+            .map_err(|err| format!("cannot create replication slot {}: {}", cfg.slot, super::db::describe(&err)))
+    };
     match slot {
         None => {
-            c.query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&cfg.slot])
-                .await
-                .map_err(|err| format!("cannot create replication slot {}: {}", cfg.slot, super::db::describe(&err)))?;
+            create().await?;
             tracing::info!(slot = %cfg.slot, "created logical replication slot (pgoutput)");
         }
         Some(row) => {
@@ -114,7 +122,21 @@ async fn setup(conn: &Conn, cfg: &SourceCfg, first: bool) -> Result<Setup, Strin
                     cfg.slot
                 ));
             }
-            if first {
+            if row.get::<_, Option<String>>(3).as_deref() == Some("lost") {
+                // Postgres removed WAL the slot still needed (`max_slot_wal_keep_size`): it can
+                // never stream again. Staying down helps nobody; start a new one and say loudly
+                // that the changes in between are gone.
+                c.query("SELECT pg_drop_replication_slot($1)", &[&cfg.slot]).await.map_err(|err| {
+                    format!("cannot drop the invalidated replication slot {}: {}", cfg.slot, super::db::describe(&err))
+                })?;
+                create().await?;
+                let why = format!(
+                    "replication slot {} had been invalidated by PostgreSQL (it retained more WAL than max_slot_wal_keep_size while corecast was not reading it); it was recreated, and changes committed in between were not delivered",
+                    cfg.slot
+                );
+                tracing::error!(slot = %cfg.slot, "{why}");
+                recreated = Some(why);
+            } else if first {
                 // Decoding stops at the flushed WAL. Under `synchronous_commit = off` the last
                 // commits may not be flushed yet (the WAL writer does it within
                 // `wal_writer_delay`), and the peek would miss them: wait until what was
@@ -136,7 +158,7 @@ async fn setup(conn: &Conn, cfg: &SourceCfg, first: bool) -> Result<Setup, Strin
             tracing::warn!(error = %err, "cannot prepare realtime.messages: private channels will be refused");
         }
     }
-    Ok(Setup { pending })
+    Ok(Setup { pending, recreated })
 }
 
 /// Waits (at most 2 s) until the WAL is flushed up to its insert position as of now.
@@ -253,6 +275,9 @@ async fn attempt(
     if !*slot_ready {
         *slot_ready = true;
         tx.send(Event::SlotReady).await.ok()?;
+    }
+    if let Some(why) = info.recreated.clone() {
+        tx.send(Event::SlotRecreated(why)).await.ok()?;
     }
     if std::mem::take(first) && info.pending {
         // Counted from now, when the slot is ready and joins can first be subscribed, not from
