@@ -235,7 +235,7 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-const CORS: &str = "Access-Control-Allow-Origin: *\r\nAccess-Control-Allow-Headers: authorization, apikey, x-api-key, content-type, x-client-info, last-event-id\r\nAccess-Control-Allow-Methods: GET, POST, OPTIONS\r\nAccess-Control-Expose-Headers: content-type\r\n";
+const CORS: &str = "Access-Control-Allow-Origin: *\r\nAccess-Control-Allow-Headers: authorization, apikey, x-api-key, content-type, x-client-info, last-event-id\r\nAccess-Control-Allow-Methods: GET, POST, OPTIONS\r\nAccess-Control-Expose-Headers: content-type, x-corecast-node\r\n";
 
 /// A complete response with a body.
 pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
