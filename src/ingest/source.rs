@@ -364,7 +364,12 @@ async fn stream(
                 }
                 continue;
             }
-            ReplicationEvent::Message { .. } => continue,
+            ReplicationEvent::Message { transactional, lsn, prefix, content } => {
+                // `pg_logical_emit_message` output (pgwire-replication starts pgoutput with
+                // `messages 'true'`): not used yet; cluster mode will carry its traffic here.
+                tracing::trace!(transactional, lsn = lsn.as_u64(), %prefix, bytes = content.len(), "logical message");
+                continue;
+            }
             ReplicationEvent::StoppedAt { .. } => return Some("the replication stream stopped".into()),
         };
         match asm.push(msg) {
