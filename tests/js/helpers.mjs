@@ -35,6 +35,19 @@ export function withTimeout(promise, ms, label = 'operation') {
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 
+/** Polls `check` every 10 ms until it returns truthy (and returns that); fails with
+ *  `describe()` after `timeoutMs`. */
+export async function until(check, { timeoutMs = 10000, label = 'condition', describe = () => '' } = {}) {
+  const t0 = Date.now()
+  for (;;) {
+    const v = check()
+    if (v) return v
+    if (Date.now() - t0 > timeoutMs)
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${label}; ${describe()}`)
+    await sleep(10)
+  }
+}
+
 /**
  * An append-only list of events that tests can wait on.
  * `wait(pred, {count, timeoutMs})` resolves with the first `count` items matching `pred`,

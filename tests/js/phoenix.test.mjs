@@ -29,6 +29,7 @@ import {
   arrayBuffer,
   sleep,
   withTranscript,
+  until,
 } from './helpers.mjs'
 
 const SECRET = 'phoenix-js-test-secret-0123456789'
@@ -82,18 +83,6 @@ function on(ch, event) {
   const log = new Log(`${event} on ${ch.topic}`)
   ch.on(event, (payload) => log.push(payload))
   return log
-}
-
-/** Polls `check` every 10 ms until it returns truthy. */
-async function until(check, { timeoutMs = 10000, label = 'condition', describe = () => '' } = {}) {
-  const t0 = Date.now()
-  for (;;) {
-    const v = check()
-    if (v) return v
-    if (Date.now() - t0 > timeoutMs)
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${label}; ${describe()}`)
-    await sleep(10)
-  }
 }
 
 /** A Presence helper on `ch` recording `sync` snapshots of `list()` and join/leave callbacks. */

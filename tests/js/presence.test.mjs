@@ -20,6 +20,7 @@ import {
   frameEvent,
   withTranscript,
   sleep,
+  until,
 } from './helpers.mjs'
 
 let srv
@@ -65,18 +66,6 @@ function refs(ch) {
   return Object.fromEntries(
     Object.entries(ch.presenceState()).map(([k, metas]) => [k, metas.map((m) => m.presence_ref)])
   )
-}
-
-/** Polls `check` every 10 ms until it returns truthy; fails with `describe()` after `timeoutMs`. */
-async function until(check, { timeoutMs = 10000, label = 'condition', describe = () => '' } = {}) {
-  const t0 = Date.now()
-  for (;;) {
-    const v = check()
-    if (v) return v
-    if (Date.now() - t0 > timeoutMs)
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${label}; ${describe()}`)
-    await sleep(10)
-  }
 }
 
 /** Waits until `plain(ch.presenceState())` deep-equals `expected`. */

@@ -248,10 +248,10 @@ describe('REST', { concurrency: true }, () => {
     assert.deepEqual(seq, Array.from({ length: N }, (_, i) => i))
   })
 
-  // KNOWN SERVER BUG (expected to FAIL until fixed): each request got its 202 before the next
-  // was sent, yet subscribers see some of them swapped. A request accepted by a shard that does
-  // not own the topic is answered 202 before the owner has sequenced (given an offset to) the
-  // message; the next request, landing on the owner, overtakes it.
+  // Each request gets its 202 before the next is sent, each on a new connection, so requests
+  // land on different shards. A 202 from a shard that does not own the topic must wait until
+  // the owner has sequenced (given an offset to) the message, or the next request, landing on
+  // the owner, would overtake it (it once did: subscribers saw some of them swapped).
   it('sequential awaited httpSend calls arrive in order even when each uses a new connection', async (t) => {
     const name = topic('rest-order-fresh')
     const rx = await receiver(t, name)

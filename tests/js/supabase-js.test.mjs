@@ -33,6 +33,7 @@ import {
   bytes,
   sleep,
   withTranscript,
+  until,
 } from './helpers.mjs'
 
 const SECRET = 'supabase-js-test-secret-0123456789'
@@ -67,18 +68,6 @@ function supabase(t, server, { key = ANON, accessToken, realtime = {} } = {}) {
   client.http = http
   t.after(() => closeClient(client.realtime))
   return client
-}
-
-/** Polls `check` every 10 ms until it returns truthy. */
-async function until(check, { timeoutMs = 10000, label = 'condition', describe = () => '' } = {}) {
-  const t0 = Date.now()
-  for (;;) {
-    const v = check()
-    if (v) return v
-    if (Date.now() - t0 > timeoutMs)
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${label}; ${describe()}`)
-    await sleep(10)
-  }
 }
 
 /** `presenceState()` without presence_refs, keys sorted. */
