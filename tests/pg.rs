@@ -723,6 +723,38 @@ fn pg_invalidated_slot_is_recreated_and_rejoining_clients_are_told() {
     assert_eq!(ids_of(&c.changes("ev", 1), "record"), [3]);
 }
 
+/// `/metrics` reports the slot's lag and retained WAL and the commit → hand-off delay.
+#[test]
+fn pg_metrics_report_slot_lag_and_commit_delay() {
+    let db = TestDb::new("cc_pgmetrics");
+    db.sql("CREATE TABLE events (id int PRIMARY KEY)");
+    let srv = server(&db, &[]);
+    let mut c = Rx::connect(&srv.ws_url("2.0.0"));
+    c.join("ev", "1", json!([{"event": "INSERT", "schema": "public", "table": "events"}]), json!({}));
+    c.subscribed("ev");
+    insert_range(&db, 1..=1);
+    assert_eq!(ids_of(&c.changes("ev", 1), "record"), [1]);
+    let gauge = |text: &str, name: &str| -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let (_, _, b) = crate::util::http(srv.addr, "GET", "/metrics", &[], b"");
+        let text = String::from_utf8(b).unwrap();
+        if gauge(&text, "corecast_pg_replication_lag_bytes").is_some() || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let lag = gauge(&text, "corecast_pg_replication_lag_bytes").expect("no slot lag gauge");
+    let kept = gauge(&text, "corecast_pg_slot_retained_wal_bytes").expect("no retained WAL gauge");
+    let delay = gauge(&text, "corecast_pg_commit_to_handoff_seconds").expect("no commit delay gauge");
+    assert!(lag >= 0.0 && kept >= lag, "lag {lag}, retained {kept}");
+    // Seconds, not µs (which would read in the thousands): a unit check, not a latency bound.
+    assert!((0.0..600.0).contains(&delay), "commit → hand-off {delay} s");
+    assert!(text.contains("# TYPE corecast_pg_replication_lag_bytes gauge"));
+}
+
 /// A join that cannot be served yet (here the slot name is taken by a physical slot; in the
 /// field: every replication slot in use) is told why at once, and subscribed once it works.
 #[test]

@@ -88,6 +88,7 @@ pub fn spawn(
     cpu: Option<usize>,
     rx: flume::Receiver<IngestMsg>,
     shards: Vec<flume::Sender<ShardMsg>>,
+    stats: Arc<super::IngestStats>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name("ingest".into()).spawn(move || {
         if let Some(cpu) = cpu {
@@ -103,7 +104,7 @@ pub fn spawn(
             }
         };
         let local = tokio::task::LocalSet::new();
-        local.block_on(&rt, run(settings, rx, shards));
+        local.block_on(&rt, run(settings, rx, shards, stats));
     })?;
     Ok(())
 }
@@ -158,9 +159,15 @@ struct Engine {
     warned_conns: RefCell<HashSet<(usize, ConnId)>>,
     warned_conns_prune_at: Cell<usize>,
     ack: watch::Sender<u64>,
+    stats: Arc<super::IngestStats>,
 }
 
-async fn run(settings: Settings, rx: flume::Receiver<IngestMsg>, shards: Vec<flume::Sender<ShardMsg>>) {
+async fn run(
+    settings: Settings,
+    rx: flume::Receiver<IngestMsg>,
+    shards: Vec<flume::Sender<ShardMsg>>,
+    stats: Arc<super::IngestStats>,
+) {
     let db = Rc::new(Db::new(settings.source.pg.clone(), settings.pool_size));
     let (ack_tx, ack_rx) = watch::channel(0u64);
     let (ev_tx, ev_rx) = mpsc::channel(4096);
@@ -185,7 +192,9 @@ async fn run(settings: Settings, rx: flume::Receiver<IngestMsg>, shards: Vec<flu
         warned_conns: RefCell::new(HashSet::new()),
         warned_conns_prune_at: Cell::new(WARNED_CONNS_MIN),
         ack: ack_tx,
+        stats,
     });
+    tokio::task::spawn_local(engine.clone().sample_slot(settings.source.slot.clone()));
     tokio::task::spawn_local(source::run(settings.source, db, ev_tx, ack_rx));
     tokio::task::spawn_local(engine.clone().process_loop(ev_rx));
     while let Ok(msg) = rx.recv_async().await {
@@ -601,18 +610,55 @@ impl Engine {
                     Event::Idle(lsn) => ack = ack.max(lsn),
                     other => {
                         if !txns.is_empty() {
-                            self.deliver(std::mem::take(&mut txns)).await;
+                            self.deliver_timed(std::mem::take(&mut txns)).await;
                         }
                         self.on_source(other);
                     }
                 }
             }
             if !txns.is_empty() {
-                self.deliver(txns).await;
+                self.deliver_timed(txns).await;
             }
             if ack > *self.ack.borrow() {
                 self.ack.send_replace(ack);
             }
+        }
+    }
+
+    /// [`Engine::deliver`], then records how long after its commit the batch's newest
+    /// transaction was handed to the shards (`corecast_pg_commit_to_handoff_seconds`).
+    async fn deliver_timed(&self, txns: Vec<Txn>) {
+        let newest = txns.iter().map(|t| t.commit_time).max();
+        self.deliver(txns).await;
+        if let Some(pg_micros) = newest {
+            let now_us =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+            let delay = now_us.saturating_sub(pg_micros.saturating_add(super::pgoutput::PG_EPOCH_OFFSET_MICROS));
+            self.stats.commit_delay_us.store(delay.max(0) as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Every 5 s: how far the slot is behind the database's WAL (not yet confirmed) and how
+    /// much WAL it keeps on the server's disk, for `/metrics`.
+    async fn sample_slot(self: Rc<Self>, slot: String) {
+        use std::sync::atomic::Ordering::Relaxed;
+        const SQL: &str = "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8, \
+                           pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 \
+                           FROM pg_replication_slots WHERE slot_name = $1";
+        loop {
+            if let Ok(conn) = self.db.get(0).await {
+                match conn.client.query_opt(SQL, &[&slot]).await {
+                    Ok(Some(row)) => {
+                        let (lag, kept): (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+                        self.stats.lag_bytes.store(lag.unwrap_or(0).max(0) as u64, Relaxed);
+                        self.stats.retained_bytes.store(kept.unwrap_or(0).max(0) as u64, Relaxed);
+                        self.stats.sampled.store(true, Relaxed);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(error = %super::db::describe(&e), "cannot sample the replication slot"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
         }
     }
 

@@ -88,17 +88,36 @@ pub struct PgSubscribe {
     pub apikey_claims: bool,
 }
 
+/// What the ingest thread reports for `/metrics`, written by it and read by any shard.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    /// Whether the slot was sampled at least once (the gauges below mean something).
+    pub sampled: std::sync::atomic::AtomicBool,
+    /// WAL written by the database that corecast has not confirmed yet (bytes).
+    pub lag_bytes: std::sync::atomic::AtomicU64,
+    /// WAL the slot keeps on the database server's disk (from its `restart_lsn`, bytes).
+    pub retained_bytes: std::sync::atomic::AtomicU64,
+    /// Commit → hand-off to the shards of the last transaction delivered (µs).
+    pub commit_delay_us: std::sync::atomic::AtomicU64,
+}
+
 /// Where shards send [`IngestMsg`]s (cheap to clone, `Send`).
 #[derive(Debug, Clone)]
 pub struct IngestHandle {
     tx: flume::Sender<IngestMsg>,
+    stats: std::sync::Arc<IngestStats>,
 }
 
 impl IngestHandle {
     /// A handle and the ingest side's receiver.
     pub fn channel() -> (Self, flume::Receiver<IngestMsg>) {
         let (tx, rx) = flume::unbounded();
-        (Self { tx }, rx)
+        (Self { tx, stats: Default::default() }, rx)
+    }
+
+    /// The ingest thread's gauges.
+    pub fn stats(&self) -> &IngestStats {
+        &self.stats
     }
 
     /// Sends a message; a stopped ingest thread drops it.
@@ -138,6 +157,7 @@ pub fn start(
         pool_size: engine::POOL_SIZE,
     };
     let (handle, rx) = IngestHandle::channel();
-    engine::spawn(settings, cfg.ingest_cpu, rx, shards).map_err(|e| format!("cannot start the ingest thread: {e}"))?;
+    engine::spawn(settings, cfg.ingest_cpu, rx, shards, handle.stats.clone())
+        .map_err(|e| format!("cannot start the ingest thread: {e}"))?;
     Ok(handle)
 }

@@ -81,7 +81,8 @@ pub fn handle(shard: &Shard, id: ConnId, req: &Request<'_>, body: &[u8]) -> Outc
         "/health" => return get_only(req, || http::response(200, "application/json", &health(shard), ka)),
         "/metrics" => {
             return get_only(req, || {
-                let text = super::stats::render(shard.cfg.node_id(), &shard.stats);
+                let text =
+                    super::stats::render(shard.cfg.node_id(), &shard.stats, shard.ingest.as_ref().map(|i| i.stats()));
                 http::response(200, "text/plain; version=0.0.4", text.as_bytes(), ka)
             })
         }

@@ -41,7 +41,7 @@ type Row = (&'static str, &'static str, &'static str, fn(&ShardStats) -> f64);
 
 /// Renders all shards' stats in the Prometheus text format, after `corecast_node_info` naming
 /// this node (`node` is a validated node id: nothing to escape).
-pub fn render(node: &str, all: &[ShardStats]) -> String {
+pub fn render(node: &str, all: &[ShardStats], ingest: Option<&crate::ingest::IngestStats>) -> String {
     let mut out = String::with_capacity(2048);
     let _ = writeln!(
         out,
@@ -89,6 +89,28 @@ pub fn render(node: &str, all: &[ShardStats]) -> String {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (i, s) in all.iter().enumerate() {
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s));
+        }
+    }
+    if let Some(g) = ingest.filter(|g| g.sampled.load(Ordering::Relaxed)) {
+        let gauges: [(&str, &str, f64); 3] = [
+            (
+                "corecast_pg_replication_lag_bytes",
+                "WAL written by the database that corecast has not confirmed yet",
+                g.lag_bytes.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "corecast_pg_slot_retained_wal_bytes",
+                "WAL the replication slot keeps on the database server's disk",
+                g.retained_bytes.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "corecast_pg_commit_to_handoff_seconds",
+                "Commit to hand-off to the shards of the last transaction delivered",
+                g.commit_delay_us.load(Ordering::Relaxed) as f64 / 1e6,
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
     }
     out
