@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::util::pg::{Pg, TestDb};
+use crate::util::pg::{PrivatePg, TestDb};
 use crate::util::{jwt, unix_now, Client, Msg, Server, SseClient};
 
 const SECRET: &str = "pg-test-secret";
@@ -623,14 +623,8 @@ fn received(c: &mut Rx, want: usize, timeout: Duration) -> Vec<i64> {
 
 #[test]
 fn pg_postgres_restart_loses_nothing() {
-    let pg: &'static Pg = Pg::leak();
-    struct Stop(&'static Pg);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            self.0.shutdown();
-        }
-    }
-    let _stop = Stop(pg);
+    let private = PrivatePg::start();
+    let pg = private.pg();
     let db = TestDb::on(pg, "cc_pgrestart");
     db.sql("CREATE TABLE events (id int PRIMARY KEY)");
     let srv = server(&db, &[]);
@@ -683,14 +677,8 @@ fn pg_postgres_restart_loses_nothing() {
 /// clients rejoining after the restart are told that changes were lost, then get new ones.
 #[test]
 fn pg_invalidated_slot_is_recreated_and_rejoining_clients_are_told() {
-    let pg: &'static Pg = Pg::leak();
-    struct Stop(&'static Pg);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            self.0.shutdown();
-        }
-    }
-    let _stop = Stop(pg);
+    let private = PrivatePg::start();
+    let pg = private.pg();
     pg.psql("postgres", "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
     pg.psql("postgres", "SELECT pg_reload_conf()");
     let db = TestDb::on(pg, "cc_lostslot");

@@ -174,6 +174,27 @@ impl Pg {
     }
 }
 
+/// A private instance for one test (one it restarts or reconfigures), shut down when the
+/// guard is dropped. Declare it before the test's [`TestDb`]s so they drop first.
+pub struct PrivatePg(&'static Pg);
+
+impl PrivatePg {
+    pub fn start() -> PrivatePg {
+        PrivatePg(Pg::leak())
+    }
+
+    /// The instance, for [`TestDb::on`].
+    pub fn pg(&self) -> &'static Pg {
+        self.0
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
 impl Drop for Pg {
     fn drop(&mut self) {
         if self.stop_on_drop {
