@@ -73,6 +73,19 @@ pub enum ShardMsg {
     JoinDecision { conn: ConnId, topic: Topic, allowed: bool, reason: String },
     /// From the ingest thread: end this channel with a `system` error and `phx_close`.
     CloseChannel { conn: ConnId, topic: Topic, message: String },
+    /// From the cluster (to the topic's owner): a message the cluster sequenced, with its
+    /// cluster-wide epoch and offset. `exclude`: the publisher, when it is on this node and its
+    /// channel has `self: false`. Not `live`: sequenced before this process started (it only
+    /// fills the recent window).
+    Remote { msg: Box<crate::cluster::wire::Sequenced>, exclude: Option<Origin>, live: bool },
+    /// From the cluster (to the topic's owner): another node's member tracked (`meta` is its
+    /// state) or stopped tracking (`meta` is `None`).
+    RemoteTrack { topic: Topic, run: u64, member: crate::cluster::wire::Member, key: Arc<str>, meta: Option<Bytes> },
+    /// From the cluster link: these node processes left (their members leave) and these
+    /// joined (every shard announces its members again, so they learn them).
+    Members { gone: Arc<[u64]>, joined: Arc<[u64]> },
+    /// From the cluster link: it degraded or recovered; tell every channel.
+    ClusterLink { up: bool, message: Arc<str> },
 }
 
 /// Capacity of each shard's inbox from non-shard threads (the ingest thread).

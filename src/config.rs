@@ -58,6 +58,19 @@ pub struct RawConfig {
     #[arg(long, env = "CORECAST_PG_RESUME_GRACE_MS", default_value_t = 3000)]
     pub pg_resume_grace_ms: u64,
 
+    /// Cluster mode: `none` (one node, everything in process) or `postgres` (every node with
+    /// the same --database-url and `--cluster postgres` serves one set of channels: one order
+    /// per topic, cluster-wide offsets, presence across nodes; see the README).
+    #[arg(long, env = "CORECAST_CLUSTER", default_value = "none", value_parser = crate::cluster::parse_mode)]
+    pub cluster: crate::cluster::Mode,
+
+    /// Cluster mode: a node whose lease has lapsed for this long loses its replication slot
+    /// (a live node drops it), so the database stops retaining WAL for a node gone for good.
+    /// A node that comes back later starts a new slot: Postgres changes committed in between
+    /// are not delivered to it.
+    #[arg(long, env = "CORECAST_CLUSTER_SLOT_TTL_SECS", default_value_t = 300)]
+    pub cluster_slot_ttl_secs: u64,
+
     /// This node's name (1 to 64 of `A-Z a-z 0-9 . _ -`), shown in the log, `GET /health`,
     /// `/metrics` and the `X-Corecast-Node` response header. Default: generated on the first
     /// start and kept in `--data-dir` (`node-id`).
@@ -180,6 +193,9 @@ pub struct Config {
     /// `--node-id` as given; the boot resolves the default (see [`crate::node::resolve`]) and
     /// stores the result here, so it is `Some` for every running shard.
     pub node_id: Option<String>,
+    pub cluster: crate::cluster::Mode,
+    /// See [`RawConfig::cluster_slot_ttl_secs`].
+    pub cluster_slot_ttl: Duration,
     pub data_dir: PathBuf,
     pub history_store: HistoryStore,
     /// `--history-store auto` chose Postgres: if the table cannot be used at start (no
@@ -249,6 +265,10 @@ pub enum ConfigError {
     EmptyDatabaseUrl,
     #[error("--history-store postgres needs a database: set --database-url (DATABASE_URL)")]
     HistoryStoreWithoutDatabase,
+    #[error("--cluster postgres needs a database: set --database-url (DATABASE_URL) to the one every node shares")]
+    ClusterWithoutDatabase,
+    #[error("--cluster postgres keeps history in the shared database: --history-store log cannot be used with it")]
+    ClusterWithLog,
 }
 
 impl RawConfig {
@@ -309,6 +329,7 @@ impl RawConfig {
             ("history-max-messages", self.history_max_messages),
             ("window-messages", self.window_messages),
             ("max-head-bytes", self.max_head_bytes),
+            ("cluster-slot-ttl-secs", self.cluster_slot_ttl_secs as usize),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero(name));
@@ -319,6 +340,14 @@ impl RawConfig {
             (HistoryStoreArg::Postgres, true) | (HistoryStoreArg::Auto, true) => HistoryStore::Postgres,
             (HistoryStoreArg::Postgres, false) => return Err(ConfigError::HistoryStoreWithoutDatabase),
         };
+        if self.cluster == crate::cluster::Mode::Postgres {
+            if database_url.is_none() {
+                return Err(ConfigError::ClusterWithoutDatabase);
+            }
+            if history_store == HistoryStore::Log {
+                return Err(ConfigError::ClusterWithLog);
+            }
+        }
         if let Some(id) = self.node_id.as_deref().filter(|id| !crate::node::valid(id)) {
             return Err(ConfigError::BadNodeId(id.to_string()));
         }
@@ -336,9 +365,13 @@ impl RawConfig {
             slot: self.slot,
             pg_resume_grace: Duration::from_millis(self.pg_resume_grace_ms),
             node_id: self.node_id,
+            // Nodes must share the history: no silent fall-back to a local log in a cluster.
+            history_store_fallback: self.history_store == HistoryStoreArg::Auto
+                && self.cluster == crate::cluster::Mode::None,
+            cluster: self.cluster,
+            cluster_slot_ttl: Duration::from_secs(self.cluster_slot_ttl_secs),
             data_dir: self.data_dir,
             history_store,
-            history_store_fallback: self.history_store == HistoryStoreArg::Auto,
             limits: Limits {
                 max_frame_bytes: self.max_frame_bytes,
                 max_message_bytes: self.max_message_bytes,
@@ -402,6 +435,22 @@ mod tests {
     fn database_takes_a_core() {
         let c = raw(&["--database-url", "postgres://x"]).validate(&[0, 1, 2, 3]).unwrap();
         assert_eq!((c.shards, c.ingest_cpu), (3, Some(3)));
+    }
+
+    #[test]
+    fn cluster_mode_needs_the_shared_database() {
+        use crate::cluster::Mode;
+        assert_eq!(raw(&[]).validate(&[0]).unwrap().cluster, Mode::None);
+        assert_eq!(raw(&["--cluster", "postgres"]).validate(&[0]).unwrap_err(), ConfigError::ClusterWithoutDatabase);
+        let db = ["--cluster", "postgres", "--database-url", "postgres://u@h/db"];
+        let c = raw(&db).validate(&[0, 1]).unwrap();
+        assert_eq!(
+            (c.cluster, c.history_store, c.history_store_fallback),
+            (Mode::Postgres, HistoryStore::Postgres, false)
+        );
+        let mut log = db.to_vec();
+        log.extend(["--history-store", "log"]);
+        assert_eq!(raw(&log).validate(&[0]).unwrap_err(), ConfigError::ClusterWithLog);
     }
 
     #[test]

@@ -10,12 +10,15 @@
 //!   vectored `sendmsg`, and listener setup. Knows nothing of protocols or shards.
 //! - [`shard`]: the runtime. One glommio executor per core, the mesh (the one cross-core
 //!   message type), the connection driver that ties protocol, channel and transport together.
+//! - [`cluster`]: cluster mode, the only way traffic crosses nodes (one backend per engine
+//!   behind one trait); shards see its messages on [`bus`], never its transport.
 //! - [`config`], [`auth`] and [`entropy`]: leaf utilities (validated configuration; token
 //!   verification; OS randomness for identifiers).
 
 pub mod auth;
 pub mod bus;
 pub mod channel;
+pub mod cluster;
 pub mod config;
 pub mod entropy;
 pub mod fuzzing;

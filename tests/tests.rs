@@ -9,12 +9,14 @@
 //! - `history`: history, persistence, resume and replay;
 //! - `sse`: Server-Sent Events streams;
 //! - `lifecycle`: start-up flags, shutdown;
+//! - `cluster`: several nodes sharing a real PostgreSQL (`--cluster postgres`);
 //! - `pg`: Postgres changes against a real PostgreSQL (tests/util/pg.rs), realtime-js included;
 //! - `interop`: the unmodified `@supabase/realtime-js` under Node (tests/js).
 
 mod util;
 
 mod bad_input;
+mod cluster;
 mod history;
 mod interop;
 mod lifecycle;

@@ -70,6 +70,11 @@ impl History {
         }
     }
 
+    /// Forgets the recent window (the stream continues past messages this owner never had).
+    pub fn clear_window(&mut self) {
+        self.window.clear();
+    }
+
     /// Loads a recovered durable message.
     pub fn restore(&mut self, msg: Arc<StoredMsg>) {
         self.durable.insert(msg.offset, msg);

@@ -19,8 +19,15 @@ use bytes::Bytes;
 
 use crate::protocol::json::write_str;
 
-/// Who tracks: the connection's shard and its id there (slab index, generation).
-pub type MemberId = (usize, u64);
+/// Who tracks: the process holding the connection (its cluster run; 0 on a single node), the
+/// connection's shard there and its id on that shard (slab index, generation). An address that
+/// names a member on any node, so one topic's presence can hold every node's members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MemberId {
+    pub run: u64,
+    pub shard: u32,
+    pub conn: u64,
+}
 
 /// Why a track was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,6 +113,21 @@ impl Presence {
         self.join_index.insert(phx_ref.clone(), self.joins.len() - 1);
         self.members.insert(member, Member { key: key.into(), phx_ref, state, meta });
         Ok(if prev.is_some() { Tracked::Updated } else { Tracked::Joined })
+    }
+
+    /// The members held by process `run`: `(member, key, state)` (to announce them again).
+    pub fn members_of(&self, run: u64) -> Vec<(MemberId, Box<str>, Bytes)> {
+        self.members.iter().filter(|(m, _)| m.run == run).map(|(m, v)| (*m, v.key.clone(), v.state.clone())).collect()
+    }
+
+    /// Stops tracking every member of process `run` (a node that left); returns whether any
+    /// was tracked.
+    pub fn untrack_run(&mut self, run: u64) -> bool {
+        let gone: Vec<MemberId> = self.members.keys().filter(|m| m.run == run).copied().collect();
+        for m in &gone {
+            self.untrack(*m);
+        }
+        !gone.is_empty()
     }
 
     /// Stops tracking `member`; returns whether it was tracked.
@@ -235,6 +257,10 @@ fn write_groups<'a>(out: &mut Vec<u8>, groups: impl Iterator<Item = (&'a str, &'
 
 #[cfg(test)]
 mod tests {
+    fn mid(shard: u32, conn: u64) -> MemberId {
+        MemberId { run: 0, shard, conn }
+    }
+
     use super::*;
     use serde_json::{json, Value};
 
@@ -249,24 +275,24 @@ mod tests {
     #[test]
     fn join_update_leave_diffs() {
         let mut p = Presence::new("F");
-        assert_eq!(p.track((0, 1), "u1", st(r#"{"name":"alice"}"#), 10), Ok(Tracked::Joined));
+        assert_eq!(p.track(mid(0, 1), "u1", st(r#"{"name":"alice"}"#), 10), Ok(Tracked::Joined));
         let d = v(&p.take_diff().unwrap());
         assert_eq!(d["joins"]["u1"]["metas"][0]["name"], "alice");
         let r1 = d["joins"]["u1"]["metas"][0]["phx_ref"].as_str().unwrap().to_string();
         assert_eq!(d["leaves"], json!({}));
         // unchanged: no-op
-        assert_eq!(p.track((0, 1), "u1", st(r#"{"name":"alice"}"#), 10), Ok(Tracked::Unchanged));
+        assert_eq!(p.track(mid(0, 1), "u1", st(r#"{"name":"alice"}"#), 10), Ok(Tracked::Unchanged));
         assert!(p.take_diff().is_none());
         // update: leave of the old meta + join with phx_ref_prev
-        assert_eq!(p.track((0, 1), "u1", st(r#"{"name":"alice","away":true}"#), 10), Ok(Tracked::Updated));
+        assert_eq!(p.track(mid(0, 1), "u1", st(r#"{"name":"alice","away":true}"#), 10), Ok(Tracked::Updated));
         let d = v(&p.take_diff().unwrap());
         assert_eq!(d["leaves"]["u1"]["metas"][0]["phx_ref"], r1.as_str());
         let m = &d["joins"]["u1"]["metas"][0];
         assert_eq!(m["phx_ref_prev"], r1.as_str());
         assert_ne!(m["phx_ref"], r1.as_str());
         assert_eq!(m["away"], true);
-        assert!(p.untrack((0, 1)));
-        assert!(!p.untrack((0, 1)));
+        assert!(p.untrack(mid(0, 1)));
+        assert!(!p.untrack(mid(0, 1)));
         let d = v(&p.take_diff().unwrap());
         assert_eq!(d["leaves"]["u1"]["metas"].as_array().unwrap().len(), 1);
         assert!(p.is_empty());
@@ -275,9 +301,9 @@ mod tests {
     #[test]
     fn state_groups_by_key_and_refs_are_unique() {
         let mut p = Presence::new("F");
-        p.track((0, 1), "u1", st("{}"), 10).unwrap();
-        p.track((1, 1), "u1", st(r#"{"tab":2}"#), 10).unwrap();
-        p.track((0, 2), "u2", st(r#"{ "x" : 1 }"#), 10).unwrap();
+        p.track(mid(0, 1), "u1", st("{}"), 10).unwrap();
+        p.track(mid(1, 1), "u1", st(r#"{"tab":2}"#), 10).unwrap();
+        p.track(mid(0, 2), "u2", st(r#"{ "x" : 1 }"#), 10).unwrap();
         assert_eq!(v(&p.state()), json!({}), "state as of the last diff");
         p.take_diff();
         let s = v(&p.state());
@@ -294,11 +320,11 @@ mod tests {
     #[test]
     fn join_and_leave_in_one_window_cancel() {
         let mut p = Presence::new("F");
-        p.track((0, 1), "a", st("{}"), 10).unwrap();
+        p.track(mid(0, 1), "a", st("{}"), 10).unwrap();
         p.take_diff();
-        p.track((0, 2), "b", st("{}"), 10).unwrap();
-        p.untrack((0, 2));
-        p.untrack((0, 1));
+        p.track(mid(0, 2), "b", st("{}"), 10).unwrap();
+        p.untrack(mid(0, 2));
+        p.untrack(mid(0, 1));
         let d = v(&p.take_diff().unwrap());
         assert_eq!(d["joins"], json!({}));
         assert_eq!(d["leaves"]["a"]["metas"].as_array().unwrap().len(), 1);
@@ -308,14 +334,14 @@ mod tests {
     #[test]
     fn limit_and_cache() {
         let mut p = Presence::new("F");
-        p.track((0, 1), "a", st("{}"), 2).unwrap();
-        p.track((0, 2), "b", st("{}"), 2).unwrap();
-        assert_eq!(p.track((0, 3), "c", st("{}"), 2), Err(PresenceError::TooManyEntries(2)));
+        p.track(mid(0, 1), "a", st("{}"), 2).unwrap();
+        p.track(mid(0, 2), "b", st("{}"), 2).unwrap();
+        assert_eq!(p.track(mid(0, 3), "c", st("{}"), 2), Err(PresenceError::TooManyEntries(2)));
         // updating an existing member is fine at the limit
-        assert_eq!(p.track((0, 2), "b", st(r#"{"k":1}"#), 2), Ok(Tracked::Updated));
+        assert_eq!(p.track(mid(0, 2), "b", st(r#"{"k":1}"#), 2), Ok(Tracked::Updated));
         p.take_diff();
         let a = p.state();
-        p.untrack((0, 1));
+        p.untrack(mid(0, 1));
         let b = p.state();
         assert_eq!(a.as_ptr(), b.as_ptr(), "one encoding per window, shared by its joiners");
         p.take_diff();
@@ -372,7 +398,7 @@ mod tests {
         for _round in 0..300 {
             let mut joiners: Vec<Value> = Vec::new();
             for _ in 0..rng.usize(1..12) {
-                let m: MemberId = (0, rng.u64(0..6));
+                let m = MemberId { run: 0, shard: 0, conn: rng.u64(0..6) };
                 match rng.u8(0..4) {
                     0 => {
                         p.untrack(m);
@@ -401,7 +427,7 @@ mod tests {
     fn burst_is_one_diff() {
         let mut p = Presence::new("F");
         for i in 0..10_000u64 {
-            p.track((0, i), &format!("user-{i}"), st(r#"{"online":true}"#), 20_000).unwrap();
+            p.track(mid(0, i), &format!("user-{i}"), st(r#"{"online":true}"#), 20_000).unwrap();
         }
         let d = v(&p.take_diff().unwrap());
         assert_eq!(d["joins"].as_object().unwrap().len(), 10_000);

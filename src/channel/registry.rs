@@ -92,6 +92,11 @@ impl Registry {
         self.topics.get(topic)
     }
 
+    /// Every topic with local subscribers.
+    pub fn topics(&self) -> impl Iterator<Item = (&Topic, &LocalTopic)> {
+        self.topics.iter()
+    }
+
     /// `conn`'s subscription to `topic`, if any.
     pub fn sub(&self, topic: &Topic, conn: ConnId) -> Option<&LocalSub> {
         let t = self.topics.get(topic)?;

@@ -72,6 +72,18 @@ impl OwnedTopic {
         o
     }
 
+    /// Continues the stream as the cluster numbers it: the next message is `offset` of
+    /// `epoch`. When that is not simply the next one of the current stream (another epoch, or
+    /// offsets this node never saw), the recent window is dropped: it must stay dense, and the
+    /// missing messages are not here (a resume from before them is refused, never a silent gap).
+    pub fn continue_at(&mut self, epoch: &Arc<str>, offset: u64) {
+        if *self.epoch != **epoch || offset != self.next_offset {
+            self.history.clear_window();
+            self.epoch = epoch.clone();
+        }
+        self.next_offset = offset;
+    }
+
     /// Records that `shard` gained or lost its last subscriber in `format`.
     pub fn set_interest(&mut self, shard: usize, format: Format, present: bool) {
         let s = &mut self.interest[shard];

@@ -144,6 +144,7 @@ pub fn parse_database_url(url: &str) -> Result<tokio_postgres::Config, String> {
 pub fn start(
     cfg: &crate::config::Config,
     shards: Vec<flume::Sender<crate::bus::ShardMsg>>,
+    cluster: Option<crate::cluster::Inbound>,
 ) -> Result<IngestHandle, String> {
     let url = cfg.database_url.as_deref().ok_or("no database URL")?;
     let pg = parse_database_url(url)?;
@@ -153,6 +154,7 @@ pub fn start(
             slot: cfg.slot.clone(),
             publication: cfg.publication.clone(),
             resume_grace: cfg.pg_resume_grace,
+            cluster,
         },
         pool_size: engine::POOL_SIZE,
     };

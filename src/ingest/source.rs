@@ -50,7 +50,13 @@ pub struct SourceCfg {
     pub slot: String,
     pub publication: String,
     pub resume_grace: Duration,
+    /// Cluster mode: where the cluster's batches (logical messages with prefix
+    /// [`CLUSTER_PREFIX`]) go.
+    pub cluster: Option<crate::cluster::Inbound>,
 }
+
+/// The `pg_logical_emit_message` prefix of cluster batches.
+pub const CLUSTER_PREFIX: &str = "corecast";
 
 /// Session settings for the walsender, so values are printed the same way everywhere: ISO
 /// dates, UTC timestamps.
@@ -308,7 +314,7 @@ async fn attempt(
     *down = false;
     tx.send(Event::Up).await.ok()?;
     tracing::info!(slot = %cfg.slot, publication = %cfg.publication, "streaming changes");
-    let reason = stream(&mut client, tx, ack, asm, last_end).await;
+    let reason = stream(&mut client, tx, ack, asm, last_end, cfg.cluster.as_ref()).await;
     client.abort();
     reason
 }
@@ -324,8 +330,10 @@ async fn stream(
     ack: &mut watch::Receiver<u64>,
     asm: &mut Assembler,
     last_end: &mut u64,
+    cluster: Option<&crate::cluster::Inbound>,
 ) -> Option<String> {
     let mut last_idle = 0u64;
+    let mut commit_lsn = 0u64;
     loop {
         let sel = futures_lite::future::or(async { Sel::Ack(ack.changed().await.is_ok()) }, async {
             Sel::Ev(client.recv().await)
@@ -343,6 +351,7 @@ async fn stream(
         };
         let msg = match ev {
             ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                commit_lsn = final_lsn.as_u64();
                 Message::Begin(Begin { final_lsn: final_lsn.as_u64(), commit_time: commit_time_micros, xid })
             }
             ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => Message::Commit(Commit {
@@ -366,8 +375,13 @@ async fn stream(
             }
             ReplicationEvent::Message { transactional, lsn, prefix, content } => {
                 // `pg_logical_emit_message` output (pgwire-replication starts pgoutput with
-                // `messages 'true'`): not used yet; cluster mode will carry its traffic here.
+                // `messages 'true'`): cluster batches are transactional, decoded once committed,
+                // in commit order. A batch already passed on before a reconnect comes again:
+                // the owners drop offsets they have.
                 tracing::trace!(transactional, lsn = lsn.as_u64(), %prefix, bytes = content.len(), "logical message");
+                if let (Some(c), true, CLUSTER_PREFIX) = (cluster, transactional, prefix.as_str()) {
+                    c.deliver(&content, commit_lsn).await;
+                }
                 continue;
             }
             ReplicationEvent::StoppedAt { .. } => return Some("the replication stream stopped".into()),

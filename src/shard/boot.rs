@@ -39,6 +39,8 @@ pub enum BootError {
     Ingest(String),
     #[error("cannot use the Postgres history store: {0}")]
     History(crate::store::pg::PgStoreError),
+    #[error("cannot start cluster mode: {0}")]
+    Cluster(String),
     #[error("cannot use the data directory {dir}: {message}")]
     DataDir { dir: String, message: String },
 }
@@ -70,6 +72,10 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
         crate::node::Source::Flag | crate::node::Source::Kept => {}
     }
     crate::protocol::http::set_node_id(&node);
+    if cfg.cluster != crate::cluster::Mode::None {
+        // Each node reads its own stream: one slot per node.
+        cfg.slot = crate::cluster::slot_name(&cfg.slot, &node);
+    }
     cfg.node_id = Some(node);
     let cfg = Arc::new(cfg);
     let (fds, addr) =
@@ -103,8 +109,26 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
             (Some(lock), Durable::Log { generation }, recovered)
         }
     };
+    let (cluster, inbound) = match cfg.cluster {
+        crate::cluster::Mode::None => (None, None),
+        crate::cluster::Mode::Postgres => {
+            let url = cfg.database_url.as_deref().unwrap_or_default();
+            let pg = crate::ingest::parse_database_url(url).map_err(BootError::Ingest)?;
+            let (handle, inbound) = crate::cluster::start_postgres(
+                pg,
+                cfg.node_id().to_string(),
+                cfg.slot.clone(),
+                inbox_tx.clone(),
+                cfg.ingest_cpu,
+                cfg.cluster_slot_ttl,
+            )
+            .map_err(BootError::Cluster)?;
+            tracing::info!(node = %cfg.node_id(), slot = %cfg.slot, "cluster mode: postgres");
+            (Some(handle), Some(inbound))
+        }
+    };
     let ingest = match &cfg.database_url {
-        Some(_) => Some(crate::ingest::start(&cfg, inbox_tx).map_err(BootError::Ingest)?),
+        Some(_) => Some(crate::ingest::start(&cfg, inbox_tx, inbound).map_err(BootError::Ingest)?),
         None => None,
     };
     let mut handles = Vec::with_capacity(cfg.shards);
@@ -112,7 +136,7 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
         let cpu = cfg.cpus[id];
         let (cfg, verifier, stats, stop, ready_tx) =
             (cfg.clone(), verifier.clone(), stats.clone(), stop.clone(), ready_tx.clone());
-        let (ingest, durable) = (ingest.clone(), durable.clone());
+        let (ingest, durable, cluster) = (ingest.clone(), durable.clone(), cluster.clone());
         let recovered = std::mem::take(&mut recovered[id]);
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
@@ -122,7 +146,8 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
             // runnable tasks when the timer fires right before a scheduling round (fixed only in
             // the unreleased fork); shards yield on elapsed time themselves (`Shard::relax`).
             .spawn(move || {
-                shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx, ingest, inbox, durable, recovered)
+                let services = Services { ingest, durable, cluster };
+                shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx, inbox, services, recovered)
             })
             .map_err(|e| BootError::Executor { shard: id, cpu, message: e.to_string() })?;
         handles.push(h);
@@ -141,6 +166,10 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
             tracing::error!(shard, error = %e, "shard executor failed");
             failure.get_or_insert(BootError::Executor { shard, cpu: cfg.cpus[shard], message: e.to_string() });
         }
+    }
+    if let Some(c) = &cluster {
+        // The others drop this node's members now instead of when the lease lapses.
+        c.leave(Duration::from_secs(2));
     }
     match failure {
         // A shard that never started (say, the memlock limit is below glommio's 512 KiB) is a
@@ -173,6 +202,13 @@ fn install_signals(stop: Arc<AtomicBool>) -> Result<(), BootError> {
     Ok(())
 }
 
+/// What a shard is connected to besides its peers.
+struct Services {
+    ingest: Option<IngestHandle>,
+    durable: Durable,
+    cluster: Option<crate::cluster::ClusterHandle>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn shard_main(
     id: usize,
@@ -183,13 +219,13 @@ async fn shard_main(
     fd: RawFd,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<()>,
-    ingest: Option<IngestHandle>,
     inbox: flume::Receiver<ShardMsg>,
-    durable: Durable,
+    services: Services,
     recovered: Vec<(Topic, RecoveredTopic)>,
 ) {
     let mesh = ends.connect().await;
-    let shard = Rc::new(Shard::new(id, cfg, verifier, stats, ingest, durable));
+    let Services { ingest, durable, cluster } = services;
+    let shard = Rc::new(Shard::new(id, cfg, verifier, stats, ingest, durable, cluster));
     for (topic, rt) in recovered {
         shard.restore_topic(topic, rt);
     }
@@ -332,8 +368,14 @@ fn postgres_history(cfg: &Config, inboxes: &[flume::Sender<ShardMsg>]) -> Result
     if records > 0 {
         tracing::info!(records, topics, "history: loaded from corecast.history");
     }
-    let writer = crate::store::pg::start_writer(pg, inboxes.to_vec(), cfg.limits.history(), cfg.ingest_cpu)
-        .map_err(BootError::History)?;
+    let writer = crate::store::pg::start_writer(
+        pg,
+        inboxes.to_vec(),
+        cfg.limits.history(),
+        cfg.ingest_cpu,
+        cfg.cluster != crate::cluster::Mode::None,
+    )
+    .map_err(BootError::History)?;
     Ok((Durable::Postgres(writer), per_shard))
 }
 

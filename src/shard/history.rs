@@ -17,6 +17,7 @@ use crate::channel::history::StoredMsg;
 use crate::channel::registry::ConnId;
 use crate::channel::topic::OwnedTopic;
 use crate::channel::{Format, FormatSet};
+use crate::cluster::wire;
 use crate::protocol::http;
 use crate::protocol::json::{write_iso8601_ms, write_str, write_u64};
 use crate::protocol::phoenix::message;
@@ -35,7 +36,9 @@ pub fn unix_ms() -> u64 {
 impl Shard {
     /// Installs a topic recovered from the log at start-up.
     pub fn restore_topic(&self, topic: Topic, rt: RecoveredTopic) {
-        let epoch = match (&rt.epoch, rt.clean) {
+        let epoch = match (&rt.epoch, rt.clean || self.cluster.is_some()) {
+            // In cluster mode the epoch is the cluster's (`corecast.topics`), whatever this
+            // node's last shutdown was like; the stream's next message says where it stands.
             (Some(e), true) => e.clone(),
             _ => {
                 // Not shut down cleanly: messages after the last durable one may be lost, so
@@ -98,6 +101,46 @@ impl Shard {
             self.route(shard, ShardMsg::Deliver { topic: p.topic.clone(), frames: frames.clone(), exclude });
         }
         log_pos
+    }
+
+    /// Owner side, cluster mode: a message the cluster sequenced (on any node): store it under
+    /// its cluster-wide epoch and offset and, when `live`, deliver it as [`Shard::sequence`]
+    /// would. Offsets this owner already has (a batch that came again after a reconnect) are
+    /// dropped.
+    pub(super) fn sequence_remote(&self, m: wire::Sequenced, exclude: Option<Origin>, live: bool) {
+        let limits = self.cfg.limits.history();
+        let (frames, targets) = {
+            let mut owned = self.owned.borrow_mut();
+            let t = owned
+                .entry(m.topic.clone())
+                .or_insert_with(|| OwnedTopic::resume(m.epoch.clone(), m.offset.saturating_sub(1), self.shards));
+            if *t.epoch() == m.epoch && m.offset <= t.last_offset() {
+                return;
+            }
+            t.continue_at(&m.epoch, m.offset);
+            t.next_offset();
+            ShardStats::add(&self.my_stats().published, 1);
+            let stored = Arc::new(StoredMsg {
+                offset: m.offset,
+                epoch: t.epoch().clone(),
+                id: m.id,
+                event: m.event,
+                payload: m.payload,
+                binary_frame: m.binary_frame,
+                created_ms: m.created_ms,
+                expires_ms: m.expires_ms,
+            });
+            t.history.push(stored.clone(), m.persisted, &limits);
+            let formats = t.formats();
+            if !live || formats.is_empty() {
+                return;
+            }
+            let frames = Arc::new(encode_stored(&m.topic, &stored, formats, false));
+            (frames, t.listening_shards().collect::<Vec<usize>>())
+        };
+        for shard in targets {
+            self.route(shard, ShardMsg::Deliver { topic: m.topic.clone(), frames: frames.clone(), exclude });
+        }
     }
 
     /// Owner side: a joiner's backlog.
@@ -289,6 +332,9 @@ impl Shard {
     /// across the restart (a client that had seen everything can resume; one that missed a
     /// message that was not persisted is told so).
     pub fn write_checkpoints(&self) {
+        if self.cluster.is_some() {
+            return; // the cluster's sequencer keeps every topic's position
+        }
         let owned = self.owned.borrow();
         for (topic, t) in owned.iter() {
             self.log_append(&Record::Checkpoint {

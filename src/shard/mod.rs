@@ -41,6 +41,7 @@ use crate::channel::broadcast::Frames;
 use crate::channel::registry::{ConnId, InterestChange, LocalSub, Registry};
 use crate::channel::topic::OwnedTopic;
 use crate::channel::Format;
+use crate::cluster::{ClusterHandle, ClusterOut};
 use crate::config::Config;
 use crate::ingest::{IngestHandle, IngestMsg, PgSubscribe};
 use crate::protocol::phoenix::session::{Action, SessionCtx, Subscription};
@@ -348,6 +349,12 @@ pub struct Shard {
     pub shutdown: Event,
     /// The Postgres ingest thread, when a database is configured.
     pub ingest: Option<IngestHandle>,
+    /// Cluster mode: the link to the other nodes.
+    pub cluster: Option<ClusterHandle>,
+    /// This process's cluster run (0 on a single node): presence members here carry it.
+    pub run: u64,
+    /// Node processes known to be gone: late presence changes of theirs are ignored.
+    dead_runs: RefCell<std::collections::HashSet<u64>>,
     /// Postgres subscriptions waiting for their join reply to be released.
     pg_after_reply: RefCell<HashMap<(ConnId, Topic), PgSubscribe, ahash::RandomState>>,
     /// Recently verified connect tokens and their claims (see `rest::authenticate`).
@@ -405,6 +412,7 @@ impl Shard {
         stats: Arc<[ShardStats]>,
         ingest: Option<IngestHandle>,
         durable: Durable,
+        cluster: Option<ClusterHandle>,
     ) -> Self {
         let l = &cfg.limits;
         let ctx = SessionCtx {
@@ -434,6 +442,9 @@ impl Shard {
             stats,
             shutdown: Event::default(),
             ingest,
+            run: cluster.as_ref().map_or(0, |c| c.run),
+            cluster,
+            dead_runs: RefCell::new(Default::default()),
             pending_auth: RefCell::new(HashMap::default()),
             claims_cache: RefCell::new(HashMap::default()),
             pg_after_reply: RefCell::new(HashMap::default()),
@@ -838,6 +849,18 @@ impl Shard {
                     }
                 }
             }
+            ShardMsg::Publish { publish, origin, ack_to } if self.cluster.is_some() => {
+                // The cluster sequences; this node delivers it when its stream brings it back.
+                if let Some(c) = &self.cluster {
+                    c.send(ClusterOut::Publish { publish, origin, ack_to });
+                }
+            }
+            ShardMsg::Remote { msg, exclude, live } => self.sequence_remote(*msg, exclude, live),
+            ShardMsg::RemoteTrack { topic, run, member, key, meta } => {
+                self.owner_remote_track(topic, run, member, &key, meta)
+            }
+            ShardMsg::Members { gone, joined } => self.members_changed(&gone, &joined),
+            ShardMsg::ClusterLink { up, message } => self.tell_channels("cluster", up, &message),
             ShardMsg::Publish { mut publish, origin, ack_to } => {
                 let ack = publish.ack.take();
                 let durable_at = self.sequence(*publish, origin);
@@ -869,6 +892,24 @@ impl Shard {
                 }
             }
             ShardMsg::Deliver { topic, frames, exclude } => self.deliver(&topic, &frames, exclude),
+        }
+    }
+
+    /// Sends a `system` message about `extension` to every channel on this shard.
+    fn tell_channels(&self, extension: &str, ok: bool, message: &str) {
+        let mut out = Vec::new();
+        for (topic, local) in self.registry.borrow().topics() {
+            let wire = topic.wire_name();
+            let mut by_format: [Option<Bytes>; 3] = [None, None, None];
+            for sub in local.subs.iter().filter(|s| !s.held) {
+                let f = by_format[sub.format.index()].get_or_insert_with(|| {
+                    crate::ingest::encode::system(sub.format, None, &wire, extension, ok, message)
+                });
+                out.push((sub.conn, f.clone()));
+            }
+        }
+        for (conn, frame) in out {
+            self.send(conn, frame);
         }
     }
 

@@ -17,7 +17,9 @@ use crate::bus::ShardMsg;
 use crate::channel::broadcast::Frames;
 use crate::channel::presence::{MemberId, Presence, Tracked};
 use crate::channel::registry::ConnId;
+use crate::channel::topic::OwnedTopic;
 use crate::channel::Format;
+use crate::cluster::{wire, ClusterOut};
 use crate::protocol::json::write_str;
 use crate::protocol::phoenix::message::{self, Vsn};
 use crate::protocol::phoenix::session::ReplyTo;
@@ -25,8 +27,9 @@ use crate::protocol::phoenix::Topic;
 use crate::protocol::ws::frame::{write_header, OpCode};
 use crate::shard::Shard;
 
-fn member(shard: usize, conn: ConnId) -> MemberId {
-    (shard, ((conn.index as u64) << 32) | conn.generation as u64)
+/// A connection's id on its shard as a member's `conn`.
+pub(super) fn conn_key(conn: ConnId) -> u64 {
+    ((conn.index as u64) << 32) | conn.generation as u64
 }
 
 impl Shard {
@@ -68,7 +71,16 @@ impl Shard {
                 Some(t) => {
                     let p = t.presence.get_or_insert_with(|| Presence::new(&self.presence_prefix));
                     let had_diff = p.has_diff();
-                    let r = p.track(member(from, conn), key, meta, max).map_err(|e| e.to_string());
+                    let member = MemberId { run: self.run, shard: from as u32, conn: conn_key(conn) };
+                    let r = p.track(member, key, meta.clone(), max).map_err(|e| e.to_string());
+                    if let (Some(c), Ok(Tracked::Joined | Tracked::Updated)) = (&self.cluster, &r) {
+                        c.send(ClusterOut::Track {
+                            topic: topic.clone(),
+                            member: wire::Member { shard: from as u32, conn: conn_key(conn) },
+                            key: Arc::from(key),
+                            meta: meta.clone(),
+                        });
+                    }
                     if matches!(r, Ok(Tracked::Joined | Tracked::Updated)) && !had_diff {
                         self.presence_dirty.borrow_mut().push(topic.clone());
                     }
@@ -85,10 +97,82 @@ impl Shard {
         let mut owned = self.owned.borrow_mut();
         let Some(p) = owned.get_mut(topic).and_then(|t| t.presence.as_mut()) else { return };
         let had_diff = p.has_diff();
-        if p.untrack(member(from, conn)) && !had_diff && p.has_diff() {
+        let untracked = p.untrack(MemberId { run: self.run, shard: from as u32, conn: conn_key(conn) });
+        if untracked && !had_diff && p.has_diff() {
             self.presence_dirty.borrow_mut().push(topic.clone());
         }
+        if let (Some(c), true) = (&self.cluster, untracked) {
+            c.send(ClusterOut::Untrack {
+                topic: topic.clone(),
+                member: wire::Member { shard: from as u32, conn: conn_key(conn) },
+            });
+        }
         drop(owned);
+        self.wake_presence_flush();
+    }
+
+    /// Owner side: another node's member tracked (`meta`: its state) or left (`None`).
+    pub(super) fn owner_remote_track(
+        &self,
+        topic: Topic,
+        run: u64,
+        member: wire::Member,
+        key: &str,
+        meta: Option<Bytes>,
+    ) {
+        if self.dead_runs.borrow().contains(&run) {
+            return; // a late change from a node already gone: it would come back as a ghost
+        }
+        let id = MemberId { run, shard: member.shard, conn: member.conn };
+        let mut owned = self.owned.borrow_mut();
+        let t = owned.entry(topic.clone()).or_insert_with(|| OwnedTopic::new(self.new_epoch(), self.shards));
+        let p = t.presence.get_or_insert_with(|| Presence::new(&self.presence_prefix));
+        let had_diff = p.has_diff();
+        let changed = match meta {
+            // The limit is each node's to enforce for its own members; a remote one is taken as is.
+            Some(state) => matches!(p.track(id, key, state, usize::MAX), Ok(Tracked::Joined | Tracked::Updated)),
+            None => p.untrack(id),
+        };
+        if changed && !had_diff && p.has_diff() {
+            self.presence_dirty.borrow_mut().push(topic);
+        }
+        drop(owned);
+        self.wake_presence_flush();
+    }
+
+    /// Owner side: node processes `gone` left (their members leave everywhere); `joined`
+    /// appeared (this shard announces its own members again, so they learn them).
+    pub(super) fn members_changed(&self, gone: &[u64], joined: &[u64]) {
+        {
+            let mut dead = self.dead_runs.borrow_mut();
+            dead.extend(gone.iter().copied().filter(|&r| r != self.run));
+            for r in joined {
+                dead.remove(r);
+            }
+        }
+        let mut owned = self.owned.borrow_mut();
+        let mut dirty = self.presence_dirty.borrow_mut();
+        for (topic, t) in owned.iter_mut() {
+            let Some(p) = t.presence.as_mut() else { continue };
+            let had_diff = p.has_diff();
+            for &r in gone.iter().filter(|&&r| r != self.run) {
+                p.untrack_run(r);
+            }
+            if !had_diff && p.has_diff() {
+                dirty.push(topic.clone());
+            }
+            if let (Some(c), false) = (&self.cluster, joined.is_empty()) {
+                for (m, key, state) in p.members_of(self.run) {
+                    c.send(ClusterOut::Track {
+                        topic: topic.clone(),
+                        member: wire::Member { shard: m.shard, conn: m.conn },
+                        key: Arc::from(&*key),
+                        meta: state,
+                    });
+                }
+            }
+        }
+        drop((owned, dirty));
         self.wake_presence_flush();
     }
 

@@ -81,8 +81,13 @@ pub fn handle(shard: &Shard, id: ConnId, req: &Request<'_>, body: &[u8]) -> Outc
         "/health" => return get_only(req, || http::response(200, "application/json", &health(shard), ka)),
         "/metrics" => {
             return get_only(req, || {
-                let text =
-                    super::stats::render(shard.cfg.node_id(), &shard.stats, shard.ingest.as_ref().map(|i| i.stats()));
+                let text = super::stats::render(
+                    shard.cfg.node_id(),
+                    shard.cfg.cluster.name(),
+                    shard.cluster.as_ref().map_or(1, |c| c.members().len()),
+                    &shard.stats,
+                    shard.ingest.as_ref().map(|i| i.stats()),
+                );
                 http::response(200, "text/plain; version=0.0.4", text.as_bytes(), ka)
             })
         }
@@ -124,15 +129,24 @@ pub fn handle(shard: &Shard, id: ConnId, req: &Request<'_>, body: &[u8]) -> Outc
     respond(http::json_error(404, &format!("no route for {} {}", req.method, req.path), ka), ka)
 }
 
-/// `GET /health`: `{"status":"ok","node":…,"cluster":"none","members":[…]}`. A single node is
-/// its own only member.
+/// `GET /health`: `{"status":"ok","node":…,"cluster":"none"|"postgres","members":[…]}`: the
+/// live members (nodes whose lease holds), this one included. A single node is its own only
+/// member.
 fn health(shard: &Shard) -> Vec<u8> {
     let mut body = Vec::with_capacity(96);
     let node = shard.cfg.node_id();
     body.extend_from_slice(b"{\"status\":\"ok\",\"node\":");
     crate::protocol::json::write_str(&mut body, node);
-    body.extend_from_slice(b",\"cluster\":\"none\",\"members\":[");
-    crate::protocol::json::write_str(&mut body, node);
+    body.extend_from_slice(b",\"cluster\":");
+    crate::protocol::json::write_str(&mut body, shard.cfg.cluster.name());
+    body.extend_from_slice(b",\"members\":[");
+    let members = shard.cluster.as_ref().map_or_else(|| vec![node.to_string()], |c| c.members());
+    for (i, m) in members.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        crate::protocol::json::write_str(&mut body, m);
+    }
     body.extend_from_slice(b"]}");
     body
 }

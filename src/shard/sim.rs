@@ -80,7 +80,7 @@ impl Sim {
         let stats: Arc<[ShardStats]> = (0..n).map(|_| ShardStats::default()).collect();
         let shards = (0..n)
             .map(|id| {
-                Shard::new(id, cfg.clone(), verifier.clone(), stats.clone(), None, Durable::Log { generation: 1 })
+                Shard::new(id, cfg.clone(), verifier.clone(), stats.clone(), None, Durable::Log { generation: 1 }, None)
             })
             .collect();
         Self { shards, rng: fastrand::Rng::with_seed(seed) }

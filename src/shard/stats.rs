@@ -41,11 +41,21 @@ type Row = (&'static str, &'static str, &'static str, fn(&ShardStats) -> f64);
 
 /// Renders all shards' stats in the Prometheus text format, after `corecast_node_info` naming
 /// this node (`node` is a validated node id: nothing to escape).
-pub fn render(node: &str, all: &[ShardStats], ingest: Option<&crate::ingest::IngestStats>) -> String {
+pub fn render(
+    node: &str,
+    cluster: &str,
+    members: usize,
+    all: &[ShardStats],
+    ingest: Option<&crate::ingest::IngestStats>,
+) -> String {
     let mut out = String::with_capacity(2048);
     let _ = writeln!(
         out,
-        "# HELP corecast_node_info This node (always 1)\n# TYPE corecast_node_info gauge\ncorecast_node_info{{node=\"{node}\",cluster=\"none\"}} 1"
+        "# HELP corecast_node_info This node (always 1)\n# TYPE corecast_node_info gauge\ncorecast_node_info{{node=\"{node}\",cluster=\"{cluster}\"}} 1"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP corecast_cluster_members Live cluster members (nodes whose lease holds), this one included\n# TYPE corecast_cluster_members gauge\ncorecast_cluster_members {members}"
     );
     let rows: [Row; 14] = [
         ("corecast_connections", "gauge", "Open TCP connections", |s| s.connections.load(Ordering::Relaxed) as f64),

@@ -50,8 +50,12 @@ pub const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 /// The same with `--history-store auto`.
 pub const AUTO_CONNECT_PATIENCE: Duration = Duration::from_secs(5);
 
+/// In one transaction under an advisory lock: nodes starting at once would otherwise race on
+/// `CREATE SCHEMA IF NOT EXISTS` (a unique violation in the catalog).
 const SCHEMA: &str = "
-SET client_min_messages = warning;
+BEGIN;
+SELECT pg_advisory_xact_lock(7236451);
+SET LOCAL client_min_messages = warning;
 CREATE SCHEMA IF NOT EXISTS corecast;
 CREATE TABLE IF NOT EXISTS corecast.history (
     topic text NOT NULL,
@@ -76,6 +80,7 @@ CREATE TABLE IF NOT EXISTS corecast.history_checkpoints (
 );
 COMMENT ON TABLE corecast.history IS 'corecast: persisted broadcast messages (history), one row per message';
 COMMENT ON TABLE corecast.history_checkpoints IS 'corecast: where each topic''s stream stood at the last clean shutdown';
+COMMIT;
 ";
 
 const LOAD: &str = "SELECT topic, private, \"offset\", epoch, id, event, payload::text, payload_bytes, binary_frame, \
@@ -84,7 +89,8 @@ const LOAD: &str = "SELECT topic, private, \"offset\", epoch, id, event, payload
 
 const LOAD_CHECKPOINTS: &str = "DELETE FROM corecast.history_checkpoints RETURNING topic, private, epoch, last_offset";
 
-const INSERT: &str = "INSERT INTO corecast.history \
+/// Inserts messages (column arrays); also used by the cluster link, in its sequencing transaction.
+pub(crate) const INSERT: &str = "INSERT INTO corecast.history \
      (topic, private, \"offset\", epoch, id, event, payload, payload_bytes, binary_frame, created_at, expires_at) \
      SELECT t, p, o, e, i, ev, pj::json, pb, bf, \
             'epoch'::timestamptz + c * interval '1 millisecond', \
@@ -228,6 +234,7 @@ pub fn start_writer(
     inboxes: Vec<flume::Sender<ShardMsg>>,
     limits: HistoryLimits,
     cpu: Option<usize>,
+    trim_all: bool,
 ) -> Result<PgHistory, PgStoreError> {
     let (tx, rx) = flume::unbounded();
     std::thread::Builder::new()
@@ -237,7 +244,7 @@ pub fn start_writer(
                 core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
             }
             match runtime() {
-                Ok(rt) => rt.block_on(Writer { pg, inboxes, limits, conn: None }.run(rx)),
+                Ok(rt) => rt.block_on(Writer { pg, inboxes, limits, conn: None, trim_all }.run(rx)),
                 Err(e) => tracing::error!(error = %e, "history: cannot start the writer runtime"),
             }
         })
@@ -262,7 +269,7 @@ fn refuses_data(e: &tokio_postgres::Error) -> bool {
 
 /// Column arrays for one transaction.
 #[derive(Default)]
-struct Rows {
+pub(crate) struct Rows {
     topic: Vec<String>,
     private: Vec<bool>,
     offset: Vec<i64>,
@@ -281,6 +288,38 @@ struct Rows {
 }
 
 impl Rows {
+    /// Adds a message of `topic`.
+    pub(crate) fn push_msg(&mut self, topic: &Topic, msg: &StoredMsg) {
+        self.add(Record::Message { topic: topic.clone(), msg: msg.clone() });
+    }
+
+    /// Whether no message was added.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.topic.is_empty()
+    }
+
+    /// Inserts the messages with `insert` (a prepared [`INSERT`]).
+    pub(crate) async fn execute(&self, client: &Client, insert: &Statement) -> Result<u64, tokio_postgres::Error> {
+        client
+            .execute(
+                insert,
+                &[
+                    &self.topic,
+                    &self.private,
+                    &self.offset,
+                    &self.epoch,
+                    &self.id,
+                    &self.event,
+                    &self.json,
+                    &self.bytes,
+                    &self.binary_frame,
+                    &self.created,
+                    &self.expires,
+                ],
+            )
+            .await
+    }
+
     /// Records (messages and checkpoints).
     fn len(&self) -> usize {
         self.topic.len() + self.cp_topic.len()
@@ -362,6 +401,9 @@ struct Writer {
     inboxes: Vec<flume::Sender<ShardMsg>>,
     limits: HistoryLimits,
     conn: Option<Conn>,
+    /// Trim every topic each time, not only those this node wrote (cluster mode: the cluster
+    /// link writes the messages, in its own transactions).
+    trim_all: bool,
 }
 
 impl Writer {
@@ -372,7 +414,7 @@ impl Writer {
         loop {
             // Trim everything at start (until it succeeds), then the topics written since.
             if !trimmed_all || last_trim.elapsed() >= TRIM_INTERVAL {
-                let scope = if trimmed_all { Some(std::mem::take(&mut touched)) } else { None };
+                let scope = if trimmed_all && !self.trim_all { Some(std::mem::take(&mut touched)) } else { None };
                 if scope.as_ref().is_none_or(|s| !s.is_empty()) && self.trim(scope).await {
                     trimmed_all = true;
                 }

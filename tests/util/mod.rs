@@ -19,7 +19,26 @@ pub struct Server {
     /// The data directory (removed on drop unless kept for a restart).
     pub data_dir: std::path::PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     keep_dir: bool,
+}
+
+/// A server killed with SIGKILL, its port and data directory kept: [`Stopped::start`] brings
+/// it back (same arguments and environment).
+pub struct Stopped {
+    addr: String,
+    dir: std::path::PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Stopped {
+    /// Starts the server again.
+    pub fn start(self) -> Server {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Server::launch(&self.addr, &self.dir, &args, &env)
+    }
 }
 
 /// A fresh, unique temporary directory.
@@ -60,6 +79,21 @@ impl Server {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Self::launch(&addr, &dir, &args, &[])
+    }
+
+    /// Kills this server (SIGKILL) and keeps what a restart needs.
+    pub fn crash_and_restart_later(mut self) -> Stopped {
+        self.keep_dir = true;
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Stopped {
+            addr: self.addr.to_string(),
+            dir: self.data_dir.clone(),
+            args: self.args.clone(),
+            env: self.env.clone(),
+        }
     }
 
     /// Starts the binary on `listen` with `data_dir`.
@@ -132,6 +166,7 @@ impl Server {
             child: Some(child),
             data_dir: data_dir.to_path_buf(),
             args: args.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             keep_dir: false,
         }
     }

@@ -322,7 +322,8 @@ impl Drop for TestDb {
         // The slot is released shortly after corecast exits; drop it, then the database.
         let deadline = Instant::now() + Duration::from_secs(10);
         let drop_slot = format!(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{}' AND NOT active",
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE (slot_name = '{0}' OR slot_name LIKE '{0}\\_%') AND NOT active",
             self.name
         );
         while Instant::now() < deadline {
@@ -345,7 +346,10 @@ impl Drop for TestDb {
             let left = Command::new(self.pg.psql_path())
                 .args(["-X", "-q", "-A", "-t", "-h", "127.0.0.1", "-U", "postgres", "-p", &self.pg.port.to_string()])
                 .args(["-d", "postgres", "-c"])
-                .arg(format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'", self.name))
+                .arg(format!(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{0}' OR slot_name LIKE '{0}\\_%'",
+                    self.name
+                ))
                 .stdin(Stdio::null())
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")

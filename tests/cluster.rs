@@ -1,0 +1,458 @@
+//! Cluster mode (`--cluster postgres`): several real nodes on loopback sharing one real
+//! PostgreSQL: broadcasts in one order everywhere (WebSocket, REST, SSE), presence across
+//! nodes with a killed node's members leaving and no ghosts after its restart, resume on
+//! another node under concurrent publishing, Postgres restarted mid-stream, and the clean-up of
+//! a dead node's replication slot.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::util::pg::{PrivatePg, TestDb};
+use crate::util::{http, Client, Msg, Server, SseClient};
+
+/// A node of a cluster on `db`.
+fn node(db: &TestDb, id: &str, extra: &[&str]) -> Server {
+    let url = db.url();
+    let mut args = vec!["--cluster", "postgres", "--slot", db.slot(), "--node-id", id];
+    args.extend_from_slice(extra);
+    Server::start_with_env(&args, &[("DATABASE_URL", &url)])
+}
+
+fn health(srv: &Server) -> Value {
+    let (st, _, body) = http(srv.addr, "GET", "/health", &[], b"");
+    assert_eq!(st, 200);
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Waits until every node lists exactly `ids` as its members.
+fn wait_members(nodes: &[&Server], ids: &[&str]) {
+    let want: Vec<Value> = ids.iter().map(|s| json!(s)).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in nodes {
+        loop {
+            let h = health(n);
+            if h["members"].as_array() == Some(&want) {
+                assert_eq!(h["cluster"], "postgres");
+                break;
+            }
+            assert!(Instant::now() < deadline, "members never became {ids:?}: {h}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn broadcast(topic: &str, seq: u64) -> Value {
+    json!(["p", null, format!("realtime:{topic}"), "broadcast", {"type": "broadcast", "event": "n", "payload": {"seq": seq}}])
+}
+
+/// The next broadcast's (offset, payload) (skipping replies and system messages).
+fn next_broadcast(c: &mut Client) -> (u64, Value) {
+    loop {
+        let m = c.recv_json();
+        if m[3] == "broadcast" {
+            return (m[4]["meta"]["offset"].as_u64().unwrap(), m[4]["payload"].clone());
+        }
+    }
+}
+
+#[test]
+fn cluster_broadcasts_reach_every_node_in_one_order() {
+    let db = TestDb::new("cc_cl_order");
+    let nodes = [node(&db, "n-a", &[]), node(&db, "n-b", &[]), node(&db, "n-c", &[])];
+    wait_members(&[&nodes[0], &nodes[1], &nodes[2]], &["n-a", "n-b", "n-c"]);
+    for n in &nodes {
+        let (st, headers, _) = http(n.addr, "GET", "/health", &[], b"");
+        assert_eq!(st, 200);
+        assert!(headers.to_ascii_lowercase().contains("x-corecast-node: n-"), "{headers}");
+    }
+    // A subscriber on every node, an SSE stream on the third.
+    let mut subs: Vec<Client> = nodes
+        .iter()
+        .map(|n| {
+            let mut c = Client::connect(&n.ws_url("2.0.0"));
+            assert_eq!(c.join_v2("room", "s", json!({}))[4]["status"], "ok");
+            c
+        })
+        .collect();
+    let mut sse = SseClient::open(nodes[2].addr, "/realtime/v1/sse?topic=room", &[]).unwrap();
+    // Two publishers at once: a WebSocket on node A (acks, self: false) and REST on node B.
+    let mut wsp = Client::connect(&nodes[0].ws_url("2.0.0"));
+    let r = wsp.join_v2("room", "p", json!({"broadcast": {"ack": true, "self": false}}));
+    assert_eq!(r[4]["status"], "ok");
+    let per = 150u64;
+    let rest_addr = nodes[1].addr;
+    let rest = std::thread::spawn(move || {
+        for i in 0..per {
+            let body = json!({"messages": [{"topic": "room", "event": "n", "payload": {"rest": i}}]}).to_string();
+            let (st, _, _) = http(
+                rest_addr,
+                "POST",
+                "/realtime/v1/api/broadcast",
+                &[("content-type", "application/json")],
+                body.as_bytes(),
+            );
+            assert_eq!(st, 202);
+        }
+    });
+    let mut acks = 0;
+    for i in 0..per {
+        wsp.send_json(&json!(["p", i.to_string(), "realtime:room", "broadcast", {"type": "broadcast", "event": "n", "payload": {"ws": i}}]));
+    }
+    while acks < per {
+        let m = wsp.recv_json();
+        match m[3].as_str() {
+            Some("phx_reply") => {
+                assert_eq!(m[4]["status"], "ok", "{m}");
+                acks += 1;
+            }
+            Some("broadcast") if m[4]["payload"]["ws"].is_u64() => {
+                panic!("self: false, yet the publisher got its own message: {m}")
+            }
+            _ => {}
+        }
+    }
+    rest.join().unwrap();
+    let total = 2 * per;
+    let mut seen: Vec<Vec<(u64, Value)>> = Vec::new();
+    for c in subs.iter_mut() {
+        seen.push((0..total).map(|_| next_broadcast(c)).collect());
+    }
+    let offsets: Vec<u64> = seen[0].iter().map(|m| m.0).collect();
+    assert_eq!(offsets, (1..=total).collect::<Vec<_>>(), "one dense sequence of cluster-wide offsets");
+    for (i, s) in seen.iter().enumerate().skip(1) {
+        assert_eq!(s, &seen[0], "node {i} delivered another order than node 0");
+    }
+    // Each publisher's messages keep their order.
+    for key in ["ws", "rest"] {
+        let mine: Vec<u64> = seen[0].iter().filter_map(|m| m.1[key].as_u64()).collect();
+        assert_eq!(mine, (0..per).collect::<Vec<_>>(), "{key}");
+    }
+    let mut sse_offsets = Vec::new();
+    while sse_offsets.len() < total as usize {
+        let e = sse.next().expect("sse event");
+        if e.event == "broadcast" {
+            sse_offsets.push(e.data["meta"]["offset"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(sse_offsets, offsets, "SSE on node C: the same order");
+    for c in subs.iter_mut() {
+        assert!(c.try_recv(Duration::from_millis(200)).is_none(), "no duplicate");
+    }
+}
+
+fn track(c: &mut Client, jr: &str, topic: &str, state: Value) {
+    c.send_json(&json!([jr, "t", format!("realtime:{topic}"), "presence", {"type": "presence", "event": "track", "payload": state}]));
+}
+
+/// Presence as a client on `node` sees it: the keys in a fresh `presence_state`.
+fn presence_keys(node: &Server, topic: &str) -> HashSet<String> {
+    let mut c = Client::connect(&node.ws_url("2.0.0"));
+    let r = c.join_v2(topic, "q", json!({"presence": {"key": "observer", "enabled": true}}));
+    assert_eq!(r[4]["status"], "ok");
+    loop {
+        let m = c.recv_json();
+        if m[3] == "presence_state" {
+            return m[4].as_object().unwrap().keys().cloned().collect();
+        }
+    }
+}
+
+fn wait_presence(node: &Server, topic: &str, want: &[&str], within: Duration) -> Duration {
+    let t0 = Instant::now();
+    let want: HashSet<String> = want.iter().map(|s| s.to_string()).collect();
+    loop {
+        let got = presence_keys(node, topic);
+        if got == want {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < within, "presence on {} is {got:?}, want {want:?}", node.addr);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn cluster_presence_spans_nodes_and_a_killed_node_leaves_without_ghosts() {
+    let db = TestDb::new("cc_cl_pres");
+    let a = node(&db, "p-a", &[]);
+    let b = node(&db, "p-b", &[]);
+    let c = node(&db, "p-c", &[]);
+    wait_members(&[&a, &b, &c], &["p-a", "p-b", "p-c"]);
+    // Alice on A, Bob on B; Carol watches on C through diffs.
+    let mut carol = Client::connect(&c.ws_url("2.0.0"));
+    assert_eq!(carol.join_v2("lobby", "c", json!({"presence": {"key": "carol", "enabled": true}}))[4]["status"], "ok");
+    let mut alice = Client::connect(&a.ws_url("2.0.0"));
+    assert_eq!(alice.join_v2("lobby", "a", json!({"presence": {"key": "alice", "enabled": true}}))[4]["status"], "ok");
+    track(&mut alice, "a", "lobby", json!({"status": "online"}));
+    let mut bob = Client::connect(&b.ws_url("2.0.0"));
+    assert_eq!(bob.join_v2("lobby", "b", json!({"presence": {"key": "bob", "enabled": true}}))[4]["status"], "ok");
+    track(&mut bob, "b", "lobby", json!({"status": "away"}));
+    let mut joined = HashSet::new();
+    let t0 = Instant::now();
+    while joined.len() < 2 {
+        let m = carol.recv_json();
+        if m[3] == "presence_diff" {
+            for (k, v) in m[4]["joins"].as_object().unwrap() {
+                if k == "alice" {
+                    assert_eq!(v["metas"][0]["status"], "online");
+                }
+                joined.insert(k.clone());
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+    assert_eq!(joined, HashSet::from(["alice".to_string(), "bob".to_string()]));
+    for n in [&a, &b, &c] {
+        wait_presence(n, "lobby", &["alice", "bob"], Duration::from_secs(5));
+    }
+    // An update on A is seen on C as leave + join.
+    track(&mut alice, "a", "lobby", json!({"status": "busy"}));
+    loop {
+        let m = carol.recv_json();
+        if m[3] == "presence_diff" && m[4]["joins"]["alice"].is_object() {
+            assert_eq!(m[4]["joins"]["alice"]["metas"][0]["status"], "busy");
+            assert!(m[4]["leaves"]["alice"].is_object());
+            break;
+        }
+    }
+    // SIGKILL node A: alice leaves everywhere within the lease.
+    let t_kill = Instant::now();
+    drop(alice);
+    let a = a.crash_and_restart_later();
+    loop {
+        assert!(t_kill.elapsed() < Duration::from_secs(15), "alice never left");
+        if let Some(Msg::Json(m)) = carol.try_recv(Duration::from_millis(500)) {
+            if m[3] == "presence_diff" && m[4]["leaves"]["alice"].is_object() {
+                break;
+            }
+        }
+    }
+    let took = t_kill.elapsed();
+    assert!(took < Duration::from_secs(10), "alice left after {took:?}");
+    wait_presence(&b, "lobby", &["bob"], Duration::from_secs(2));
+    // A comes back (same node id and data dir): no ghost of alice, and its new members count.
+    let a = a.start();
+    wait_members(&[&a, &b, &c], &["p-a", "p-b", "p-c"]);
+    for n in [&a, &b, &c] {
+        wait_presence(n, "lobby", &["bob"], Duration::from_secs(5));
+    }
+    let mut dave = Client::connect(&a.ws_url("2.0.0"));
+    assert_eq!(dave.join_v2("lobby", "d", json!({"presence": {"key": "dave", "enabled": true}}))[4]["status"], "ok");
+    track(&mut dave, "d", "lobby", json!({}));
+    wait_presence(&c, "lobby", &["bob", "dave"], Duration::from_secs(5));
+    // Bob's node stops cleanly: its members leave at once, not after the lease.
+    drop(bob);
+    let t_stop = Instant::now();
+    let (status, _) = b.terminate();
+    assert!(status.success());
+    wait_presence(&c, "lobby", &["dave"], Duration::from_secs(3));
+    assert!(t_stop.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn cluster_resume_on_another_node_is_gapless_under_concurrent_publishing() {
+    let db = TestDb::new("cc_cl_resume");
+    let w = ["--window-messages", "100000"];
+    let nodes = [node(&db, "r-a", &w), node(&db, "r-b", &w), node(&db, "r-c", &w)];
+    wait_members(&[&nodes[0], &nodes[1], &nodes[2]], &["r-a", "r-b", "r-c"]);
+    let mut publ = Client::connect(&nodes[0].ws_url("2.0.0"));
+    publ.join_v2("stream", "p", json!({}));
+    let mut sub = Client::connect(&nodes[1].ws_url("2.0.0"));
+    sub.join_v2("stream", "s", json!({}));
+    let total = 2000u64;
+    let done = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for i in 0..total {
+                publ.send_json(&broadcast("stream", i));
+                if i % 50 == 0 {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            done.store(true, Ordering::SeqCst);
+            publ
+        })
+    };
+    let mut seqs = Vec::new();
+    let mut last: Option<(String, u64)> = None;
+    // Read a while, vanish mid-stream, resume on another node; three times.
+    for (round, to) in [(0usize, 2usize), (1, 0), (2, 1)] {
+        while seqs.len() < 400 * (round + 1) {
+            let m = sub.recv_json();
+            if m[3] != "broadcast" {
+                continue;
+            }
+            seqs.push(m[4]["payload"]["seq"].as_u64().unwrap());
+            last =
+                Some((m[4]["meta"]["epoch"].as_str().unwrap().to_string(), m[4]["meta"]["offset"].as_u64().unwrap()));
+        }
+        drop(sub);
+        std::thread::sleep(Duration::from_millis(50)); // messages keep flowing while away
+        let (epoch, offset) = last.clone().unwrap();
+        sub = Client::connect(&nodes[to].ws_url("2.0.0"));
+        let r = sub.join_v2("stream", "s", json!({"broadcast": {"resume": {"epoch": epoch, "offset": offset}}}));
+        assert_eq!(r[4]["status"], "ok", "{r}");
+    }
+    while (seqs.len() as u64) < total {
+        let m = sub.recv_json();
+        if m[3] == "system" {
+            panic!("resume failed: {m}");
+        }
+        if m[3] == "broadcast" {
+            seqs.push(m[4]["payload"]["seq"].as_u64().unwrap());
+        }
+    }
+    let _ = publisher.join().unwrap();
+    assert_eq!(seqs, (0..total).collect::<Vec<_>>(), "no gap, no duplicate, in order");
+    assert!(sub.try_recv(Duration::from_millis(300)).is_none());
+    // A node that started after the messages were sent has none of them: resuming there from
+    // an old offset is refused explicitly, never a silent gap.
+    let late = node(&db, "r-late", &w);
+    let mut c = Client::connect(&late.ws_url("2.0.0"));
+    let (epoch, _) = last.unwrap();
+    c.join_v2("stream", "s", json!({"broadcast": {"resume": {"epoch": epoch, "offset": 5}}}));
+    let m = c.recv_json();
+    assert_eq!(m[3], "system", "{m}");
+    assert!(m[4]["message"].as_str().unwrap().starts_with("resume impossible"), "{m}");
+}
+
+#[test]
+fn cluster_persisted_history_is_shared_and_acknowledged_after_commit() {
+    let db = TestDb::new("cc_cl_hist");
+    let a = node(&db, "h-a", &[]);
+    let b = node(&db, "h-b", &[]);
+    wait_members(&[&a, &b], &["h-a", "h-b"]);
+    for i in 0..5 {
+        let body =
+            json!({"messages": [{"topic": "log", "event": "e", "payload": {"i": i}, "persist": true}]}).to_string();
+        let (st, _, _) = http(
+            a.addr,
+            "POST",
+            "/realtime/v1/api/broadcast",
+            &[("content-type", "application/json")],
+            body.as_bytes(),
+        );
+        assert_eq!(st, 202);
+    }
+    // 202 came after the commit: the rows are in the shared table, with cluster offsets.
+    assert_eq!(
+        db.sql(
+            "SELECT string_agg(\"offset\"::text, ',' ORDER BY \"offset\") FROM corecast.history WHERE topic = 'log'"
+        ),
+        "1,2,3,4,5"
+    );
+    // Node B serves them as history (it got them from the stream).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (st, _, body) = http(b.addr, "GET", "/realtime/v1/api/channels/log/messages?limit=10", &[], b"");
+        assert_eq!(st, 200);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let offs: Vec<u64> = v["messages"].as_array().unwrap().iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+        if offs == [5, 4, 3, 2, 1] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "history on B: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A node started now loads them from the table.
+    let c = node(&db, "h-c", &[]);
+    let (_, _, body) = http(c.addr, "GET", "/realtime/v1/api/channels/log/messages?limit=10", &[], b"");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["messages"].as_array().unwrap().len(), 5, "{v}");
+}
+
+#[test]
+fn cluster_survives_postgres_restart_without_losing_acknowledged_messages() {
+    let pg = PrivatePg::start();
+    let db = TestDb::on(pg.pg(), "cc_cl_pgrestart");
+    let a = node(&db, "g-a", &[]);
+    let b = node(&db, "g-b", &[]);
+    wait_members(&[&a, &b], &["g-a", "g-b"]);
+    let mut sub = Client::connect(&b.ws_url("2.0.0"));
+    sub.join_v2("feed", "s", json!({}));
+    let mut publ = Client::connect(&a.ws_url("2.0.0"));
+    publ.join_v2("feed", "p", json!({"broadcast": {"ack": true}}));
+    let total = 60u64;
+    let mut acked = 0u64;
+    let mut system = Vec::new();
+    for i in 0..total {
+        if i == 20 {
+            pg.pg().stop();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if i == 30 {
+            pg.pg().start_again();
+        }
+        publ.send_json(&json!(["p", i.to_string(), "realtime:feed", "broadcast", {"type": "broadcast", "event": "n", "payload": {"seq": i}}]));
+        // Up to message 20 every ack arrives promptly; while the database is down none does.
+        if i < 20 {
+            loop {
+                let m = publ.recv_json();
+                if m[3] == "phx_reply" {
+                    acked += 1;
+                    break;
+                }
+            }
+        } else if (20..30).contains(&i) {
+            while let Some(Msg::Json(m)) = publ.try_recv(Duration::from_millis(20)) {
+                if m[3] == "phx_reply" {
+                    panic!("acknowledged while the database is down: {m}");
+                }
+                if m[3] == "system" {
+                    system.push(m);
+                }
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked < total {
+        assert!(Instant::now() < deadline, "only {acked} of {total} acknowledged after the restart");
+        if let Some(Msg::Json(m)) = publ.try_recv(Duration::from_millis(500)) {
+            match m[3].as_str() {
+                Some("phx_reply") => acked += 1,
+                Some("system") => system.push(m),
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        system.iter().any(|m| m[4]["message"].as_str().is_some_and(|s| s.contains("Cluster link degraded"))),
+        "the publisher's channel was told the link degraded: {system:?}"
+    );
+    // Everything acknowledged reaches the subscriber on B, once, in order.
+    let mut seqs = Vec::new();
+    while seqs.len() < total as usize {
+        let m = sub.recv_json();
+        if m[3] == "broadcast" {
+            seqs.push(m[4]["payload"]["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(seqs, (0..total).collect::<Vec<_>>());
+    while let Some(Msg::Json(m)) = sub.try_recv(Duration::from_millis(300)) {
+        assert_ne!(m[3], "broadcast", "duplicate: {m}");
+    }
+}
+
+#[test]
+fn cluster_drops_the_slot_of_a_node_gone_for_good() {
+    let db = TestDb::new("cc_cl_slot");
+    let ttl = ["--cluster-slot-ttl-secs", "2"];
+    let a = node(&db, "s-a", &ttl);
+    let b = node(&db, "s-b", &ttl);
+    wait_members(&[&a, &b], &["s-a", "s-b"]);
+    let slot_a = format!("{}_s_a", db.slot());
+    let slots = |db: &TestDb| db.sql("SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots");
+    assert!(slots(&db).contains(&slot_a), "{}", slots(&db));
+    drop(a); // SIGKILL
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while slots(&db).contains(&slot_a) {
+        assert!(Instant::now() < deadline, "slot of the dead node still there: {}", slots(&db));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(slots(&db).contains(&format!("{}_s_b", db.slot())), "the live node keeps its slot");
+    wait_members(&[&b], &["s-b"]);
+}
