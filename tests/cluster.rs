@@ -456,3 +456,12 @@ fn cluster_drops_the_slot_of_a_node_gone_for_good() {
     assert!(slots(&db).contains(&format!("{}_s_b", db.slot())), "the live node keeps its slot");
     wait_members(&[&b], &["s-b"]);
 }
+
+/// The unmodified realtime-js client against three nodes: `tests/js/cluster.test.mjs`.
+#[test]
+fn cluster_realtime_js() {
+    let db = TestDb::new("cc_cl_js");
+    let (url, slot) = (db.url(), db.slot().to_string());
+    let env = [("DATABASE_URL", url.as_str()), ("CORECAST_SLOT", slot.as_str())];
+    crate::interop::run_js_with("cluster.test.mjs", &env, Duration::from_secs(120));
+}
