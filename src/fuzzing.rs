@@ -110,6 +110,15 @@ pub fn log_records(data: &[u8]) {
     }
 }
 
+/// Cluster batches as they arrive from another node; what decodes must encode back to the
+/// same batch.
+pub fn cluster_batch(data: &[u8]) {
+    use crate::cluster::wire;
+    if let Ok(b) = wire::decode(&Bytes::copy_from_slice(data)) {
+        assert_eq!(wire::decode(&Bytes::from(wire::encode(&b))).as_ref(), Ok(&b));
+    }
+}
+
 /// pgoutput messages from the replication stream.
 pub fn pgoutput(data: &[u8]) {
     let _ = crate::ingest::pgoutput::decode(&Bytes::copy_from_slice(data));
@@ -150,4 +159,5 @@ pub const TARGETS: &[Target] = &[
     ("log_records", log_records),
     ("pgoutput", pgoutput),
     ("pg_filter", pg_filter),
+    ("cluster_batch", cluster_batch),
 ];

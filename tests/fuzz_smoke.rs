@@ -40,6 +40,12 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             );
             vec![buf]
         }
+        "cluster_batch" => {
+            use corecast::cluster::wire::{encode, Batch, Item, Member};
+            let topic = corecast::protocol::phoenix::Topic::new("room", false).unwrap();
+            let items = vec![Item::Track { topic, member: Member { shard: 1, conn: 7 }, key: "k".into(), meta: "{}".into() }];
+            vec![encode(&Batch { run: 3, items })]
+        }
         "pgoutput" => vec![vec![b'B', 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 3]],
         "pg_filter" => vec![s("id=eq.1,name=not.in.(\"a,b\",c),created_at=gte.2024-01-01T00:00:00Z")],
         _ => vec![],
