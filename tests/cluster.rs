@@ -465,3 +465,31 @@ fn cluster_realtime_js() {
     let env = [("DATABASE_URL", url.as_str()), ("CORECAST_SLOT", slot.as_str())];
     crate::interop::run_js_with("cluster.test.mjs", &env, Duration::from_secs(120));
 }
+
+/// A message the database refuses (a NUL in a persisted message's event name: `text` cannot
+/// hold it) is dropped alone; the rest of its batch and everything after go through.
+#[test]
+fn cluster_a_message_the_database_refuses_does_not_stop_the_link() {
+    let db = TestDb::new("cc_cl_refuse");
+    let a = node(&db, "f-a", &[]);
+    let b = node(&db, "f-b", &[]);
+    wait_members(&[&a, &b], &["f-a", "f-b"]);
+    let mut sub = Client::connect(&b.ws_url("2.0.0"));
+    sub.join_v2("t", "s", json!({}));
+    let body = json!({"messages": [
+        {"topic": "t", "event": "ok", "payload": {"n": 1}, "persist": true},
+        {"topic": "t", "event": "bad\u{0}event", "payload": {"n": 2}, "persist": true},
+        {"topic": "t", "event": "ok", "payload": {"n": 3}, "persist": true},
+    ]})
+    .to_string();
+    let (st, _, _) =
+        http(a.addr, "POST", "/realtime/v1/api/broadcast", &[("content-type", "application/json")], body.as_bytes());
+    assert_eq!(st, 202);
+    let body = json!({"messages": [{"topic": "t", "event": "ok", "payload": {"n": 4}}]}).to_string();
+    let (st, _, _) =
+        http(a.addr, "POST", "/realtime/v1/api/broadcast", &[("content-type", "application/json")], body.as_bytes());
+    assert_eq!(st, 202);
+    let got: Vec<u64> = (0..3).map(|_| next_broadcast(&mut sub).1["n"].as_u64().unwrap()).collect();
+    assert_eq!(got, [1, 3, 4]);
+    assert_eq!(db.sql("SELECT count(*) FROM corecast.history WHERE topic = 't'"), "2");
+}

@@ -220,8 +220,20 @@ impl Membership {
 
 /// Why the cluster link could not do something (the engine's own words).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct LinkError(pub String);
+#[error("{message}")]
+pub struct LinkError {
+    pub message: String,
+    /// The engine refused the data itself (retrying the same cannot succeed), as opposed to
+    /// being unreachable or busy.
+    pub refused: bool,
+}
+
+impl LinkError {
+    /// A failure worth retrying.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self { message: message.into(), refused: false }
+    }
+}
 
 /// An item of the batch being committed.
 #[derive(Debug)]
@@ -315,12 +327,68 @@ async fn broadcast(shards: &[flume::Sender<ShardMsg>], msg: impl Fn() -> ShardMs
     }
 }
 
+/// Commits `batch`, retrying while the engine is unreachable (and telling the shards when the
+/// link degrades and recovers). `Err` only when the engine refuses the data itself.
+async fn commit_retrying<B: Backend>(
+    b: &B,
+    batch: &mut [Pending],
+    link: &mut LinkState,
+    shards: &[flume::Sender<ShardMsg>],
+) -> Result<(), LinkError> {
+    loop {
+        match b.commit(batch).await {
+            Ok(()) => {
+                link.backoff.reset();
+                if std::mem::take(&mut link.degraded) {
+                    tracing::info!("cluster link restored");
+                    broadcast(shards, || ShardMsg::ClusterLink {
+                        up: true,
+                        message: Arc::from("Cluster link restored: messages flow between nodes again"),
+                    })
+                    .await;
+                }
+                return Ok(());
+            }
+            Err(e) if e.refused => return Err(e),
+            Err(e) => {
+                let delay = link.backoff.next_delay();
+                if !link.degraded {
+                    link.degraded = true;
+                    tracing::error!(error = %e, "cluster link degraded: cannot sequence messages; retrying");
+                    let message: Arc<str> = Arc::from(
+                        format!(
+                            "Cluster link degraded: {e}. Broadcasts are held (and not acknowledged) until it is back; \
+                             presence and history on this node still work"
+                        )
+                        .as_str(),
+                    );
+                    broadcast(shards, || ShardMsg::ClusterLink { up: false, message: message.clone() }).await;
+                } else {
+                    tracing::debug!(error = %e, retry_in_ms = delay.as_millis() as u64, "cluster: commit failed");
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// The sequencer's view of the link.
+struct LinkState {
+    backoff: crate::ingest::retry::Backoff,
+    degraded: bool,
+}
+
 /// The sequencing side of the link: batches what the shards hand over, commits each batch
 /// (retrying while the engine is unreachable: nothing is acknowledged that is not durable),
-/// then acknowledges the publishers. Shards hear when the link degrades and recovers.
+/// then acknowledges the publishers. A batch the engine refuses (a persisted message whose
+/// event name holds a NUL, which `text` cannot store) is committed item by item, and the item
+/// refused alone is dropped with an ERROR log, so one bad message cannot stop the cluster; its
+/// publisher is still answered (as the single-node Postgres history store does).
 async fn sequencer<B: Backend>(b: Rc<B>, rx: flume::Receiver<ClusterOut>, shards: Vec<flume::Sender<ShardMsg>>) {
-    let mut backoff = crate::ingest::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    let mut degraded = false;
+    let mut link = LinkState {
+        backoff: crate::ingest::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+        degraded: false,
+    };
     while let Ok(first) = rx.recv_async().await {
         let mut batch = vec![pending(first)];
         let mut bytes = size(&batch[0]);
@@ -334,37 +402,11 @@ async fn sequencer<B: Backend>(b: Rc<B>, rx: flume::Receiver<ClusterOut>, shards
                 Err(_) => break,
             }
         }
-        loop {
-            match b.commit(&mut batch).await {
-                Ok(()) => {
-                    backoff.reset();
-                    if std::mem::take(&mut degraded) {
-                        tracing::info!("cluster link restored");
-                        broadcast(&shards, || ShardMsg::ClusterLink {
-                            up: true,
-                            message: Arc::from("Cluster link restored: messages flow between nodes again"),
-                        })
-                        .await;
-                    }
-                    break;
-                }
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    if !degraded {
-                        degraded = true;
-                        tracing::error!(error = %e, "cluster link degraded: cannot sequence messages; retrying");
-                        let message: Arc<str> = Arc::from(
-                            format!(
-                                "Cluster link degraded: {e}. Broadcasts are held (and not acknowledged) until it is back; \
-                                 presence and history on this node still work"
-                            )
-                            .as_str(),
-                        );
-                        broadcast(&shards, || ShardMsg::ClusterLink { up: false, message: message.clone() }).await;
-                    } else {
-                        tracing::debug!(error = %e, retry_in_ms = delay.as_millis() as u64, "cluster: commit failed");
-                    }
-                    tokio::time::sleep(delay).await;
+        if let Err(e) = commit_retrying(&*b, &mut batch, &mut link, &shards).await {
+            tracing::warn!(error = %e, items = batch.len(), "cluster: the database refused a batch; committing it item by item");
+            for i in 0..batch.len() {
+                if let Err(e) = commit_retrying(&*b, &mut batch[i..i + 1], &mut link, &shards).await {
+                    tracing::error!(error = %e, item = ?describe(&batch[i]), "cluster: the database refused this item; dropped");
                 }
             }
         }
@@ -375,6 +417,15 @@ async fn sequencer<B: Backend>(b: Rc<B>, rx: flume::Receiver<ClusterOut>, shards
                 }
             }
         }
+    }
+}
+
+/// An item for a log line.
+fn describe(p: &Pending) -> String {
+    match p {
+        Pending::Publish { msg, .. } => format!("message on {:?}, event {:?}", msg.topic.name(), msg.event),
+        Pending::Presence(wire::Item::Track { topic, key, .. }) => format!("track on {:?}, key {key:?}", topic.name()),
+        Pending::Presence(_) => "untrack".into(),
     }
 }
 

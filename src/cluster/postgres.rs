@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS corecast.topics (
     last_offset bigint NOT NULL,
     PRIMARY KEY (topic, private)
 );
-CREATE TABLE IF NOT EXISTS corecast.nodes (
+CREATE UNLOGGED TABLE IF NOT EXISTS corecast.nodes (
     node_id text PRIMARY KEY,
     run bigint NOT NULL,
     slot text NOT NULL,
@@ -51,7 +51,7 @@ CREATE TABLE IF NOT EXISTS corecast.nodes (
     alive boolean NOT NULL
 );
 COMMENT ON TABLE corecast.topics IS 'corecast cluster: each topic''s epoch and newest offset (the sequencer)';
-COMMENT ON TABLE corecast.nodes IS 'corecast cluster: node leases';
+COMMENT ON TABLE corecast.nodes IS 'corecast cluster: node leases (unlogged: renewed every second, not worth WAL)';
 COMMIT;
 ";
 
@@ -81,7 +81,7 @@ const DEAD_SLOTS: &str = "SELECT n.node_id, n.slot, s.slot_name IS NOT NULL FROM
        AND (s.slot_name IS NULL OR NOT s.active)";
 
 async fn connect(pg: &tokio_postgres::Config) -> Result<Client, LinkError> {
-    let (client, connection) = pg.connect(NoTls).await.map_err(|e| LinkError(why(&e)))?;
+    let (client, connection) = pg.connect(NoTls).await.map_err(|e| LinkError::transient(why(&e)))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %why(&e), "cluster: database connection ended");
@@ -91,7 +91,9 @@ async fn connect(pg: &tokio_postgres::Config) -> Result<Client, LinkError> {
 }
 
 fn sql(e: tokio_postgres::Error) -> LinkError {
-    LinkError(why(&e))
+    // Data exceptions, integrity violations, program limits: the same data fails again.
+    let refused = e.as_db_error().is_some_and(|d| matches!(&d.code().code()[..2], "22" | "23" | "54"));
+    LinkError { message: why(&e), refused }
 }
 
 /// A topic as the sequencer's rows name it: (name, private).
@@ -127,7 +129,7 @@ impl Postgres {
         let c = connect(&self.pg).await?;
         c.batch_execute(SCHEMA).await.map_err(sql)?;
         let lsn: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.map_err(sql)?.get(0);
-        parse_lsn(&lsn).ok_or_else(|| LinkError(format!("unexpected LSN {lsn:?}")))
+        parse_lsn(&lsn).ok_or_else(|| LinkError::transient(format!("unexpected LSN {lsn:?}")))
     }
 
     async fn seq_conn(&self) -> Result<Rc<SeqConn>, LinkError> {
@@ -204,7 +206,10 @@ impl Postgres {
                     let key = (Arc::<str>::from(msg.topic.name()), msg.topic.is_private());
                     let Some((epoch, offset)) = next.get_mut(&key) else {
                         let _ = c.client.batch_execute("ROLLBACK").await;
-                        return Err(LinkError(format!("no sequence row came back for topic {}", msg.topic.name())));
+                        return Err(LinkError::transient(format!(
+                            "no sequence row came back for topic {}",
+                            msg.topic.name()
+                        )));
                     };
                     msg.epoch = epoch.clone();
                     msg.offset = *offset;

@@ -151,11 +151,14 @@ async fn setup(conn: &Conn, cfg: &SourceCfg, first: bool) -> Result<Setup, Strin
                 // Peeking fails if the slot is still held by a previous session: assume a backlog.
                 pending = c
                     .query(
-                        "SELECT 1 FROM pg_logical_slot_peek_binary_changes($1, NULL, 1, 'proto_version', '1', 'publication_names', $2) LIMIT 1",
-                        &[&cfg.slot, &cfg.publication],
+                        "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, $3, 'proto_version', '1', 'publication_names', $2)",
+                        &[&cfg.slot, &cfg.publication, &(PEEK_CHANGES as i32)],
                     )
                     .await
-                    .map_or(true, |rows| !rows.is_empty());
+                    .map_or(true, |rows| {
+                        let data: Vec<Vec<u8>> = rows.iter().map(|r| r.get(0)).collect();
+                        waiting_changes(&data, rows.len() >= PEEK_CHANGES)
+                    });
             }
         }
     }
@@ -165,6 +168,35 @@ async fn setup(conn: &Conn, cfg: &SourceCfg, first: bool) -> Result<Setup, Strin
         }
     }
     Ok(Setup { pending, recreated })
+}
+
+/// Changes the start-up peek looks at.
+const PEEK_CHANGES: usize = 1000;
+
+/// Whether the peeked pgoutput messages `data` hold a change to a table outside corecast's own
+/// schema (cluster mode writes `corecast.topics` with every batch: those are no reason to hold
+/// streaming back). `truncated`: the peek hit its limit, so more may follow.
+fn waiting_changes(data: &[Vec<u8>], truncated: bool) -> bool {
+    let mut schemas: std::collections::HashMap<u32, String> = Default::default();
+    let foreign = |relid: &u32, schemas: &std::collections::HashMap<u32, String>| {
+        schemas.get(relid).is_none_or(|s| s != "corecast")
+    };
+    for d in data {
+        match pgoutput::decode(&bytes::Bytes::copy_from_slice(d)) {
+            Ok(Some(Message::Relation(r))) => {
+                schemas.insert(r.relid, r.schema);
+            }
+            Ok(Some(Message::Insert { relid, .. } | Message::Update { relid, .. } | Message::Delete { relid, .. }))
+                if foreign(&relid, &schemas) =>
+            {
+                return true
+            }
+            Ok(Some(Message::Truncate { relids, .. })) if relids.iter().any(|r| foreign(r, &schemas)) => return true,
+            Ok(_) => {}
+            Err(_) => return true,
+        }
+    }
+    truncated
 }
 
 /// Waits (at most 2 s) until the WAL is flushed up to its insert position as of now.
@@ -399,5 +431,46 @@ async fn stream(
                 return Some(format!("the stream referenced relation {relid} before describing it"));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::waiting_changes;
+
+    fn relation(relid: u32, schema: &str, name: &str) -> Vec<u8> {
+        let mut m = vec![b'R'];
+        m.extend_from_slice(&relid.to_be_bytes());
+        for s in [schema, name] {
+            m.extend_from_slice(s.as_bytes());
+            m.push(0);
+        }
+        m.push(b'd');
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m.push(1);
+        m.extend_from_slice(b"id\0");
+        m.extend_from_slice(&23u32.to_be_bytes());
+        m.extend_from_slice(&(-1i32).to_be_bytes());
+        m
+    }
+
+    fn insert(relid: u32) -> Vec<u8> {
+        let mut m = vec![b'I'];
+        m.extend_from_slice(&relid.to_be_bytes());
+        m.push(b'N');
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m.push(b'n');
+        m
+    }
+
+    #[test]
+    fn only_changes_outside_corecast_hold_streaming_back() {
+        let own = [relation(1, "corecast", "topics"), insert(1)];
+        assert!(!waiting_changes(&own, false), "the cluster's own sequencer rows");
+        assert!(waiting_changes(&own, true), "a peek cut at its limit may hide more");
+        let user = [relation(1, "corecast", "topics"), insert(1), relation(2, "public", "todos"), insert(2)];
+        assert!(waiting_changes(&user, false));
+        assert!(waiting_changes(&[insert(9)], false), "a relation not described is not known to be ours");
+        assert!(!waiting_changes(&[], false));
     }
 }
