@@ -5,6 +5,8 @@
 //!   runs one scenario against one server (started here, pinned to CPU 0, or `--addr`);
 //! - `loadtest sse|presence|history` run corecast-only scenarios (SSE fan-out, presence diffs,
 //!   persisted history);
+//! - `loadtest pg` and `loadtest cluster` start corecast themselves against a real PostgreSQL
+//!   (Postgres changes; cluster mode across several nodes);
 //! - `loadtest soak --minutes N` runs churn, broadcasts, presence, SSE and persisted messages
 //!   together and checks that the server's memory and fds stay flat (corecast only);
 //! - `loadtest baseline --subscribers N` measures the raw `sendmsg` cost of this machine;
@@ -15,6 +17,7 @@
 //! single-threaded epoll loop pinned to CPU 1.
 
 mod baseline;
+mod cluster;
 mod compare;
 mod coord;
 mod history;
@@ -71,6 +74,10 @@ enum Cmd {
     /// Postgres changes end to end (commit→client latency, ingest throughput, RLS-checked
     /// deliveries/s) against a real database; see `pg.rs`.
     Pg(pg::PgArgs),
+    /// Cluster mode (`--cluster postgres`): starts --nodes nodes on one database; send→receive
+    /// latency across nodes vs one node (`--cluster none`), and the sequencing ceiling with the
+    /// database's CPU and WAL bytes per message; see `cluster.rs`.
+    Cluster(cluster::ClusterArgs),
     /// Soak (corecast only): WebSocket churn, broadcasts, presence churn, SSE streams and
     /// persisted messages together for --minutes; server RSS and fds sampled every 10 s; pass
     /// criteria checked at the end (exit code 1 when one fails).
@@ -289,6 +296,7 @@ fn main() -> ExitCode {
         Cmd::Presence(a) => run_scenario(ScenarioKind::Presence, a),
         Cmd::History(a) => run_scenario(ScenarioKind::History, a),
         Cmd::Pg(a) => pg::run(a),
+        Cmd::Cluster(a) => cluster::run(a),
         Cmd::Soak(a) => soak::run(a),
         Cmd::Baseline(a) => run_baseline(a),
         Cmd::Compare(a) if matches!(a.scenario, ScenarioKind::Presence | ScenarioKind::History) => {
