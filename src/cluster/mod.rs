@@ -165,6 +165,16 @@ impl Inbound {
         let n = self.shards.len();
         let own = batch.run == self.run;
         let live = commit_lsn >= self.live_from;
+        if let (true, Some(wire::Item::Publish(m))) = (live, batch.items.first()) {
+            let lag = crate::shard::history::unix_ms().saturating_sub(m.created_ms);
+            // At most one line per 10 s: a stall delays every batch behind it.
+            static LAST_WARN_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let now = crate::shard::history::unix_ms();
+            if lag >= SLOW_DELIVERY_MS && now >= LAST_WARN_MS.load(std::sync::atomic::Ordering::Relaxed) + 10_000 {
+                LAST_WARN_MS.store(now, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(lag_ms = lag, "cluster: a batch reached this node's stream late (sequenced → decoded)");
+            }
+        }
         for item in batch.items {
             let (topic, msg) = match item {
                 wire::Item::Publish(m) => {
@@ -265,6 +275,12 @@ pub trait Backend {
 /// `--max-payload-bytes`).
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
+/// A commit slower than this is logged (WARN): every broadcast of the node waited for it.
+const SLOW_COMMIT: Duration = Duration::from_millis(100);
+
+/// A batch decoded this long after the link built it is logged (WARN).
+const SLOW_DELIVERY_MS: u64 = 200;
+
 /// How often dead nodes' leftovers are looked for (at most; sooner with a short slot TTL).
 const CLEAN_UP_EVERY: Duration = Duration::from_secs(30);
 
@@ -336,7 +352,18 @@ async fn commit_retrying<B: Backend>(
     shards: &[flume::Sender<ShardMsg>],
 ) -> Result<(), LinkError> {
     loop {
-        match b.commit(batch).await {
+        let started = std::time::Instant::now();
+        let result = b.commit(batch).await;
+        let took = started.elapsed();
+        if took >= SLOW_COMMIT {
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                items = batch.len(),
+                ok = result.is_ok(),
+                "cluster: slow commit"
+            );
+        }
+        match result {
             Ok(()) => {
                 link.backoff.reset();
                 if std::mem::take(&mut link.degraded) {

@@ -235,17 +235,20 @@ impl Postgres {
             }
         }
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&content];
+        // One round trip for the rest: the inserts, the emit and COMMIT, pipelined. If the insert
+        // or the emit fails, the transaction is aborted and the COMMIT behind them only rolls it
+        // back (it answers ROLLBACK, not an error): their results decide, then the commit's.
         let emit = c.client.query_one(&c.emit, &params);
-        let (inserted, emitted) = if rows.is_empty() {
-            (Ok(0), emit.await)
+        let commit = c.client.batch_execute("COMMIT");
+        let ((inserted, emitted), committed) = if rows.is_empty() {
+            let (e, c) = futures_lite::future::zip(emit, commit).await;
+            ((Ok(0), e), c)
         } else {
-            futures_lite::future::zip(rows.execute(&c.client, &c.insert), emit).await
+            futures_lite::future::zip(futures_lite::future::zip(rows.execute(&c.client, &c.insert), emit), commit).await
         };
-        if let Err(e) = inserted.and(emitted.map(|_| 0)) {
-            let _ = c.client.batch_execute("ROLLBACK").await;
-            return Err(sql(e));
-        }
-        c.client.batch_execute("COMMIT").await.map_err(sql)?;
+        inserted.map_err(sql)?;
+        emitted.map_err(sql)?;
+        committed.map_err(sql)?;
         Ok(())
     }
 }
