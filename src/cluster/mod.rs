@@ -166,10 +166,10 @@ impl Inbound {
         let own = batch.run == self.run;
         let live = commit_lsn >= self.live_from;
         if let (true, Some(wire::Item::Publish(m))) = (live, batch.items.first()) {
-            let lag = crate::shard::history::unix_ms().saturating_sub(m.created_ms);
+            let lag = unix_ms().saturating_sub(m.created_ms);
             // At most one line per 10 s: a stall delays every batch behind it.
             static LAST_WARN_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let now = crate::shard::history::unix_ms();
+            let now = unix_ms();
             if lag >= SLOW_DELIVERY_MS && now >= LAST_WARN_MS.load(std::sync::atomic::Ordering::Relaxed) + 10_000 {
                 LAST_WARN_MS.store(now, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(lag_ms = lag, "cluster: a batch reached this node's stream late (sequenced → decoded)");
@@ -288,7 +288,7 @@ fn pending(out: ClusterOut) -> Pending {
     use crate::protocol::phoenix::session::Persist;
     match out {
         ClusterOut::Publish { mut publish, origin, ack_to } => {
-            let now = crate::shard::history::unix_ms();
+            let now = unix_ms();
             let ack = publish.ack.take();
             let p = *publish;
             let msg = wire::Sequenced {
@@ -334,6 +334,11 @@ fn size(p: &Pending) -> usize {
         Pending::Presence(wire::Item::Track { meta, .. }) => meta.len() + 64,
         Pending::Presence(_) => 48,
     }
+}
+
+/// Unix time in milliseconds (the cluster layer does not reach into the shard layer for it).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Tells every shard.
