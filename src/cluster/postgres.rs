@@ -29,13 +29,8 @@ use tokio_postgres::{Client, NoTls, Statement};
 use super::{wire, Backend, LinkError};
 use crate::ingest::db::describe as why;
 
-/// In one transaction under an advisory lock: nodes starting at once would otherwise race on
-/// `CREATE SCHEMA IF NOT EXISTS` (a unique violation in the catalog).
+/// The cluster tables (created by [`crate::store::pg::create_schema`]).
 const SCHEMA: &str = "
-BEGIN;
-SELECT pg_advisory_xact_lock(7236451);
-SET LOCAL client_min_messages = warning;
-CREATE SCHEMA IF NOT EXISTS corecast;
 CREATE TABLE IF NOT EXISTS corecast.topics (
     topic text NOT NULL,
     private boolean NOT NULL,
@@ -52,7 +47,6 @@ CREATE UNLOGGED TABLE IF NOT EXISTS corecast.nodes (
 );
 COMMENT ON TABLE corecast.topics IS 'corecast cluster: each topic''s epoch and newest offset (the sequencer)';
 COMMENT ON TABLE corecast.nodes IS 'corecast cluster: node leases (unlogged: renewed every second, not worth WAL)';
-COMMIT;
 ";
 
 /// Adds each topic's message count to its row; returns the new newest offsets. Rows are taken
@@ -127,7 +121,7 @@ impl Postgres {
     /// live for this process (see [`super::Inbound::live_from`]).
     pub async fn prepare(&self) -> Result<u64, LinkError> {
         let c = connect(&self.pg).await?;
-        c.batch_execute(SCHEMA).await.map_err(sql)?;
+        crate::store::pg::create_schema(&c, SCHEMA).await.map_err(sql)?;
         let lsn: String = c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.map_err(sql)?.get(0);
         parse_lsn(&lsn).ok_or_else(|| LinkError::transient(format!("unexpected LSN {lsn:?}")))
     }

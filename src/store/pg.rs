@@ -50,13 +50,8 @@ pub const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 /// The same with `--history-store auto`.
 pub const AUTO_CONNECT_PATIENCE: Duration = Duration::from_secs(5);
 
-/// In one transaction under an advisory lock: nodes starting at once would otherwise race on
-/// `CREATE SCHEMA IF NOT EXISTS` (a unique violation in the catalog).
+/// The history tables (created by [`create_schema`]).
 const SCHEMA: &str = "
-BEGIN;
-SELECT pg_advisory_xact_lock(7236451);
-SET LOCAL client_min_messages = warning;
-CREATE SCHEMA IF NOT EXISTS corecast;
 CREATE TABLE IF NOT EXISTS corecast.history (
     topic text NOT NULL,
     private boolean NOT NULL,
@@ -80,7 +75,6 @@ CREATE TABLE IF NOT EXISTS corecast.history_checkpoints (
 );
 COMMENT ON TABLE corecast.history IS 'corecast: persisted broadcast messages (history), one row per message';
 COMMENT ON TABLE corecast.history_checkpoints IS 'corecast: where each topic''s stream stood at the last clean shutdown';
-COMMIT;
 ";
 
 const LOAD: &str = "SELECT topic, private, \"offset\", epoch, id, event, payload::text, payload_bytes, binary_frame, \
@@ -113,6 +107,22 @@ const TRIM: &str = "WITH scope AS (SELECT * FROM unnest($3::text[], $4::bool[]) 
                 row_number() OVER (PARTITION BY topic, private ORDER BY \"offset\" DESC, created_at DESC) AS n \
          FROM corecast.history WHERE $3::text[] IS NULL OR (topic, private) IN (SELECT * FROM scope)) r \
      WHERE r.n > $2::int8 AND (h.topic, h.private, h.\"offset\", h.epoch) = (r.topic, r.private, r.\"offset\", r.epoch)";
+
+/// Runs `ddl` (idempotent `CREATE … IF NOT EXISTS` statements for corecast's own tables) in the
+/// schema `corecast`, in one transaction under an advisory lock: nodes starting at once would
+/// otherwise race on `CREATE SCHEMA IF NOT EXISTS` (a unique violation in the catalog). Used by
+/// the history store and the cluster link.
+pub(crate) async fn create_schema(client: &Client, ddl: &str) -> Result<(), tokio_postgres::Error> {
+    let script = format!(
+        "BEGIN; SELECT pg_advisory_xact_lock(7236451); SET LOCAL client_min_messages = warning; \
+         CREATE SCHEMA IF NOT EXISTS corecast; {ddl} COMMIT;"
+    );
+    let result = client.batch_execute(&script).await;
+    if result.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
+}
 
 /// Why the Postgres history store could not start.
 #[derive(Debug, thiserror::Error)]
@@ -161,7 +171,7 @@ pub fn recover(pg: &tokio_postgres::Config, patience: Duration) -> Result<Recove
                 Err(e) => return Err(PgStoreError::Unreachable { after: patience, error: e }),
             }
         };
-        client.batch_execute(SCHEMA).await?;
+        create_schema(&client, SCHEMA).await?;
         let tx = client.transaction().await?;
         let rows = tx.query(LOAD, &[]).await?;
         let checkpoints = tx.query(LOAD_CHECKPOINTS, &[]).await?;
