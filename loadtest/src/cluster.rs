@@ -36,7 +36,7 @@ use serde::Serialize;
 
 use crate::coord::si;
 use crate::sys;
-use crate::wire::{parse_frame_head, push_client_frame, push_payload, scan_fields, OP_CLOSE, OP_TEXT};
+use crate::wire::{parse_frame_head, push_client_frame, push_payload, read_available, scan_fields, OP_CLOSE, OP_TEXT};
 
 /// Slot base: node `lt-3` streams from `loadtest_cl_lt_3`.
 const SLOT: &str = "loadtest_cl";
@@ -611,19 +611,8 @@ impl Net {
             if c.closed {
                 continue;
             }
-            loop {
-                match c.s.read(&mut self.chunk) {
-                    Ok(0) => {
-                        c.closed = true;
-                        break;
-                    }
-                    Ok(k) => c.buf.extend_from_slice(&self.chunk[..k]),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        c.closed = true;
-                        break;
-                    }
-                }
+            if !read_available(&mut c.s, &mut self.chunk, &mut c.buf) {
+                c.closed = true;
             }
             let t = now_us();
             let mut pos = 0;

@@ -39,7 +39,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::sys;
-use crate::wire::{parse_frame_head, push_client_frame, OP_CLOSE, OP_TEXT};
+use crate::wire::{parse_frame_head, push_client_frame, read_available, OP_CLOSE, OP_TEXT};
 
 /// Supabase's published figures for Postgres Changes (docs `apps/docs/data/realtime/
 /// throughput.json`, `benchmarks.mdx`), printed beside ours.
@@ -380,19 +380,8 @@ impl Subs {
                 if sub.closed {
                     continue;
                 }
-                loop {
-                    match sub.s.read(&mut chunk) {
-                        Ok(0) => {
-                            sub.closed = true;
-                            break;
-                        }
-                        Ok(k) => sub.buf.extend_from_slice(&chunk[..k]),
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(_) => {
-                            sub.closed = true;
-                            break;
-                        }
-                    }
+                if !read_available(&mut sub.s, &mut chunk, &mut sub.buf) {
+                    sub.closed = true;
                 }
                 let t = now_us();
                 let mut pos = 0;

@@ -484,6 +484,19 @@ pub fn parse_http_response(b: &[u8]) -> Option<(u16, usize, usize)> {
     Some((status, end, cl))
 }
 
+/// Reads everything a non-blocking socket has into `buf` (through `chunk`); returns `false`
+/// when the peer closed it or it failed.
+pub fn read_available(s: &mut impl std::io::Read, chunk: &mut [u8], buf: &mut Vec<u8>) -> bool {
+    loop {
+        match s.read(chunk) {
+            Ok(0) => return false,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
