@@ -58,9 +58,11 @@ pub struct RawConfig {
     #[arg(long, env = "CORECAST_PG_RESUME_GRACE_MS", default_value_t = 3000)]
     pub pg_resume_grace_ms: u64,
 
-    /// Cluster mode: `none` (one node, everything in process) or `postgres` (every node with
+    /// Cluster mode: `none` (one node, everything in process), `postgres` (every node with
     /// the same --database-url and `--cluster postgres` serves one set of channels: one order
-    /// per topic, cluster-wide offsets, presence across nodes; see the README).
+    /// per topic, cluster-wide offsets, presence across nodes; see the README) or
+    /// `nats://HOST:PORT[,…]` (the same over a NATS server with JetStream, which also keeps
+    /// the history).
     #[arg(long, env = "CORECAST_CLUSTER", default_value = "none", value_parser = crate::cluster::parse_mode)]
     pub cluster: crate::cluster::Mode,
 
@@ -173,6 +175,8 @@ pub enum HistoryStore {
     Log,
     /// The `corecast.history` table in `database_url`.
     Postgres,
+    /// The cluster's JetStream stream (`--cluster nats://…`): it holds every node's messages.
+    Stream,
 }
 
 /// Validated configuration, shared read-only by every shard.
@@ -269,6 +273,10 @@ pub enum ConfigError {
     ClusterWithoutDatabase,
     #[error("--cluster postgres keeps history in the shared database: --history-store log cannot be used with it")]
     ClusterWithLog,
+    #[error(
+        "--cluster nats://… keeps history in the JetStream stream every node shares: leave --history-store at auto"
+    )]
+    NatsWithHistoryStore,
 }
 
 impl RawConfig {
@@ -335,7 +343,12 @@ impl RawConfig {
                 return Err(ConfigError::Zero(name));
             }
         }
+        let nats = matches!(self.cluster, crate::cluster::Mode::Nats(_));
+        if nats && self.history_store != HistoryStoreArg::Auto {
+            return Err(ConfigError::NatsWithHistoryStore);
+        }
         let history_store = match (self.history_store, database_url.is_some()) {
+            _ if nats => HistoryStore::Stream,
             (HistoryStoreArg::Log, _) | (HistoryStoreArg::Auto, false) => HistoryStore::Log,
             (HistoryStoreArg::Postgres, true) | (HistoryStoreArg::Auto, true) => HistoryStore::Postgres,
             (HistoryStoreArg::Postgres, false) => return Err(ConfigError::HistoryStoreWithoutDatabase),
@@ -451,6 +464,18 @@ mod tests {
         let mut log = db.to_vec();
         log.extend(["--history-store", "log"]);
         assert_eq!(raw(&log).validate(&[0]).unwrap_err(), ConfigError::ClusterWithLog);
+        // NATS: the stream is the history, with or without a database for Postgres changes.
+        let nats = ["--cluster", "nats://127.0.0.1:4222"];
+        let c = raw(&nats).validate(&[0]).unwrap();
+        assert_eq!(
+            (c.cluster, c.history_store),
+            (Mode::Nats(vec!["nats://127.0.0.1:4222".into()]), HistoryStore::Stream)
+        );
+        let mut with_db = nats.to_vec();
+        with_db.extend(["--database-url", "postgres://u@h/db"]);
+        assert_eq!(raw(&with_db).validate(&[0]).unwrap().history_store, HistoryStore::Stream);
+        with_db.extend(["--history-store", "postgres"]);
+        assert_eq!(raw(&with_db).validate(&[0]).unwrap_err(), ConfigError::NatsWithHistoryStore);
     }
 
     #[test]

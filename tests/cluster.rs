@@ -1,8 +1,10 @@
-//! Cluster mode (`--cluster postgres`): several real nodes on loopback sharing one real
-//! PostgreSQL: broadcasts in one order everywhere (WebSocket, REST, SSE), presence across
-//! nodes with a killed node's members leaving and no ghosts after its restart, resume on
-//! another node under concurrent publishing, Postgres restarted mid-stream, and the clean-up of
-//! a dead node's replication slot.
+//! Cluster mode: several real nodes on loopback sharing one real PostgreSQL
+//! (`--cluster postgres`) or one real `nats-server -js` (`--cluster nats://…`). Each scenario
+//! runs against both engines: broadcasts in one order everywhere (WebSocket, REST, SSE),
+//! presence across nodes with a killed node's members leaving and no ghosts after its
+//! restart, resume on another node under concurrent publishing, shared history, the engine
+//! restarted mid-stream, realtime-js. Postgres only: the clean-up of a dead node's replication
+//! slot, a message the database refuses. NATS only: Postgres changes on every node.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,8 +13,38 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::util::nats::Nats;
 use crate::util::pg::{PrivatePg, TestDb};
 use crate::util::{http, Client, Msg, Server, SseClient};
+
+/// What a test's nodes share.
+enum Engine {
+    Pg(TestDb),
+    Nats(Nats),
+}
+
+impl Engine {
+    fn pg(name: &str) -> Engine {
+        Engine::Pg(TestDb::new(name))
+    }
+
+    fn nats() -> Engine {
+        Engine::Nats(Nats::start())
+    }
+
+    /// A node of this cluster.
+    fn node(&self, id: &str, extra: &[&str]) -> Server {
+        match self {
+            Engine::Pg(db) => node(db, id, extra),
+            Engine::Nats(n) => {
+                let url = n.url();
+                let mut args = vec!["--cluster", &url, "--node-id", id];
+                args.extend_from_slice(extra);
+                Server::start(&args)
+            }
+        }
+    }
+}
 
 /// A node of a cluster on `db`.
 fn node(db: &TestDb, id: &str, extra: &[&str]) -> Server {
@@ -36,7 +68,7 @@ fn wait_members(nodes: &[&Server], ids: &[&str]) {
         loop {
             let h = health(n);
             if h["members"].as_array() == Some(&want) {
-                assert_eq!(h["cluster"], "postgres");
+                assert!(h["cluster"] == "postgres" || h["cluster"] == "nats", "{h}");
                 break;
             }
             assert!(Instant::now() < deadline, "members never became {ids:?}: {h}");
@@ -61,8 +93,18 @@ fn next_broadcast(c: &mut Client) -> (u64, Value) {
 
 #[test]
 fn cluster_broadcasts_reach_every_node_in_one_order() {
-    let db = TestDb::new("cc_cl_order");
-    let nodes = [node(&db, "n-a", &[]), node(&db, "n-b", &[]), node(&db, "n-c", &[])];
+    one_order(Engine::pg("cc_cl_order"));
+}
+
+#[test]
+fn nats_cluster_broadcasts_reach_every_node_in_one_order() {
+    one_order(Engine::nats());
+}
+
+/// A WebSocket publisher on A and REST on B, both on one topic (the engine must serialize two
+/// nodes publishing at once): one dense order on all three nodes and over SSE on C.
+fn one_order(e: Engine) {
+    let nodes = [e.node("n-a", &[]), e.node("n-b", &[]), e.node("n-c", &[])];
     wait_members(&[&nodes[0], &nodes[1], &nodes[2]], &["n-a", "n-b", "n-c"]);
     for n in &nodes {
         let (st, headers, _) = http(n.addr, "GET", "/health", &[], b"");
@@ -176,10 +218,18 @@ fn wait_presence(node: &Server, topic: &str, want: &[&str], within: Duration) ->
 
 #[test]
 fn cluster_presence_spans_nodes_and_a_killed_node_leaves_without_ghosts() {
-    let db = TestDb::new("cc_cl_pres");
-    let a = node(&db, "p-a", &[]);
-    let b = node(&db, "p-b", &[]);
-    let c = node(&db, "p-c", &[]);
+    presence_across_nodes(Engine::pg("cc_cl_pres"));
+}
+
+#[test]
+fn nats_cluster_presence_spans_nodes_and_a_killed_node_leaves_without_ghosts() {
+    presence_across_nodes(Engine::nats());
+}
+
+fn presence_across_nodes(e: Engine) {
+    let a = e.node("p-a", &[]);
+    let b = e.node("p-b", &[]);
+    let c = e.node("p-c", &[]);
     wait_members(&[&a, &b, &c], &["p-a", "p-b", "p-c"]);
     // Alice on A, Bob on B; Carol watches on C through diffs.
     let mut carol = Client::connect(&c.ws_url("2.0.0"));
@@ -254,9 +304,17 @@ fn cluster_presence_spans_nodes_and_a_killed_node_leaves_without_ghosts() {
 
 #[test]
 fn cluster_resume_on_another_node_is_gapless_under_concurrent_publishing() {
-    let db = TestDb::new("cc_cl_resume");
+    resume_elsewhere(Engine::pg("cc_cl_resume"));
+}
+
+#[test]
+fn nats_cluster_resume_on_another_node_is_gapless_under_concurrent_publishing() {
+    resume_elsewhere(Engine::nats());
+}
+
+fn resume_elsewhere(e: Engine) {
     let w = ["--window-messages", "100000"];
-    let nodes = [node(&db, "r-a", &w), node(&db, "r-b", &w), node(&db, "r-c", &w)];
+    let nodes = [e.node("r-a", &w), e.node("r-b", &w), e.node("r-c", &w)];
     wait_members(&[&nodes[0], &nodes[1], &nodes[2]], &["r-a", "r-b", "r-c"]);
     let mut publ = Client::connect(&nodes[0].ws_url("2.0.0"));
     publ.join_v2("stream", "p", json!({}));
@@ -309,22 +367,47 @@ fn cluster_resume_on_another_node_is_gapless_under_concurrent_publishing() {
     let _ = publisher.join().unwrap();
     assert_eq!(seqs, (0..total).collect::<Vec<_>>(), "no gap, no duplicate, in order");
     assert!(sub.try_recv(Duration::from_millis(300)).is_none());
-    // A node that started after the messages were sent has none of them: resuming there from
-    // an old offset is refused explicitly, never a silent gap.
-    let late = node(&db, "r-late", &w);
+    let late = e.node("r-late", &w);
     let mut c = Client::connect(&late.ws_url("2.0.0"));
     let (epoch, _) = last.unwrap();
     c.join_v2("stream", "s", json!({"broadcast": {"resume": {"epoch": epoch, "offset": 5}}}));
-    let m = c.recv_json();
-    assert_eq!(m[3], "system", "{m}");
-    assert!(m[4]["message"].as_str().unwrap().starts_with("resume impossible"), "{m}");
+    match e {
+        // Postgres: a node that started after the messages were sent has none of them
+        // (unpersisted messages are not kept in the database): resuming there from an old
+        // offset is refused explicitly, never a silent gap.
+        Engine::Pg(_) => {
+            let m = c.recv_json();
+            assert_eq!(m[3], "system", "{m}");
+            assert!(m[4]["message"].as_str().unwrap().starts_with("resume impossible"), "{m}");
+        }
+        // NATS: the stream holds them; the late node read it at start and serves the resume.
+        Engine::Nats(_) => {
+            let mut offsets = Vec::new();
+            while (offsets.len() as u64) < total - 5 {
+                let m = c.recv_json();
+                assert_ne!(m[3], "system", "{m}");
+                if m[3] == "broadcast" {
+                    offsets.push(m[4]["meta"]["offset"].as_u64().unwrap());
+                }
+            }
+            assert_eq!(offsets, (6..=total).collect::<Vec<_>>());
+        }
+    }
 }
 
 #[test]
 fn cluster_persisted_history_is_shared_and_acknowledged_after_commit() {
-    let db = TestDb::new("cc_cl_hist");
-    let a = node(&db, "h-a", &[]);
-    let b = node(&db, "h-b", &[]);
+    shared_history(Engine::pg("cc_cl_hist"));
+}
+
+#[test]
+fn nats_cluster_persisted_history_is_shared_and_acknowledged_after_commit() {
+    shared_history(Engine::nats());
+}
+
+fn shared_history(e: Engine) {
+    let a = e.node("h-a", &[]);
+    let b = e.node("h-b", &[]);
     wait_members(&[&a, &b], &["h-a", "h-b"]);
     for i in 0..5 {
         let body =
@@ -339,12 +422,14 @@ fn cluster_persisted_history_is_shared_and_acknowledged_after_commit() {
         assert_eq!(st, 202);
     }
     // 202 came after the commit: the rows are in the shared table, with cluster offsets.
-    assert_eq!(
-        db.sql(
-            "SELECT string_agg(\"offset\"::text, ',' ORDER BY \"offset\") FROM corecast.history WHERE topic = 'log'"
-        ),
-        "1,2,3,4,5"
-    );
+    if let Engine::Pg(db) = &e {
+        assert_eq!(
+            db.sql(
+                "SELECT string_agg(\"offset\"::text, ',' ORDER BY \"offset\") FROM corecast.history WHERE topic = 'log'"
+            ),
+            "1,2,3,4,5"
+        );
+    }
     // Node B serves them as history (it got them from the stream).
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -358,8 +443,8 @@ fn cluster_persisted_history_is_shared_and_acknowledged_after_commit() {
         assert!(Instant::now() < deadline, "history on B: {v}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // A node started now loads them from the table.
-    let c = node(&db, "h-c", &[]);
+    // A node started now loads them from the table (the stream, with NATS).
+    let c = e.node("h-c", &[]);
     let (_, _, body) = http(c.addr, "GET", "/realtime/v1/api/channels/log/messages?limit=10", &[], b"");
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["messages"].as_array().unwrap().len(), 5, "{v}");
@@ -368,9 +453,26 @@ fn cluster_persisted_history_is_shared_and_acknowledged_after_commit() {
 #[test]
 fn cluster_survives_postgres_restart_without_losing_acknowledged_messages() {
     let pg = PrivatePg::start();
-    let db = TestDb::on(pg.pg(), "cc_cl_pgrestart");
-    let a = node(&db, "g-a", &[]);
-    let b = node(&db, "g-b", &[]);
+    let e = Engine::Pg(TestDb::on(pg.pg(), "cc_cl_pgrestart"));
+    let outage = |up: bool| if up { pg.pg().start_again() } else { pg.pg().stop() };
+    engine_outage(&e, Duration::from_millis(500), &outage);
+}
+
+#[test]
+fn nats_cluster_survives_a_nats_restart_without_losing_acknowledged_messages() {
+    let e = Engine::nats();
+    let Engine::Nats(n) = &e else { unreachable!() };
+    // Longer than the link's ack timeout (2 s), so that it degrades rather than waits.
+    let outage = |up: bool| if up { n.start_again() } else { n.stop() };
+    engine_outage(&e, Duration::from_secs(3), &outage);
+}
+
+/// The engine stops abruptly mid-stream (`outage(false)`) for at least `down`, then comes back
+/// (`outage(true)`): nothing is acknowledged meanwhile, the publisher's channel is told the
+/// link degraded, and everything reaches another node once, in order.
+fn engine_outage(e: &Engine, down: Duration, outage: &dyn Fn(bool)) {
+    let a = e.node("g-a", &[]);
+    let b = e.node("g-b", &[]);
     wait_members(&[&a, &b], &["g-a", "g-b"]);
     let mut sub = Client::connect(&b.ws_url("2.0.0"));
     sub.join_v2("feed", "s", json!({}));
@@ -381,11 +483,11 @@ fn cluster_survives_postgres_restart_without_losing_acknowledged_messages() {
     let mut system = Vec::new();
     for i in 0..total {
         if i == 20 {
-            pg.pg().stop();
-            std::thread::sleep(Duration::from_millis(500));
+            outage(false);
         }
         if i == 30 {
-            pg.pg().start_again();
+            std::thread::sleep(down); // messages 20..29 wait for the engine meanwhile
+            outage(true);
         }
         publ.send_json(&json!(["p", i.to_string(), "realtime:feed", "broadcast", {"type": "broadcast", "event": "n", "payload": {"seq": i}}]));
         // Up to message 20 every ack arrives promptly; while the database is down none does.
@@ -464,6 +566,76 @@ fn cluster_realtime_js() {
     let (url, slot) = (db.url(), db.slot().to_string());
     let env = [("DATABASE_URL", url.as_str()), ("CORECAST_SLOT", slot.as_str())];
     crate::interop::run_js_with("cluster.test.mjs", &env, Duration::from_secs(120));
+}
+
+/// The same over NATS (`CORECAST_TEST_CLUSTER` names the server).
+#[test]
+fn nats_cluster_realtime_js() {
+    let n = Nats::start();
+    let url = n.url();
+    crate::interop::run_js_with(
+        "cluster.test.mjs",
+        &[("CORECAST_TEST_CLUSTER", url.as_str())],
+        Duration::from_secs(120),
+    );
+}
+
+/// NATS mode with a database: Postgres changes reach subscribers on every node (each node reads
+/// its own replication slot), and a dead node's slot is dropped as in Postgres mode.
+#[test]
+fn nats_cluster_postgres_changes_reach_every_node() {
+    let n = Nats::start();
+    let db = TestDb::new("cc_cl_natspg");
+    db.sql("CREATE TABLE items (id int PRIMARY KEY, name text)");
+    let (url, nats) = (db.url(), n.url());
+    let ttl = "2";
+    let start = |id: &str| {
+        let args = ["--cluster", nats.as_str(), "--slot", db.slot(), "--node-id", id, "--cluster-slot-ttl-secs", ttl];
+        Server::start_with_env(&args, &[("DATABASE_URL", &url)])
+    };
+    let (a, b) = (start("q-a"), start("q-b"));
+    wait_members(&[&a, &b], &["q-a", "q-b"]);
+    let mut subs: Vec<Client> = [&a, &b]
+        .iter()
+        .map(|n| {
+            let mut c = Client::connect(&n.ws_url("2.0.0"));
+            let config =
+                json!({"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "items"}]}});
+            c.send_json(&json!(["1", "1", "realtime:db", "phx_join", config]));
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                assert!(Instant::now() < deadline, "never subscribed to PostgreSQL");
+                let m = c.recv_json();
+                if m[3] == "system" {
+                    assert_eq!(m[4]["message"], "Subscribed to PostgreSQL", "{m}");
+                    break;
+                }
+            }
+            c
+        })
+        .collect();
+    db.sql("INSERT INTO items VALUES (1, 'one'), (2, 'two')");
+    for c in subs.iter_mut() {
+        let ids: Vec<i64> = (0..2)
+            .map(|_| loop {
+                let m = c.recv_json();
+                if m[3] == "postgres_changes" {
+                    break m[4]["data"]["record"]["id"].as_i64().unwrap();
+                }
+            })
+            .collect();
+        assert_eq!(ids, [1, 2]);
+    }
+    let slot_a = format!("{}_q_a", db.slot());
+    let slots = || db.sql("SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots");
+    assert!(slots().contains(&slot_a), "{}", slots());
+    drop(a); // SIGKILL
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slots().contains(&slot_a) {
+        assert!(Instant::now() < deadline, "slot of the dead node still there: {}", slots());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_members(&[&b], &["q-b"]);
 }
 
 /// A message the database refuses (a NUL in a persisted message's event name: `text` cannot

@@ -1,4 +1,5 @@
-//! Cluster mode: how broadcasts, presence and history cross nodes (`--cluster postgres`).
+//! Cluster mode: how broadcasts, presence and history cross nodes (`--cluster postgres` or
+//! `--cluster nats://…`).
 //! Cluster traffic enters and leaves a node here and nowhere else; shards only see
 //! [`ClusterOut`] (what they hand to the cluster) and [`crate::bus::ShardMsg::Remote`] and
 //! friends (what the cluster hands them), never the engine behind it.
@@ -26,9 +27,16 @@
 //!   (or a node that was cut off) converges. A restarted node has a new run: the old run's
 //!   members leave, nothing comes back as a ghost.
 //!
+//! The description above is the Postgres backend's; the NATS backend ([`nats`]) has the same
+//! shape with JetStream in the database's place: a per-topic compare-and-set publish instead
+//! of the row lock, the stream instead of the WAL and `corecast.history`, core-NATS
+//! heartbeats instead of `corecast.nodes`.
+//!
 //! Modules: [`wire`] (the batch format, pure), [`postgres`] (the Postgres backend: schema,
-//! sequencing transaction, heartbeats, membership, clean-up of dead nodes' slots).
+//! sequencing transaction, heartbeats, membership, clean-up of dead nodes' slots), [`nats`]
+//! (the NATS backend: stream, compare-and-set sequencing, consumer, presence and leases).
 
+pub mod nats;
 pub mod postgres;
 pub mod wire;
 
@@ -60,6 +68,8 @@ pub enum Mode {
     None,
     /// Nodes sharing `--database-url`.
     Postgres,
+    /// Nodes sharing a NATS server (JetStream enabled): its URLs.
+    Nats(Vec<String>),
 }
 
 impl Mode {
@@ -68,6 +78,7 @@ impl Mode {
         match self {
             Mode::None => "none",
             Mode::Postgres => "postgres",
+            Mode::Nats(_) => "nats",
         }
     }
 }
@@ -77,9 +88,7 @@ pub fn parse_mode(s: &str) -> Result<Mode, String> {
     match s.trim() {
         "" | "none" => Ok(Mode::None),
         "postgres" => Ok(Mode::Postgres),
-        s if s.starts_with("nats://") => {
-            Err(format!("--cluster {s}: the NATS backend is not available in this build yet; use --cluster postgres"))
-        }
+        s if s.starts_with("nats://") => nats::parse_urls(s).map(Mode::Nats),
         s => Err(format!("--cluster {s:?}: expected none, postgres or nats://HOST:PORT")),
     }
 }
@@ -245,11 +254,28 @@ impl LinkError {
     }
 }
 
+/// What a lease renewal found out.
+#[derive(Debug, Default)]
+pub struct Beat {
+    /// The live `(node, run)`s, this one included.
+    pub live: Vec<(String, u64)>,
+    /// Runs that may have missed presence changes (they, or this node, lost the engine for a
+    /// moment without their lease lapsing): every node announces its members again.
+    pub resync: Vec<u64>,
+}
+
 /// An item of the batch being committed.
 #[derive(Debug)]
 pub enum Pending {
     /// A broadcast: its epoch and offset are filled in by [`Backend::commit`].
-    Publish { msg: Box<wire::Sequenced>, ack_to: Option<(usize, ConnId)>, ack: Option<Bytes> },
+    Publish {
+        msg: Box<wire::Sequenced>,
+        ack_to: Option<(usize, ConnId)>,
+        ack: Option<Bytes>,
+        /// Already committed by an earlier, partly failed [`Backend::commit`] of this batch
+        /// (a backend that commits a batch in parts sets it; the retry skips it).
+        done: bool,
+    },
     /// A presence change of a local member.
     Presence(wire::Item),
 }
@@ -262,7 +288,7 @@ pub trait Backend {
     /// order. `Ok` once all of it is durable; on `Err` nothing of it was.
     async fn commit(&self, batch: &mut [Pending]) -> Result<(), LinkError>;
     /// Renews this node's lease; returns the live `(node, run)`s, this one included.
-    async fn heartbeat(&self) -> Result<Vec<(String, u64)>, LinkError>;
+    async fn heartbeat(&self) -> Result<Beat, LinkError>;
     /// Whether this node's stream exists, so what others send from now on reaches it.
     async fn ready(&self) -> Result<bool, LinkError>;
     /// Ends this node's lease now (clean shutdown).
@@ -313,7 +339,7 @@ fn pending(out: ClusterOut) -> Pending {
                     generation: o.conn.generation,
                 }),
             };
-            Pending::Publish { msg: Box::new(msg), ack_to, ack }
+            Pending::Publish { msg: Box::new(msg), ack_to, ack, done: false }
         }
         ClusterOut::Track { topic, member, key, meta } => {
             Pending::Presence(wire::Item::Track { topic, member, key, meta })
@@ -485,8 +511,13 @@ async fn membership<B: Backend>(
     let mut last_clean = std::time::Instant::now();
     loop {
         match b.heartbeat().await {
-            Ok(live) => {
+            Ok(Beat { live, resync }) => {
                 let (gone, mut joined) = m.update(live);
+                for r in resync {
+                    if !joined.contains(&r) {
+                        joined.push(r);
+                    }
+                }
                 if std::mem::take(&mut failing) && !joined.contains(&run) {
                     // Others may have dropped this node's members meanwhile: announce them again.
                     joined.push(run);
@@ -618,10 +649,11 @@ mod tests {
     }
 
     #[test]
-    fn modes_parse_and_nats_is_refused_honestly() {
+    fn modes_parse() {
         assert_eq!(parse_mode("none"), Ok(Mode::None));
         assert_eq!(parse_mode("postgres"), Ok(Mode::Postgres));
-        assert!(parse_mode("nats://127.0.0.1:4222").unwrap_err().contains("not available"));
+        assert_eq!(parse_mode("nats://127.0.0.1:4222"), Ok(Mode::Nats(vec!["nats://127.0.0.1:4222".into()])));
+        assert_eq!(parse_mode("nats://a:1,nats://b:2"), Ok(Mode::Nats(vec!["nats://a:1".into(), "nats://b:2".into()])));
         assert!(parse_mode("redis").is_err());
     }
 

@@ -257,12 +257,13 @@ impl Backend for Postgres {
         r
     }
 
-    async fn heartbeat(&self) -> Result<Vec<(String, u64)>, LinkError> {
+    async fn heartbeat(&self) -> Result<super::Beat, LinkError> {
         let r = async {
             let c = self.beat_conn().await?;
             c.execute(BEAT, &[&self.node, &(self.run as i64), &self.slot]).await.map_err(sql)?;
             let rows = c.query(LIVE, &[&(super::LEASE.as_millis() as i64)]).await.map_err(sql)?;
-            Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64)).collect())
+            let live = rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64)).collect();
+            Ok(super::Beat { live, resync: Vec::new() })
         }
         .await;
         if r.is_err() {

@@ -87,7 +87,7 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
     let (ready_tx, ready_rx) = mpsc::channel();
     let (inbox_tx, inbox_rx): (Vec<_>, Vec<_>) = (0..cfg.shards).map(|_| flume::bounded(INBOX_CAPACITY)).unzip();
     let postgres = match cfg.history_store {
-        HistoryStore::Log => None,
+        HistoryStore::Log | HistoryStore::Stream => None,
         HistoryStore::Postgres => match postgres_history(&cfg, &inbox_tx) {
             Ok(p) => Some(p),
             Err(e) if cfg.history_store_fallback => {
@@ -104,12 +104,16 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
     };
     let (_lock, durable, mut recovered) = match postgres {
         Some((durable, recovered)) => (None, durable, recovered),
+        // The cluster's stream is the history: what it holds arrives below.
+        None if cfg.history_store == HistoryStore::Stream => {
+            (None, Durable::Off, (0..cfg.shards).map(|_| Vec::new()).collect())
+        }
         None => {
             let (lock, generation, recovered) = prepare_history(&cfg)?;
             (Some(lock), Durable::Log { generation }, recovered)
         }
     };
-    let (cluster, inbound) = match cfg.cluster {
+    let (cluster, inbound) = match &cfg.cluster {
         crate::cluster::Mode::None => (None, None),
         crate::cluster::Mode::Postgres => {
             let url = cfg.database_url.as_deref().unwrap_or_default();
@@ -125,6 +129,29 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
             .map_err(BootError::Cluster)?;
             tracing::info!(node = %cfg.node_id(), slot = %cfg.slot, "cluster mode: postgres");
             (Some(handle), Some(inbound))
+        }
+        crate::cluster::Mode::Nats(urls) => {
+            let pg = match cfg.database_url.as_deref() {
+                Some(url) => Some((
+                    crate::ingest::parse_database_url(url).map_err(BootError::Ingest)?,
+                    cfg.slot.clone(),
+                    cfg.cluster_slot_ttl,
+                )),
+                None => None,
+            };
+            let (handle, from_stream) = crate::cluster::nats::start_nats(
+                urls.clone(),
+                cfg.node_id().to_string(),
+                inbox_tx.clone(),
+                cfg.ingest_cpu,
+                cfg.limits.history(),
+                cfg.limits.max_payload_bytes,
+                pg,
+            )
+            .map_err(BootError::Cluster)?;
+            tracing::info!(node = %cfg.node_id(), servers = %urls.join(","), topics = from_stream.len(), "cluster mode: nats");
+            recovered = distribute(&cfg, from_stream);
+            (Some(handle), None)
         }
     };
     let ingest = match &cfg.database_url {

@@ -51,6 +51,15 @@ impl Shard {
         for m in rt.messages {
             t.history.restore(m);
         }
+        let limits = self.cfg.limits.history();
+        let mut previous = None;
+        for (m, persisted) in rt.recent {
+            if previous.is_some_and(|p: u64| p + 1 != m.offset) {
+                t.history.clear_window(); // the window holds consecutive offsets only
+            }
+            previous = Some(m.offset);
+            t.history.push(m, persisted, &limits);
+        }
         self.owned.borrow_mut().insert(topic, t);
     }
 

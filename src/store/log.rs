@@ -194,6 +194,9 @@ pub struct RecoveredTopic {
     /// A checkpoint came after the last message: the epoch may continue.
     pub clean: bool,
     pub messages: Vec<Arc<StoredMsg>>,
+    /// Cluster mode (NATS): every message the stream still holds, in offset order, with its
+    /// persisted flag: they fill the recent window (and the history, for persisted ones).
+    pub recent: Vec<(Arc<StoredMsg>, bool)>,
 }
 
 /// Everything read from the data directory.

@@ -1,5 +1,6 @@
 // Cluster mode with the unmodified realtime-js client: three real corecast nodes
-// (`--cluster postgres`) sharing one PostgreSQL (DATABASE_URL, slot base CORECAST_SLOT).
+// (`--cluster postgres`) sharing one PostgreSQL (DATABASE_URL, slot base CORECAST_SLOT), or
+// one NATS server (`--cluster $CORECAST_TEST_CLUSTER`).
 // Clients on different nodes exchange broadcasts over WebSocket, REST (`send()` on a channel
 // that is not joined) and SSE (the `eventsource` package), all in one order with cluster-wide
 // offsets; presence tracked on one node is seen on the others, and a node killed with SIGKILL
@@ -12,6 +13,8 @@ import { Server, Log, makeClient, closeClient, subscribed, collect, topic, sleep
 
 const DB = process.env.DATABASE_URL
 const SLOT = process.env.CORECAST_SLOT
+// `nats://…`: the same against a NATS cluster instead.
+const NATS = process.env.CORECAST_TEST_CLUSTER
 const IDS = ['js-a', 'js-b', 'js-c']
 
 async function members(node) {
@@ -21,10 +24,14 @@ async function members(node) {
 
 let nodes = []
 before(async () => {
-  if (!DB || !SLOT) throw new Error('DATABASE_URL and CORECAST_SLOT must be set')
-  for (const id of IDS) {
-    const args = ['--cluster', 'postgres', '--slot', SLOT, '--node-id', id]
-    nodes.push(await new Server({ args, env: { DATABASE_URL: DB } }).start())
+  if (NATS) {
+    for (const id of IDS) nodes.push(await new Server({ args: ['--cluster', NATS, '--node-id', id] }).start())
+  } else {
+    if (!DB || !SLOT) throw new Error('DATABASE_URL and CORECAST_SLOT (or CORECAST_TEST_CLUSTER) must be set')
+    for (const id of IDS) {
+      const args = ['--cluster', 'postgres', '--slot', SLOT, '--node-id', id]
+      nodes.push(await new Server({ args, env: { DATABASE_URL: DB } }).start())
+    }
   }
   const t0 = Date.now()
   for (const n of nodes) {

@@ -1,6 +1,7 @@
 //! Test harness: start the real server binary, WebSocket and HTTP clients.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod pg;
 
 use std::io::{BufRead, BufReader, Read, Write};
