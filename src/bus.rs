@@ -36,6 +36,8 @@ pub enum ShardMsg {
     /// From a topic's owner: a message from this connection was sequenced. `frame` is the
     /// WebSocket `ack` reply; `None` counts down an HTTP publish request waiting for its 202.
     Sequenced { conn: ConnId, frame: Option<Bytes> },
+    /// From the cluster link: several [`ShardMsg::Sequenced`] at once, in order.
+    SequencedMany(Vec<(ConnId, Option<Bytes>)>),
     /// From a topic's owner to a shard with subscribers: queue these frames to them.
     Deliver { topic: Topic, frames: Arc<Frames>, exclude: Option<Origin> },
     /// To a topic's owner: track (or update) `conn`'s presence under `key`.
@@ -73,11 +75,11 @@ pub enum ShardMsg {
     JoinDecision { conn: ConnId, topic: Topic, allowed: bool, reason: String },
     /// From the ingest thread: end this channel with a `system` error and `phx_close`.
     CloseChannel { conn: ConnId, topic: Topic, message: String },
-    /// From the cluster (to the topic's owner): a message the cluster sequenced, with its
-    /// cluster-wide epoch and offset. `exclude`: the publisher, when it is on this node and its
-    /// channel has `self: false`. Not `live`: sequenced before this process started (it only
-    /// fills the recent window).
-    Remote { msg: Box<crate::cluster::wire::Sequenced>, exclude: Option<Origin>, live: bool },
+    /// From the cluster (to the topics' owner): messages the cluster sequenced, in order, with
+    /// their cluster-wide epoch and offset (one batch's worth for this shard). `exclude`: the
+    /// publisher, when it is on this node and its channel has `self: false`. Not `live`:
+    /// sequenced before this process started (they only fill the recent window).
+    Remote { msgs: Vec<(Box<crate::cluster::wire::Sequenced>, Option<Origin>)>, live: bool },
     /// From the cluster (to the topic's owner): another node's member tracked (`meta` is its
     /// state) or stopped tracking (`meta` is `None`).
     RemoteTrack { topic: Topic, run: u64, member: crate::cluster::wire::Member, key: Arc<str>, meta: Option<Bytes> },

@@ -1,10 +1,12 @@
-//! `loadtest cluster`: corecast's cluster mode (`--cluster postgres`) against a real database.
+//! `loadtest cluster`: corecast's cluster mode against a real engine: `--backend postgres`
+//! (`--cluster postgres` on `--database-url`) or `--backend nats` (`--cluster nats://…` on a
+//! `nats-server -js` this tool starts on a free port with a fresh store, unpinned).
 //!
-//! The tool starts `--nodes` corecast nodes itself (`--cluster postgres --shards 1`, node ids
-//! `lt-0 …`, slot base `loadtest_cl`, fresh data dirs, `--cpus` from `--node-cpus`, by default
-//! `0,0`: every node's shard and its replication (ingest) thread on CPU 0), waits until every
-//! node's `GET /health` lists all of them, and drives them from this process: one epoll loop,
-//! pinned to `--client-cpu` (1). PostgreSQL is not started here and not pinned.
+//! The tool starts `--nodes` corecast nodes itself (`--shards 1`, node ids `lt-0 …`, slot base
+//! `loadtest_cl`, fresh data dirs, `--cpus` from `--node-cpus`, by default `0,0`: every node's
+//! shard and its cluster/replication thread on CPU 0), waits until every node's `GET /health`
+//! lists all of them, and drives them from this process: one epoll loop, pinned to
+//! `--client-cpu` (1). PostgreSQL is not started here and not pinned.
 //!
 //! - **latency**: `--subscribers` WebSocket clients (vsn 2.0.0, one channel on one topic)
 //!   spread evenly over the nodes, one publisher on node 0 sending broadcasts at `--rate` for
@@ -16,10 +18,11 @@
 //! - **ceiling**: `--publishers` WebSocket connections on node 0, joined with
 //!   `broadcast.ack = true`, each keeping `--window` unacknowledged broadcasts in flight, for
 //!   `--seconds`; one subscriber per node. Acknowledged msgs/s (an ack is sent after the
-//!   sequencing transaction committed), delivered msgs/s at the subscriber on node 1, and what
-//!   each message cost the database: CPU time of every process whose `comm` starts with
-//!   `postgres` (utime + stime, so the walsenders decoding N slots are in it) per 1,000
-//!   messages, and WAL bytes per message (`pg_current_wal_lsn()` before and after).
+//!   message was sequenced: committed, or stored by JetStream), delivered msgs/s at the
+//!   subscriber on node 1, and what each message cost the engine: CPU time of every process
+//!   whose `comm` starts with `postgres` (utime + stime, so the walsenders decoding N slots are
+//!   in it) or `nats-server`, per 1,000 messages, and bytes per message (WAL written:
+//!   `pg_current_wal_lsn()` before and after; NATS: what the server received, `/varz` `in_bytes`).
 //!
 //! SQL goes through `psql`, as in `pg.rs`.
 
@@ -45,14 +48,30 @@ const SLOT: &str = "loadtest_cl";
 pub enum Mode {
     Latency,
     Ceiling,
+    /// The ceiling run against one `--cluster none` node: what the cluster adds per message.
+    CeilingSingle,
     All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Postgres,
+    Nats,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct ClusterArgs {
-    /// Database every node shares (wal_level=logical; schema corecast is created there).
+    /// The cluster engine.
+    #[arg(long, value_enum, default_value = "postgres")]
+    pub backend: Backend,
+    /// Database every node shares (wal_level=logical; schema corecast is created there);
+    /// `--backend postgres` only.
     #[arg(long, env = "DATABASE_URL")]
-    pub database_url: String,
+    pub database_url: Option<String>,
+    /// nats-server binary (`--backend nats`).
+    #[arg(long, default_value = "nats-server")]
+    pub nats_server: String,
     /// psql binary.
     #[arg(long, default_value = "psql")]
     pub psql: String,
@@ -166,15 +185,18 @@ pub struct CeilingResult {
     pub lost: u64,
     pub ack_p50_ms: f64,
     pub ack_p99_ms: f64,
-    /// CPU time of every `postgres*` process on this machine, per 1,000 acknowledged messages.
-    pub pg_cpu_ms_per_1000: f64,
-    pub pg_cpu_secs: f64,
-    pub wal_bytes: u64,
-    pub wal_bytes_per_msg: f64,
+    /// CPU time of every engine process (`postgres*` / `nats-server`) on this machine, per
+    /// 1,000 acknowledged messages.
+    pub engine_cpu_ms_per_1000: f64,
+    pub engine_cpu_secs: f64,
+    /// Bytes the engine took in (WAL written, or bytes nats-server received).
+    pub engine_bytes: u64,
+    pub engine_bytes_per_msg: f64,
 }
 
 #[derive(Debug, Serialize)]
 pub struct ClusterResults {
+    pub backend: Backend,
     pub nodes: usize,
     pub pinning: String,
     pub host: String,
@@ -287,12 +309,13 @@ pub fn spread(n: usize, nodes: usize) -> Vec<usize> {
 
 struct Db<'a> {
     a: &'a ClusterArgs,
+    url: String,
 }
 
 impl Db<'_> {
     fn sql(&self, sql: &str) -> Result<String, String> {
         let out = Command::new(&self.a.psql)
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.a.database_url, "-c", sql])
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.url, "-c", sql])
             .stdin(Stdio::null())
             .output()
             .map_err(|e| format!("cannot run {}: {e}", self.a.psql))?;
@@ -326,13 +349,125 @@ impl Db<'_> {
     }
 }
 
-/// CPU ticks of every process on this machine whose comm starts with `postgres`.
-fn postgres_ticks() -> u64 {
+/// A `nats-server -js` of this run: a free port, a fresh store, killed on drop.
+struct NatsProc {
+    child: Child,
+    port: u16,
+    /// The monitoring port (`/varz`).
+    http: u16,
+    dir: PathBuf,
+}
+
+impl NatsProc {
+    fn start(bin: &str) -> Result<NatsProc, String> {
+        let free = || -> Result<u16, String> {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+        };
+        let (port, http) = (free()?, free()?);
+        let dir = std::env::temp_dir().join(format!("loadtest-cl-nats-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let log = dir.join("log");
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &http.to_string(), "-js", "-sd"])
+            .arg(dir.join("store"))
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {bin}: {e} (apt-get install nats-server)"))?;
+        let n = NatsProc { child, port, http, dir };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("Server is ready") {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "nats-server did not become ready: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(n)
+    }
+
+    /// Bytes the server has received from its clients (`/varz` `in_bytes`): the published
+    /// batches, plus small change (heartbeats, presence, consumer flow control).
+    fn in_bytes(&self) -> Result<u64, String> {
+        let mut c = TcpStream::connect(("127.0.0.1", self.http)).map_err(|e| format!("nats /varz: {e}"))?;
+        c.write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut body = String::new();
+        c.read_to_string(&mut body).map_err(|e| e.to_string())?;
+        parse_in_bytes(&body).ok_or_else(|| "nats /varz: no in_bytes".to_string())
+    }
+}
+
+impl Drop for NatsProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the nodes share.
+enum Engine<'a> {
+    Pg(Db<'a>),
+    Nats(NatsProc),
+}
+
+impl Engine<'_> {
+    /// The `--cluster …` arguments and environment of a node.
+    fn node_args(&self) -> (Vec<String>, Vec<(String, String)>) {
+        match self {
+            Engine::Pg(db) => (
+                vec!["--cluster".into(), "postgres".into(), "--slot".into(), SLOT.into()],
+                vec![("DATABASE_URL".into(), db.url.clone())],
+            ),
+            Engine::Nats(n) => (vec!["--cluster".into(), format!("nats://127.0.0.1:{}", n.port)], Vec::new()),
+        }
+    }
+
+    /// Bytes the engine has written so far.
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Engine::Pg(db) => db.wal_lsn(),
+            Engine::Nats(n) => n.in_bytes(),
+        }
+    }
+
+    /// CPU ticks of the engine's processes.
+    fn ticks(&self) -> u64 {
+        match self {
+            Engine::Pg(_) => process_ticks("postgres"),
+            Engine::Nats(_) => process_ticks("nats-server"),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Engine::Pg(_) => "postgres",
+            Engine::Nats(_) => "nats-server",
+        }
+    }
+}
+
+/// `"in_bytes": N` of a `/varz` response.
+pub fn parse_in_bytes(body: &str) -> Option<u64> {
+    let rest = &body[body.find("\"in_bytes\"")? + 10..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())].parse().ok()
+}
+
+/// CPU ticks of every process on this machine whose comm starts with `prefix`.
+fn process_ticks(prefix: &str) -> u64 {
     let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
     rd.flatten()
         .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
         .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter_map(|s| parse_stat(&s).filter(|(c, _)| c.starts_with("postgres")).map(|(_, t)| t))
+        .filter_map(|s| parse_stat(&s).filter(|(c, _)| c.starts_with(prefix)).map(|(_, t)| t))
         .sum()
 }
 
@@ -348,7 +483,8 @@ struct Node {
 
 impl Node {
     /// Node `idx`: a cluster node, or (`cluster == false`) the single-node baseline.
-    fn start(a: &ClusterArgs, idx: usize, cluster: bool) -> Result<Node, String> {
+    fn start(a: &ClusterArgs, idx: usize, engine: Option<&Engine<'_>>) -> Result<Node, String> {
+        let cluster = engine.is_some();
         let id = format!("lt-{idx}");
         let dir = std::env::temp_dir().join(format!("loadtest-cl-{}-{id}-{}", std::process::id(), cluster));
         let _ = std::fs::remove_dir_all(&dir);
@@ -364,8 +500,9 @@ impl Node {
             .env_remove("CORECAST_CLUSTER")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        if cluster {
-            cmd.args(["--cluster", "postgres", "--slot", SLOT]).env("DATABASE_URL", &a.database_url);
+        if let Some(e) = engine {
+            let (args, env) = e.node_args();
+            cmd.args(args).envs(env);
         } else {
             cmd.args(["--cluster", "none"]).env_remove("DATABASE_URL");
         }
@@ -837,7 +974,7 @@ fn latency_run(a: &ClusterArgs, nodes: &[Node], label: &str, topic: &str) -> Res
 // ---------------------------------------------------------------------------------------------
 // Ceiling
 
-fn ceiling_run(a: &ClusterArgs, db: &Db<'_>, nodes: &[Node], topic: &str) -> Result<CeilingResult, String> {
+fn ceiling_run(a: &ClusterArgs, engine: &Engine<'_>, nodes: &[Node], topic: &str) -> Result<CeilingResult, String> {
     let mut net = Net::new()?;
     let subs: Vec<usize> =
         (0..nodes.len()).map(|k| net.connect(nodes[k].addr, k, topic, false)).collect::<Result<_, _>>()?;
@@ -860,8 +997,8 @@ fn ceiling_run(a: &ClusterArgs, db: &Db<'_>, nodes: &[Node], topic: &str) -> Res
     let mut last_ack = None::<Instant>;
     let (mut first, mut last) = (None::<Instant>, Instant::now());
     let mut watch_got = 0u64;
-    let wal0 = db.wal_lsn()?;
-    let ticks0 = postgres_ticks();
+    let bytes0 = engine.bytes()?;
+    let ticks0 = engine.ticks();
     let t0 = Instant::now();
     let stop = Duration::from_secs(a.seconds);
     let mut stopped_at = None;
@@ -940,11 +1077,11 @@ fn ceiling_run(a: &ClusterArgs, db: &Db<'_>, nodes: &[Node], topic: &str) -> Res
             }
         }
     }
-    let ticks = postgres_ticks().saturating_sub(ticks0);
-    let wal = db.wal_lsn()?.saturating_sub(wal0);
+    let ticks = engine.ticks().saturating_sub(ticks0);
+    let bytes = engine.bytes()?.saturating_sub(bytes0);
     // From the first send to the last ack (the windows still in flight at the stop drain).
     let secs = last_ack.map_or(stopped_at.unwrap_or(a.seconds as f64), |t| t.duration_since(t0).as_secs_f64());
-    let pg_cpu_secs = ticks as f64 / sys::clock_ticks_per_sec() as f64;
+    let cpu_secs = ticks as f64 / sys::clock_ticks_per_sec() as f64;
     let received: Vec<(String, u64)> =
         subs.iter().map(|&s| (nodes[net.conns[s].node].id.clone(), net.conns[s].got())).collect();
     let lost = received.iter().map(|(_, g)| acked.saturating_sub(*g)).sum();
@@ -966,10 +1103,10 @@ fn ceiling_run(a: &ClusterArgs, db: &Db<'_>, nodes: &[Node], topic: &str) -> Res
         lost,
         ack_p50_ms: ms(&ack_h, 0.5),
         ack_p99_ms: ms(&ack_h, 0.99),
-        pg_cpu_ms_per_1000: if acked > 0 { pg_cpu_secs * 1e3 * 1000.0 / acked as f64 } else { 0.0 },
-        pg_cpu_secs,
-        wal_bytes: wal,
-        wal_bytes_per_msg: if acked > 0 { wal as f64 / acked as f64 } else { 0.0 },
+        engine_cpu_ms_per_1000: if acked > 0 { cpu_secs * 1e3 * 1000.0 / acked as f64 } else { 0.0 },
+        engine_cpu_secs: cpu_secs,
+        engine_bytes: bytes,
+        engine_bytes_per_msg: if acked > 0 { bytes as f64 / acked as f64 } else { 0.0 },
     })
 }
 
@@ -1007,7 +1144,7 @@ fn lat_table(title: &str, r: &LatRun) -> String {
 
 /// The readable summary.
 pub fn summary_text(r: &ClusterResults) -> String {
-    let mut s = format!("cluster: {} nodes on {}; {}\n", r.nodes, r.host, r.pinning);
+    let mut s = format!("cluster ({:?}): {} nodes on {}; {}\n", r.backend, r.nodes, r.host, r.pinning);
     if let Some(l) = &r.latency {
         s.push_str(&format!(
             "latency ({} subscribers, {} msgs/s, {} s, send→receive):\n",
@@ -1024,7 +1161,7 @@ pub fn summary_text(r: &ClusterResults) -> String {
     }
     if let Some(c) = &r.ceiling {
         s.push_str(&format!(
-            "ceiling ({} publishers × window {}, {:.1} s):\n  acknowledged {} msgs/s ({} acked, {} errors; ack p50 {:.1} ms, p99 {:.1} ms)\n  delivered at {}: {} msgs/s\n  received per node: {}\n  lost {}{}\n  postgres CPU {:.2} s = {:.1} ms per 1,000 messages; WAL {} bytes = {:.0} bytes per message\n",
+            "ceiling ({} publishers × window {}, {:.1} s):\n  acknowledged {} msgs/s ({} acked, {} errors; ack p50 {:.1} ms, p99 {:.1} ms)\n  delivered at {}: {} msgs/s\n  received per node: {}\n  lost {}{}\n  {} CPU {:.2} s = {:.1} ms per 1,000 messages; {} {} bytes = {:.0} bytes per message\n",
             c.publishers,
             c.window,
             c.seconds,
@@ -1038,10 +1175,12 @@ pub fn summary_text(r: &ClusterResults) -> String {
             c.received.iter().map(|(n, g)| format!("{n} {g}")).collect::<Vec<_>>().join(", "),
             c.lost,
             if c.lost == 0 { "" } else { "  <-- FAIL" },
-            c.pg_cpu_secs,
-            c.pg_cpu_ms_per_1000,
-            c.wal_bytes,
-            c.wal_bytes_per_msg
+            if r.backend == Backend::Nats { "nats-server" } else { "postgres" },
+            c.engine_cpu_secs,
+            c.engine_cpu_ms_per_1000,
+            if r.backend == Backend::Nats { "sent to nats-server" } else { "WAL" },
+            c.engine_bytes,
+            c.engine_bytes_per_msg
         ));
     }
     if let Some(e) = &r.error {
@@ -1062,14 +1201,31 @@ pub fn run(a: ClusterArgs) -> std::process::ExitCode {
     if !pinned {
         eprintln!("warning: CPU {} does not exist here; generator not pinned", a.client_cpu);
     }
-    let db = Db { a: &a };
     let nodes_n = a.nodes.max(1);
+    let engine = match a.backend {
+        Backend::Postgres => match &a.database_url {
+            Some(url) => Engine::Pg(Db { a: &a, url: url.clone() }),
+            None => {
+                eprintln!("loadtest cluster --backend postgres needs --database-url (DATABASE_URL)");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        Backend::Nats => match NatsProc::start(&a.nats_server) {
+            Ok(n) => Engine::Nats(n),
+            Err(e) => {
+                eprintln!("{e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+    };
     let mut res = ClusterResults {
+        backend: a.backend,
         nodes: nodes_n,
         pinning: format!(
-            "pinned: every node --shards 1 --cpus {} (shard CPU, then replication thread CPU), generator {}, postgres not pinned",
+            "pinned: every node --shards 1 --cpus {} (shard CPU, then cluster/replication thread CPU), generator {}, {} not pinned",
             a.node_cpus,
-            if pinned { format!("CPU {}", a.client_cpu) } else { "unpinned".into() }
+            if pinned { format!("CPU {}", a.client_cpu) } else { "unpinned".into() },
+            engine.name()
         ),
         host: sys::hostname(),
         latency: None,
@@ -1078,13 +1234,20 @@ pub fn run(a: ClusterArgs) -> std::process::ExitCode {
     };
     let run_id = std::process::id();
     let outcome = (|| -> Result<(), String> {
-        db.sql("SELECT 1")?;
-        db.drop_slots();
+        if let Engine::Pg(db) = &engine {
+            db.sql("SELECT 1")?;
+            db.drop_slots();
+        }
         let want = |m: Mode| a.mode == m || a.mode == Mode::All;
-        {
+        if a.mode == Mode::CeilingSingle {
+            let single = [Node::start(&a, 0, None)?];
+            res.ceiling = Some(ceiling_run(&a, &engine, &single, &format!("loadtest-cl-{run_id}-ceil1"))?);
+            res.nodes = 1;
+            res.pinning = format!("single node --cluster none; {}", res.pinning);
+        } else {
             let mut nodes = Vec::new();
             for i in 0..nodes_n {
-                nodes.push(Node::start(&a, i, true)?);
+                nodes.push(Node::start(&a, i, Some(&engine))?);
             }
             eprintln!(
                 "started {} nodes: {}",
@@ -1106,11 +1269,11 @@ pub fn run(a: ClusterArgs) -> std::process::ExitCode {
                 });
             }
             if want(Mode::Ceiling) {
-                res.ceiling = Some(ceiling_run(&a, &db, &nodes, &format!("loadtest-cl-{run_id}-ceil"))?);
+                res.ceiling = Some(ceiling_run(&a, &engine, &nodes, &format!("loadtest-cl-{run_id}-ceil"))?);
             }
         }
         if want(Mode::Latency) && !a.no_baseline {
-            let single = [Node::start(&a, 0, false)?];
+            let single = [Node::start(&a, 0, None)?];
             let b = latency_run(&a, &single, "single-node latency", &format!("loadtest-cl-{run_id}-lat1"))?;
             if let Some(l) = res.latency.as_mut() {
                 l.added_p50_ms = Some(l.cluster.overall.p50_ms - b.overall.p50_ms);
@@ -1122,8 +1285,10 @@ pub fn run(a: ClusterArgs) -> std::process::ExitCode {
         Ok(())
     })();
     // The nodes are stopped (dropped) by now: their slots are inactive.
-    db.drop_slots();
-    db.clean_rows();
+    if let Engine::Pg(db) = &engine {
+        db.drop_slots();
+        db.clean_rows();
+    }
     if let Err(e) = &outcome {
         res.error = Some(e.clone());
     }
@@ -1162,6 +1327,15 @@ mod tests {
         let s = "7 (a (b) c) R 1 7 7 0 -1 0 0 0 0 0 3 4 0 0 20 0 1 0 1 0 0";
         assert_eq!(parse_stat(s), Some(("a (b) c", 7)));
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn varz_in_bytes() {
+        assert_eq!(
+            parse_in_bytes("HTTP/1.0 200 OK\r\n\r\n{\n  \"in_msgs\": 3,\n  \"in_bytes\": 12345,\n}"),
+            Some(12345)
+        );
+        assert_eq!(parse_in_bytes("{}"), None);
     }
 
     #[test]

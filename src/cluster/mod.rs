@@ -184,6 +184,9 @@ impl Inbound {
                 tracing::warn!(lag_ms = lag, "cluster: a batch reached this node's stream late (sequenced → decoded)");
             }
         }
+        // One message per owner shard for the broadcasts of this batch (in order), sent before
+        // the presence changes that came after them.
+        let mut remote: Vec<Vec<(Box<wire::Sequenced>, Option<Origin>)>> = (0..n).map(|_| Vec::new()).collect();
         for item in batch.items {
             let (topic, msg) = match item {
                 wire::Item::Publish(m) => {
@@ -191,7 +194,8 @@ impl Inbound {
                         shard: s.shard as usize,
                         conn: ConnId { index: s.index, generation: s.generation },
                     });
-                    (m.topic.clone(), ShardMsg::Remote { msg: m, exclude, live })
+                    remote[m.topic.owner(n)].push((m, exclude));
+                    continue;
                 }
                 // A node's own presence changes are already applied on it. Changes from before
                 // this process started are history (a previous run's members, say): the live
@@ -205,7 +209,19 @@ impl Inbound {
                     ShardMsg::RemoteTrack { topic, run: batch.run, member, key: Arc::from(""), meta: None },
                 ),
             };
-            if self.shards[topic.owner(n)].send_async(msg).await.is_err() {
+            let owner = topic.owner(n);
+            if !remote[owner].is_empty() {
+                let msgs = std::mem::take(&mut remote[owner]);
+                if self.shards[owner].send_async(ShardMsg::Remote { msgs, live }).await.is_err() {
+                    return;
+                }
+            }
+            if self.shards[owner].send_async(msg).await.is_err() {
+                return;
+            }
+        }
+        for (owner, msgs) in remote.into_iter().enumerate().filter(|(_, m)| !m.is_empty()) {
+            if self.shards[owner].send_async(ShardMsg::Remote { msgs, live }).await.is_err() {
                 return;
             }
         }
@@ -321,9 +337,7 @@ fn pending(out: ClusterOut) -> Pending {
                 topic: p.topic,
                 epoch: Arc::from(""),
                 offset: 0,
-                id: p.id.unwrap_or_else(|| {
-                    Arc::from(crate::protocol::phoenix::session::format_uuid(crate::entropy::fast_u128()).as_str())
-                }),
+                id: p.id.unwrap_or_else(|| crate::protocol::phoenix::session::uuid_arc(crate::entropy::fast_u128())),
                 event: p.event,
                 payload: p.payload,
                 binary_frame: p.binary_frame,
@@ -468,12 +482,16 @@ async fn sequencer<B: Backend>(b: Rc<B>, rx: flume::Receiver<ClusterOut>, shards
                 }
             }
         }
+        let mut acks: Vec<Vec<(ConnId, Option<Bytes>)>> = shards.iter().map(|_| Vec::new()).collect();
         for p in batch {
             if let Pending::Publish { ack_to: Some((shard, conn)), ack, .. } = p {
-                if let Some(s) = shards.get(shard) {
-                    let _ = s.send_async(ShardMsg::Sequenced { conn, frame: ack }).await;
+                if let Some(a) = acks.get_mut(shard) {
+                    a.push((conn, ack));
                 }
             }
+        }
+        for (s, a) in shards.iter().zip(acks).filter(|(_, a)| !a.is_empty()) {
+            let _ = s.send_async(ShardMsg::SequencedMany(a)).await;
         }
     }
 }

@@ -235,7 +235,7 @@ impl Backend for Nats {
                     msg.epoch = state.epoch.clone();
                     msg.offset = offset;
                     let before = content.len();
-                    wire::push(&wire::Item::Publish(msg.clone()), &mut content);
+                    wire::push_publish(msg, &mut content);
                     if end > g.next && content.len() > self.max_chunk {
                         content.truncate(before); // the next chunk's first message
                         offset -= 1;

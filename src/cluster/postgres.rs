@@ -223,7 +223,7 @@ impl Postgres {
                             },
                         );
                     }
-                    wire::push(&wire::Item::Publish(msg.clone()), &mut content);
+                    wire::push_publish(msg, &mut content);
                 }
                 super::Pending::Presence(item) => wire::push(item, &mut content),
             }

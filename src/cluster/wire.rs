@@ -91,32 +91,34 @@ pub fn start(run: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&run.to_le_bytes());
 }
 
+/// Appends one broadcast (what [`push`] does with `Item::Publish`, without building the item).
+pub fn push_publish(m: &Sequenced, out: &mut Vec<u8>) {
+    out.push(TAG_PUBLISH);
+    topic(out, &m.topic);
+    bytes(out, m.epoch.as_bytes());
+    out.extend_from_slice(&m.offset.to_le_bytes());
+    bytes(out, m.id.as_bytes());
+    bytes(out, m.event.as_bytes());
+    let (kind, p) = match &m.payload {
+        Payload::Json(p) => (0u8, p),
+        Payload::Binary(p) => (1u8, p),
+    };
+    let flags = kind | (m.binary_frame as u8) << 1 | (m.persisted as u8) << 2 | (m.exclude.is_some() as u8) << 3;
+    out.push(flags);
+    bytes(out, p);
+    out.extend_from_slice(&m.created_ms.to_le_bytes());
+    out.extend_from_slice(&m.expires_ms.unwrap_or(0).to_le_bytes());
+    if let Some(s) = m.exclude {
+        for v in [s.shard, s.index, s.generation] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
 /// Appends one item.
 pub fn push(item: &Item, out: &mut Vec<u8>) {
     match item {
-        Item::Publish(m) => {
-            out.push(TAG_PUBLISH);
-            topic(out, &m.topic);
-            bytes(out, m.epoch.as_bytes());
-            out.extend_from_slice(&m.offset.to_le_bytes());
-            bytes(out, m.id.as_bytes());
-            bytes(out, m.event.as_bytes());
-            let (kind, p) = match &m.payload {
-                Payload::Json(p) => (0u8, p),
-                Payload::Binary(p) => (1u8, p),
-            };
-            let flags =
-                kind | (m.binary_frame as u8) << 1 | (m.persisted as u8) << 2 | (m.exclude.is_some() as u8) << 3;
-            out.push(flags);
-            bytes(out, p);
-            out.extend_from_slice(&m.created_ms.to_le_bytes());
-            out.extend_from_slice(&m.expires_ms.unwrap_or(0).to_le_bytes());
-            if let Some(s) = m.exclude {
-                for v in [s.shard, s.index, s.generation] {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-            }
-        }
+        Item::Publish(m) => push_publish(m, out),
         Item::Track { topic: t, member, key, meta } => {
             out.push(TAG_TRACK);
             topic(out, t);
@@ -160,6 +162,10 @@ fn bytes(out: &mut Vec<u8>, b: &[u8]) {
 struct Reader<'a> {
     buf: &'a Bytes,
     pos: usize,
+    /// The previous item's topic, epoch and event (by their bytes in `buf`): a batch is
+    /// mostly one topic, one epoch and few events, so most are shared instead of allocated.
+    last_topic: Option<(std::ops::Range<usize>, Topic)>,
+    last_str: [Option<(std::ops::Range<usize>, Arc<str>)>; 2],
 }
 
 impl Reader<'_> {
@@ -189,10 +195,36 @@ impl Reader<'_> {
         let n = self.u32()? as usize;
         std::str::from_utf8(self.take(n)?).map(Arc::from).map_err(|_| WireError::Utf8)
     }
+    /// [`Self::str`], the same `Arc` as the previous call with `slot` when the bytes are equal.
+    fn str_shared(&mut self, slot: usize) -> Result<Arc<str>, WireError> {
+        let n = self.u32()? as usize;
+        let start = self.pos;
+        self.take(n)?;
+        let range = start..self.pos;
+        if let Some((r, s)) = &self.last_str[slot] {
+            if self.buf[r.clone()] == self.buf[range.clone()] {
+                return Ok(s.clone());
+            }
+        }
+        let s: Arc<str> = std::str::from_utf8(&self.buf[range.clone()]).map(Arc::from).map_err(|_| WireError::Utf8)?;
+        self.last_str[slot] = Some((range, s.clone()));
+        Ok(s)
+    }
     fn topic(&mut self) -> Result<Topic, WireError> {
+        let start = self.pos;
         let private = self.u8()? != 0;
-        let name = self.str()?;
-        Topic::new(&name, private).map_err(|e| WireError::Topic(e.to_string()))
+        let n = self.u32()? as usize;
+        self.take(n)?;
+        let range = start..self.pos;
+        if let Some((r, t)) = &self.last_topic {
+            if self.buf[r.clone()] == self.buf[range.clone()] {
+                return Ok(t.clone());
+            }
+        }
+        let name = std::str::from_utf8(&self.buf[start + 5..range.end]).map_err(|_| WireError::Utf8)?;
+        let t = Topic::new(name, private).map_err(|e| WireError::Topic(e.to_string()))?;
+        self.last_topic = Some((range, t.clone()));
+        Ok(t)
     }
     fn member(&mut self) -> Result<Member, WireError> {
         Ok(Member { shard: self.u32()?, conn: self.u64()? })
@@ -201,7 +233,7 @@ impl Reader<'_> {
 
 /// Decodes a batch.
 pub fn decode(buf: &Bytes) -> Result<Batch, WireError> {
-    let mut r = Reader { buf, pos: 0 };
+    let mut r = Reader { buf, pos: 0, last_topic: None, last_str: [None, None] };
     let v = r.u8()?;
     if v != VERSION {
         return Err(WireError::Version(v));
@@ -212,10 +244,10 @@ pub fn decode(buf: &Bytes) -> Result<Batch, WireError> {
         let item = match r.u8()? {
             TAG_PUBLISH => {
                 let topic = r.topic()?;
-                let epoch = r.str()?;
+                let epoch = r.str_shared(0)?;
                 let offset = r.u64()?;
                 let id = r.str()?;
-                let event = r.str()?;
+                let event = r.str_shared(1)?;
                 let flags = r.u8()?;
                 let p = r.bytes()?;
                 let payload = if flags & 1 == 0 { Payload::Json(p) } else { Payload::Binary(p) };

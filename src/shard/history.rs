@@ -21,7 +21,7 @@ use crate::cluster::wire;
 use crate::protocol::http;
 use crate::protocol::json::{write_iso8601_ms, write_str, write_u64};
 use crate::protocol::phoenix::message;
-use crate::protocol::phoenix::session::{format_uuid, Payload, Persist, Publish};
+use crate::protocol::phoenix::session::{uuid_arc, Payload, Persist, Publish};
 use crate::protocol::phoenix::{Topic, Vsn};
 use crate::shard::stats::ShardStats;
 use crate::shard::{Durable, Kind, Shard};
@@ -77,7 +77,7 @@ impl Shard {
             let offset = t.next_offset();
             let id: Arc<str> = match &p.id {
                 Some(id) => id.clone(),
-                None => Arc::from(format_uuid(crate::entropy::fast_u128()).as_str()),
+                None => uuid_arc(crate::entropy::fast_u128()),
             };
             let expires_ms = match p.persist {
                 Persist::Ttl(s) => Some(now + s.saturating_mul(1000)),

@@ -855,7 +855,11 @@ impl Shard {
                     c.send(ClusterOut::Publish { publish, origin, ack_to });
                 }
             }
-            ShardMsg::Remote { msg, exclude, live } => self.sequence_remote(*msg, exclude, live),
+            ShardMsg::Remote { msgs, live } => {
+                for (msg, exclude) in msgs {
+                    self.sequence_remote(*msg, exclude, live);
+                }
+            }
             ShardMsg::RemoteTrack { topic, run, member, key, meta } => {
                 self.owner_remote_track(topic, run, member, &key, meta)
             }
@@ -869,6 +873,11 @@ impl Shard {
                     (Some((shard, conn)), Some(pos)) => self.ack_when_durable(pos, shard, conn, ack),
                     (Some((shard, conn)), None) => self.route(shard, ShardMsg::Sequenced { conn, frame: ack }),
                     (None, _) => {}
+                }
+            }
+            ShardMsg::SequencedMany(acks) => {
+                for (conn, frame) in acks {
+                    self.handle(ShardMsg::Sequenced { conn, frame });
                 }
             }
             ShardMsg::Sequenced { conn, frame: Some(frame) } => self.send(conn, frame),

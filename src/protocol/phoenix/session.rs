@@ -722,15 +722,50 @@ pub fn parse_persist(metadata: &str) -> Persist {
 
 /// Formats 128 random bits as a version-4 UUID string.
 pub fn format_uuid(r: u128) -> String {
+    uuid_text(&uuid_bytes(r)).to_string()
+}
+
+/// [`format_uuid`] straight into an `Arc<str>` (one allocation: message ids are made per
+/// message on the publish path).
+pub fn uuid_arc(r: u128) -> std::sync::Arc<str> {
+    std::sync::Arc::from(uuid_text(&uuid_bytes(r)))
+}
+
+fn uuid_bytes(r: u128) -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let r = (r & !(0xf000u128 << 64) | (0x4000u128 << 64)) & !(0xc000u128 << 48) | (0x8000u128 << 48);
-    let h = format!("{r:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    let mut out = [b'-'; 36];
+    let mut j = 0;
+    for i in 0..32 {
+        if matches!(j, 8 | 13 | 18 | 23) {
+            j += 1;
+        }
+        out[j] = HEX[((r >> (124 - 4 * i)) & 0xf) as usize];
+        j += 1;
+    }
+    out
+}
+
+fn uuid_text(b: &[u8; 36]) -> &str {
+    std::str::from_utf8(b).unwrap_or_default() // ASCII hex and dashes: always UTF-8
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::ws::frame::parse_header;
+
+    #[test]
+    fn uuids_are_v4_and_formatted_like_the_reference() {
+        let r = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210u128;
+        let m = (r & !(0xf000u128 << 64) | (0x4000u128 << 64)) & !(0xc000u128 << 48) | (0x8000u128 << 48);
+        let h = format!("{m:032x}");
+        let want = format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]);
+        assert_eq!(format_uuid(r), want);
+        assert_eq!(&*uuid_arc(r), want);
+        assert_eq!(&want[14..15], "4");
+        assert!(matches!(&want[19..20], "8" | "9" | "a" | "b"));
+    }
 
     fn ctx() -> SessionCtx {
         SessionCtx {
