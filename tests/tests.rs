@@ -16,6 +16,7 @@
 mod util;
 
 mod bad_input;
+mod client_js;
 mod cluster;
 mod history;
 mod interop;

@@ -1,0 +1,99 @@
+//! `@corecast/client` (clients/js), the product's own JavaScript client: its `node:test` suite
+//! (clients/js/test/*.test.mjs) runs against the real `corecast` binary (env `CORECAST_BIN`).
+//!
+//! Needs Node 20+ and npm; `npm ci` runs in clients/js when `node_modules` lacks the `ws`
+//! version its lock file pins. By hand: `cargo build && cd clients/js && npm ci &&
+//! CORECAST_BIN=../../target/debug/corecast npm test`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Wall-clock limit for the whole suite (it takes well under a minute; this only catches hangs).
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+fn client_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients").join("js")
+}
+
+/// Whether node_modules holds the devDependencies that package.json pins.
+fn installed(dir: &Path) -> bool {
+    let read = |p: PathBuf| -> Option<serde_json::Value> { serde_json::from_slice(&std::fs::read(p).ok()?).ok() };
+    let Some(pkg) = read(dir.join("package.json")) else { return false };
+    let Some(deps) = pkg["devDependencies"].as_object() else { return true };
+    deps.iter().all(|(name, want)| {
+        read(dir.join("node_modules").join(name.as_str()).join("package.json"))
+            .is_some_and(|have| want.is_string() && *want == have["version"])
+    })
+}
+
+#[test]
+fn corecast_client_js() {
+    let dir = client_dir();
+    if !installed(&dir) {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .unwrap_or_else(|e| panic!("the client tests need npm on PATH (`npm ci` in {}): {e}", dir.display()));
+        assert!(status.success(), "`npm ci` in {} failed: {status}", dir.display());
+    }
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
+        .expect("clients/js/test")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".test.mjs"))
+        .map(|n| format!("test/{n}"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no clients/js/test/*.test.mjs");
+    let mut cmd = Command::new("node");
+    cmd.arg("--test")
+        .arg("--test-reporter=spec")
+        .args(&files)
+        .current_dir(&dir)
+        .env("CORECAST_BIN", env!("CARGO_BIN_EXE_corecast"))
+        .env_remove("DATABASE_URL");
+    run_checked(cmd, "node --test clients/js/test", TIMEOUT);
+}
+
+/// Runs `cmd` in its own process group with piped output; panics with that output unless it
+/// exits 0 within `timeout` (then the whole group is killed).
+fn run_checked(mut cmd: Command, what: &str, timeout: Duration) {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let started = Instant::now();
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what} (Node 20+ on PATH?): {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            break Some(status);
+        }
+        if started.elapsed() > timeout {
+            // SAFETY: plain kill(2) on the process group this test created.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = format!(
+        "--- {what} ({:.1} s) stdout:\n{}\n--- stderr:\n{}",
+        started.elapsed().as_secs_f64(),
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default()
+    );
+    match status {
+        Some(s) if s.success() => println!("{output}"),
+        Some(s) => panic!("{what} failed ({s}):\n{output}"),
+        None => panic!("{what} did not finish within {timeout:?} (killed):\n{output}"),
+    }
+}
