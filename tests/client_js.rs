@@ -28,8 +28,23 @@ fn installed(dir: &Path) -> bool {
     })
 }
 
-#[test]
-fn corecast_client_js() {
+/// The test files, relative to clients/js: every `test/*.test.mjs` except the Postgres one
+/// (`with_pg`: only that one).
+fn test_files(dir: &Path, with_pg: bool) -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
+        .expect("clients/js/test")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".test.mjs") && (n == "pg.test.mjs") == with_pg)
+        .map(|n| format!("test/{n}"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no clients/js/test/*.test.mjs");
+    files
+}
+
+/// Runs `node --test` on `files` in clients/js (installing `ws` first when needed) with
+/// `CORECAST_BIN` and `env`; panics with the output unless it passes.
+fn run_node(files: &[String], env: &[(&str, &str)]) {
     let dir = client_dir();
     if !installed(&dir) {
         let status = Command::new("npm")
@@ -39,22 +54,32 @@ fn corecast_client_js() {
             .unwrap_or_else(|e| panic!("the client tests need npm on PATH (`npm ci` in {}): {e}", dir.display()));
         assert!(status.success(), "`npm ci` in {} failed: {status}", dir.display());
     }
-    let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
-        .expect("clients/js/test")
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".test.mjs"))
-        .map(|n| format!("test/{n}"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no clients/js/test/*.test.mjs");
     let mut cmd = Command::new("node");
     cmd.arg("--test")
         .arg("--test-reporter=spec")
-        .args(&files)
+        .args(files)
         .current_dir(&dir)
         .env("CORECAST_BIN", env!("CARGO_BIN_EXE_corecast"))
-        .env_remove("DATABASE_URL");
-    run_checked(cmd, "node --test clients/js/test", TIMEOUT);
+        .env_remove("DATABASE_URL")
+        .envs(env.iter().copied());
+    run_checked(cmd, &format!("node --test {} (clients/js)", files.join(" ")), TIMEOUT);
+}
+
+/// The client against corecast without a database: channels, presence, history, tokens,
+/// server emit, reconnect and resume.
+#[test]
+fn corecast_client_js() {
+    run_node(&test_files(&client_dir(), false), &[]);
+}
+
+/// Table topics and Postgres changes (`test/pg.test.mjs`) against a real PostgreSQL
+/// (tests/util/pg.rs; the instance for client tests, as they create roles).
+#[test]
+fn corecast_client_js_pg() {
+    let db = crate::util::pg::TestDb::on(crate::util::pg::clients(), "cc_client_js");
+    let (url, psql) = (db.url(), db.pg.psql_path());
+    let env = [("DATABASE_URL", url.as_str()), ("CORECAST_SLOT", db.slot()), ("PSQL", psql.to_str().unwrap())];
+    run_node(&test_files(&client_dir(), true), &env);
 }
 
 /// Runs `cmd` in its own process group with piped output; panics with that output unless it
