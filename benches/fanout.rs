@@ -57,6 +57,7 @@ fn encode_once(payload: &Payload, offset: u64) -> broadcast::Frames {
         epoch: "9f2c0a1be44d7a10",
         offset,
         replayed: false,
+        user_id: None,
     };
     broadcast::encode(&m, formats)
 }

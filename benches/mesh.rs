@@ -58,6 +58,7 @@ fn frames() -> Arc<Frames> {
         epoch: "9f2c0a1be44d7a10",
         offset: 1,
         replayed: false,
+        user_id: None,
     };
     Arc::new(broadcast::encode(&m, formats))
 }

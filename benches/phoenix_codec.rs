@@ -173,6 +173,7 @@ fn encode(c: &mut Criterion) {
         epoch: "9f2c0a1be44d7a10",
         offset: 123_456,
         replayed: false,
+        user_id: None,
     };
     let set = |fs: &[Format]| {
         let mut s = FormatSet::default();

@@ -62,7 +62,17 @@ pub enum ShardMsg {
     /// offset 0), in order, and the stream's position (epoch, newest offset) they lead up to.
     BacklogReply { topic: Topic, conn: ConnId, frames: Vec<(u64, Bytes)>, position: Option<(Arc<str>, u64)> },
     /// To a topic's owner: a history page for an HTTP request on shard `from`.
-    HistoryRequest { topic: Topic, from: usize, conn: ConnId, before: Option<u64>, limit: usize, keep_alive: bool },
+    HistoryRequest {
+        topic: Topic,
+        from: usize,
+        conn: ConnId,
+        /// Only messages with a smaller offset.
+        before: Option<u64>,
+        /// Only messages published before this time (Unix ms).
+        before_ms: Option<u64>,
+        limit: usize,
+        keep_alive: bool,
+    },
     /// From a topic's owner: the complete HTTP response for a history request.
     HistoryReply { conn: ConnId, response: Bytes },
     /// From the ingest thread: queue each frame on each listed connection of this shard

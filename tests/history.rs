@@ -350,3 +350,127 @@ fn an_acknowledged_persisted_message_survives_a_crash() {
     }
     assert_eq!(seen.len(), 2000, "every acknowledged message is on disk");
 }
+
+/// Every message records its publisher's identity, the `sub` of its verified token: as
+/// `meta.user_id` live (WebSocket and SSE) and `user_id` in history, kept across a restart; a
+/// payload cannot set it, and a token without `sub` records none. History also pages by time
+/// (`before_ms`).
+#[test]
+fn publisher_identity_from_the_token_and_history_by_time() {
+    publisher_identity(&[]);
+}
+
+/// The same with the history in Postgres (`corecast.history.user_id`).
+#[test]
+fn publisher_identity_in_the_postgres_history_store() {
+    let db = crate::util::pg::TestDb::new("cc_hist_uid");
+    let (url, slot) = (db.url(), db.slot().to_string());
+    publisher_identity(&[("DATABASE_URL", url.as_str()), ("CORECAST_SLOT", slot.as_str())]);
+    assert_eq!(
+        db.sql("SELECT string_agg(coalesce(user_id, '-'), ',' ORDER BY \"offset\") FROM corecast.history"),
+        "bob,-,bob"
+    );
+}
+
+fn publisher_identity(env: &[(&str, &str)]) {
+    use crate::util::{jwt, unix_now, SseClient};
+    let secret = "user-id-test-secret-0123456789abcdef";
+    let srv = Server::start_with_env(&["--jwt-secret", secret], env);
+    let tok = |sub: Option<&str>| {
+        let mut c = json!({"role": "authenticated", "exp": unix_now() + 600});
+        if let Some(s) = sub {
+            c["sub"] = json!(s);
+        }
+        jwt(secret, c)
+    };
+    let (alice, bob, nobody) = (tok(Some("alice")), tok(Some("bob")), tok(None));
+    let ws = |srv: &Server, t: &str| format!("ws://{}/realtime/v1/websocket?apikey={t}&vsn=2.0.0", srv.addr);
+    let mut sub = Client::connect(&ws(&srv, &nobody));
+    assert_eq!(sub.join_v2("who", "s", json!({}))[4]["status"], "ok");
+    let bearer = |t: &str| format!("Bearer {t}");
+    let mut sse =
+        SseClient::open(srv.addr, "/realtime/v1/sse?topic=who", &[("authorization", bearer(&nobody).as_str())])
+            .unwrap();
+    let mut a = Client::connect(&ws(&srv, &alice));
+    assert_eq!(a.join_v2("who", "a", json!({"broadcast": {"ack": true}}))[4]["status"], "ok");
+    let forged = json!({"user_id": "mallory", "meta": {"user_id": "mallory"}});
+    a.send_json(
+        &json!(["a", "1", "realtime:who", "broadcast", {"type": "broadcast", "event": "e", "payload": forged}]),
+    );
+    loop {
+        let m = a.recv_json();
+        if m[3] == "phx_reply" && m[1] == "1" {
+            break;
+        }
+    }
+    let post = |t: &str, n: u64| {
+        let body = json!({"messages": [{"topic": "who", "event": "e", "payload": {"n": n}, "persist": true}]});
+        let auth = bearer(t);
+        let (st, _, _) = http(
+            srv.addr,
+            "POST",
+            "/realtime/v1/api/broadcast",
+            &[("authorization", &auth)],
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(st, 202);
+        std::thread::sleep(Duration::from_millis(5)); // distinct created_at
+    };
+    post(&bob, 1);
+    post(&nobody, 2);
+    post(&bob, 3);
+    let mut live = Vec::new();
+    while live.len() < 4 {
+        let m = sub.recv_json();
+        if m[3] == "broadcast" {
+            live.push(m[4].clone());
+        }
+    }
+    assert_eq!(live[0]["meta"]["user_id"], "alice", "{}", live[0]);
+    assert_eq!(live[0]["payload"]["user_id"], "mallory", "the payload is the payload");
+    assert_eq!(live[1]["meta"]["user_id"], "bob");
+    assert!(live[2]["meta"].get("user_id").is_none(), "no sub, no user_id: {}", live[2]);
+    let first = loop {
+        let e = sse.next().expect("sse event");
+        if e.event == "broadcast" {
+            break e;
+        }
+    };
+    assert_eq!(first.data["meta"]["user_id"], "alice", "{:?}", first.data);
+    drop((sub, a, sse));
+    let history = |srv: &Server, query: &str| -> Value {
+        let auth = bearer(&nobody);
+        let path = format!("/realtime/v1/api/channels/who/messages?{query}");
+        let (st, _, body) = http(srv.addr, "GET", &path, &[("authorization", &auth)], b"");
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    };
+    let check = |srv: &Server| {
+        let v = history(srv, "limit=10");
+        let msgs = v["messages"].as_array().unwrap();
+        let users: Vec<&Value> = msgs.iter().map(|m| &m["user_id"]).collect();
+        assert_eq!(users, [&json!("bob"), &Value::Null, &json!("bob")], "{v}");
+        // By time: before the newest one's created_at_ms, then before the middle one's.
+        let t3 = msgs[0]["created_at_ms"].as_u64().unwrap();
+        let t2 = msgs[1]["created_at_ms"].as_u64().unwrap();
+        assert!(t3 > t2, "{v}");
+        let older = history(srv, &format!("limit=10&before_ms={t3}"));
+        let ns: Vec<u64> =
+            older["messages"].as_array().unwrap().iter().map(|m| m["payload"]["n"].as_u64().unwrap()).collect();
+        assert_eq!(ns, [2, 1]);
+        let oldest = history(srv, &format!("limit=1&before_ms={t2}"));
+        assert_eq!(oldest["messages"][0]["payload"]["n"], 1);
+    };
+    check(&srv);
+    let srv = srv.restart();
+    check(&srv);
+    let auth = bearer(&nobody);
+    let (st, _, _) = http(
+        srv.addr,
+        "GET",
+        "/realtime/v1/api/channels/who/messages?before_ms=soon",
+        &[("authorization", &auth)],
+        b"",
+    );
+    assert_eq!(st, 400);
+}

@@ -60,10 +60,12 @@ pub struct Message<'a> {
     pub offset: u64,
     /// Sent from history (replay or resume), marked `meta.replayed: true`.
     pub replayed: bool,
+    /// The publisher's identity (its token's `sub`), `meta.user_id` when known.
+    pub user_id: Option<&'a str>,
 }
 
-/// `{"id":"..","offset":N,"epoch":".."[,"replayed":true]}`.
-pub fn meta_json(id: &str, offset: u64, epoch: &str, replayed: bool) -> Vec<u8> {
+/// `{"id":"..","offset":N,"epoch":".."[,"user_id":".."][,"replayed":true]}`.
+pub fn meta_json(id: &str, offset: u64, epoch: &str, user_id: Option<&str>, replayed: bool) -> Vec<u8> {
     let mut m = Vec::with_capacity(id.len() + epoch.len() + 40);
     m.extend_from_slice(b"{\"id\":");
     write_str(&mut m, id);
@@ -71,6 +73,10 @@ pub fn meta_json(id: &str, offset: u64, epoch: &str, replayed: bool) -> Vec<u8> 
     write_u64(&mut m, offset);
     m.extend_from_slice(b",\"epoch\":");
     write_str(&mut m, epoch);
+    if let Some(u) = user_id {
+        m.extend_from_slice(b",\"user_id\":");
+        write_str(&mut m, u);
+    }
     if replayed {
         m.extend_from_slice(b",\"replayed\":true");
     }
@@ -80,7 +86,7 @@ pub fn meta_json(id: &str, offset: u64, epoch: &str, replayed: bool) -> Vec<u8> 
 
 /// Encodes `msg` once for each format in `formats`.
 pub fn encode(msg: &Message<'_>, formats: FormatSet) -> Frames {
-    let meta = meta_json(msg.id, msg.offset, msg.epoch, msg.replayed);
+    let meta = meta_json(msg.id, msg.offset, msg.epoch, msg.user_id, msg.replayed);
     let mut by_format: [Option<Bytes>; 3] = [None, None, None];
     if formats.contains(Format::V2) {
         by_format[Format::V2.index()] = match msg.payload {
@@ -152,6 +158,7 @@ mod tests {
             epoch: "ep",
             offset: 3,
             replayed: false,
+            user_id: None,
         };
         let mut fs = FormatSet::default();
         fs.insert(Format::V2);
@@ -172,6 +179,7 @@ mod tests {
             epoch: "ep",
             offset: 1,
             replayed: false,
+            user_id: None,
         };
         let mut fs = FormatSet::default();
         fs.insert(Format::V1);

@@ -30,6 +30,8 @@ pub struct StoredMsg {
     pub created_ms: u64,
     /// Durable only: when it expires (Unix milliseconds).
     pub expires_ms: Option<u64>,
+    /// The publisher's identity: the `sub` of its verified token, when it had one.
+    pub user_id: Option<Arc<str>>,
 }
 
 /// Bounds of the history.
@@ -143,11 +145,18 @@ impl History {
         o
     }
 
-    /// A history page: up to `limit` persisted messages with offset < `before` (all when
-    /// `None`), newest first. History is what was published with `persist`; the window's
-    /// other messages (typing indicators, cursor moves) only back gapless resume.
-    pub fn page(&self, before: Option<u64>, limit: usize) -> Vec<Arc<StoredMsg>> {
-        self.durable.range(..before.unwrap_or(u64::MAX)).rev().take(limit).map(|(_, m)| m.clone()).collect()
+    /// A history page: up to `limit` persisted messages with offset < `before` and published
+    /// before `before_ms` (each bound off when `None`), newest first. History is what was
+    /// published with `persist`; the window's other messages (typing indicators, cursor moves)
+    /// only back gapless resume.
+    pub fn page(&self, before: Option<u64>, before_ms: Option<u64>, limit: usize) -> Vec<Arc<StoredMsg>> {
+        self.durable
+            .range(..before.unwrap_or(u64::MAX))
+            .rev()
+            .filter(|(_, m)| before_ms.is_none_or(|b| m.created_ms < b))
+            .take(limit)
+            .map(|(_, m)| m.clone())
+            .collect()
     }
 
     /// realtime-js `broadcast.replay`: the newest `limit` persisted messages published at or
@@ -179,6 +188,7 @@ mod tests {
             binary_frame: false,
             created_ms: t,
             expires_ms: None,
+            user_id: None,
         })
     }
 
@@ -219,9 +229,12 @@ mod tests {
             h.push(msg(o, o * 10), o % 2 == 0, &L);
         }
         // durable 2,4,6,8,10 (window 6..=10): history and replay show persisted messages only
-        assert_eq!(offsets(&h.page(None, 3)), vec![10, 8, 6]);
-        assert_eq!(offsets(&h.page(Some(8), 10)), vec![6, 4, 2]);
-        assert_eq!(offsets(&h.page(Some(2), 10)), Vec::<u64>::new());
+        assert_eq!(offsets(&h.page(None, None, 3)), vec![10, 8, 6]);
+        assert_eq!(offsets(&h.page(Some(8), None, 10)), vec![6, 4, 2]);
+        assert_eq!(offsets(&h.page(Some(2), None, 10)), Vec::<u64>::new());
+        // by time: created_ms = offset * 10; before 80 ms → offsets below 8
+        assert_eq!(offsets(&h.page(None, Some(80), 2)), vec![6, 4]);
+        assert_eq!(offsets(&h.page(Some(6), Some(80), 10)), vec![4, 2]);
         assert_eq!(offsets(&h.replay(70, 10)), vec![8, 10]);
         assert_eq!(offsets(&h.replay(0, 2)), vec![8, 10]);
         // ... while resume still covers every message of the window
@@ -236,10 +249,10 @@ mod tests {
         m.expires_ms = Some(50);
         h.push(Arc::new(m), true, &L);
         assert!(h.expire(100, &L));
-        assert_eq!(offsets(&h.page(None, 10)), vec![1], "the ttl removed 2 from history");
+        assert_eq!(offsets(&h.page(None, None, 10)), vec![1], "the ttl removed 2 from history");
         assert_eq!(offsets(&h.resume("e", 0, 2).unwrap()), vec![1, 2], "the window still has both");
         h.expire(2000, &L);
-        assert_eq!(offsets(&h.page(None, 10)), vec![1]);
+        assert_eq!(offsets(&h.page(None, None, 10)), vec![1]);
         h.expire(200_000, &L);
         assert!(h.is_empty());
     }

@@ -347,6 +347,7 @@ fn pending(out: ClusterOut) -> Pending {
                     Persist::Ttl(s) => Some(now + s.saturating_mul(1000)),
                     _ => None,
                 },
+                user_id: p.user_id,
                 exclude: origin.filter(|_| p.exclude_sender).map(|o| wire::Sender {
                     shard: o.shard as u32,
                     index: o.conn.index,

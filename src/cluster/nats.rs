@@ -376,6 +376,7 @@ fn recover_batch(rec: &mut Recovered, batch: wire::Batch, keep: usize) {
                 binary_frame: m.binary_frame,
                 created_ms: m.created_ms,
                 expires_ms: m.expires_ms,
+                user_id: m.user_id,
             }),
             m.persisted,
         ));
@@ -705,6 +706,7 @@ mod tests {
             created_ms: 1,
             persisted,
             expires_ms: None,
+            user_id: None,
             exclude: None,
         }))
     }

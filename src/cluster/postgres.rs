@@ -220,6 +220,7 @@ impl Postgres {
                                 binary_frame: msg.binary_frame,
                                 created_ms: msg.created_ms,
                                 expires_ms: msg.expires_ms,
+                                user_id: msg.user_id.clone(),
                             },
                         );
                     }

@@ -44,6 +44,8 @@ pub struct Sequenced {
     pub expires_ms: Option<u64>,
     /// The publisher, when its channel has `self: false`.
     pub exclude: Option<Sender>,
+    /// The publisher's identity (its token's `sub`).
+    pub user_id: Option<Arc<str>>,
 }
 
 /// A presence member on the publishing node: its shard and connection there.
@@ -103,7 +105,11 @@ pub fn push_publish(m: &Sequenced, out: &mut Vec<u8>) {
         Payload::Json(p) => (0u8, p),
         Payload::Binary(p) => (1u8, p),
     };
-    let flags = kind | (m.binary_frame as u8) << 1 | (m.persisted as u8) << 2 | (m.exclude.is_some() as u8) << 3;
+    let flags = kind
+        | (m.binary_frame as u8) << 1
+        | (m.persisted as u8) << 2
+        | (m.exclude.is_some() as u8) << 3
+        | (m.user_id.is_some() as u8) << 4;
     out.push(flags);
     bytes(out, p);
     out.extend_from_slice(&m.created_ms.to_le_bytes());
@@ -112,6 +118,9 @@ pub fn push_publish(m: &Sequenced, out: &mut Vec<u8>) {
         for v in [s.shard, s.index, s.generation] {
             out.extend_from_slice(&v.to_le_bytes());
         }
+    }
+    if let Some(u) = &m.user_id {
+        bytes(out, u.as_bytes());
     }
 }
 
@@ -258,6 +267,7 @@ pub fn decode(buf: &Bytes) -> Result<Batch, WireError> {
                 } else {
                     None
                 };
+                let user_id = if flags & 16 != 0 { Some(r.str()?) } else { None };
                 Item::Publish(Box::new(Sequenced {
                     topic,
                     epoch,
@@ -270,6 +280,7 @@ pub fn decode(buf: &Bytes) -> Result<Batch, WireError> {
                     persisted: flags & 4 != 0,
                     expires_ms,
                     exclude,
+                    user_id,
                 }))
             }
             TAG_TRACK => {
@@ -309,6 +320,7 @@ mod tests {
                     persisted: true,
                     expires_ms: Some(1_700_000_060_000),
                     exclude: Some(Sender { shard: 1, index: 7, generation: 3 }),
+                    user_id: Some(Arc::from("user-1")),
                 })),
                 Item::Publish(Box::new(Sequenced {
                     topic: p.clone(),
@@ -322,6 +334,7 @@ mod tests {
                     persisted: false,
                     expires_ms: None,
                     exclude: None,
+                    user_id: None,
                 })),
                 Item::Track {
                     topic: t.clone(),

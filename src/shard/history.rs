@@ -92,6 +92,7 @@ impl Shard {
                 binary_frame: p.binary_frame,
                 created_ms: now,
                 expires_ms,
+                user_id: p.user_id.clone(),
             });
             let durable = p.persist != Persist::No;
             if durable {
@@ -138,6 +139,7 @@ impl Shard {
                 binary_frame: m.binary_frame,
                 created_ms: m.created_ms,
                 expires_ms: m.expires_ms,
+                user_id: m.user_id,
             });
             t.history.push(stored.clone(), m.persisted, &limits);
             let formats = t.formats();
@@ -241,7 +243,14 @@ impl Shard {
     }
 
     /// Owner side: a history page as a complete HTTP response.
-    pub(super) fn owner_history(&self, topic: &Topic, before: Option<u64>, limit: usize, keep_alive: bool) -> Bytes {
+    pub(super) fn owner_history(
+        &self,
+        topic: &Topic,
+        before: Option<u64>,
+        before_ms: Option<u64>,
+        limit: usize,
+        keep_alive: bool,
+    ) -> Bytes {
         let owned = self.owned.borrow();
         let mut body = Vec::with_capacity(256);
         body.extend_from_slice(b"{\"epoch\":");
@@ -257,7 +266,7 @@ impl Shard {
         }
         body.extend_from_slice(b",\"messages\":[");
         if let Some(t) = owned.get(topic) {
-            for (i, m) in t.history.page(before, limit).iter().enumerate() {
+            for (i, m) in t.history.page(before, before_ms, limit).iter().enumerate() {
                 if i > 0 {
                     body.push(b',');
                 }
@@ -279,7 +288,13 @@ impl Shard {
                 }
                 body.extend_from_slice(b",\"created_at\":\"");
                 write_iso8601_ms(&mut body, i64::try_from(m.created_ms).unwrap_or(i64::MAX));
-                body.push(b'"');
+                body.extend_from_slice(b"\",\"created_at_ms\":");
+                write_u64(&mut body, m.created_ms);
+                body.extend_from_slice(b",\"user_id\":");
+                match &m.user_id {
+                    Some(u) => write_str(&mut body, u),
+                    None => body.extend_from_slice(b"null"),
+                }
                 body.push(b'}');
             }
         }
@@ -497,6 +512,7 @@ fn encode_stored(topic: &Topic, m: &StoredMsg, formats: FormatSet, replayed: boo
             epoch: &m.epoch,
             offset: m.offset,
             replayed,
+            user_id: m.user_id.as_deref(),
         },
         formats,
     )

@@ -823,8 +823,8 @@ impl Shard {
             ShardMsg::BacklogReply { topic, conn, frames, position } => {
                 self.deliver_backlog(&topic, conn, frames, position)
             }
-            ShardMsg::HistoryRequest { topic, from, conn, before, limit, keep_alive } => {
-                let response = self.owner_history(&topic, before, limit, keep_alive);
+            ShardMsg::HistoryRequest { topic, from, conn, before, before_ms, limit, keep_alive } => {
+                let response = self.owner_history(&topic, before, before_ms, limit, keep_alive);
                 self.route(from, ShardMsg::HistoryReply { conn, response });
             }
             ShardMsg::HistoryReply { conn, response } => {

@@ -183,6 +183,16 @@ fn history(shard: &Shard, id: ConnId, req: &Request<'_>, topic: &str, ka: bool) 
             }
         },
     };
+    let before_ms = match req.query_param("before_ms") {
+        None => None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                let msg = format!("before_ms must be a time in Unix milliseconds, got {v:?}");
+                return respond(http::json_error(400, &msg, ka), ka);
+            }
+        },
+    };
     let topic = match Topic::new(topic, private) {
         Ok(t) => t,
         Err(e) => return respond(http::json_error(400, &e.to_string(), ka), ka),
@@ -192,7 +202,10 @@ fn history(shard: &Shard, id: ConnId, req: &Request<'_>, topic: &str, ka: bool) 
         return respond(http::json_error(403, &msg, ka), ka);
     }
     let owner = topic.owner(shard.shards);
-    shard.route(owner, ShardMsg::HistoryRequest { topic, from: shard.id, conn: id, before, limit, keep_alive: ka });
+    shard.route(
+        owner,
+        ShardMsg::HistoryRequest { topic, from: shard.id, conn: id, before, before_ms, limit, keep_alive: ka },
+    );
     Outcome::Deferred { keep_alive: ka }
 }
 
@@ -424,8 +437,9 @@ fn batch(shard: &Shard, req: &Request<'_>, body: &[u8], ka: bool) -> Result<Vec<
         return Err(http::json_error(422, &msg, ka));
     }
     let mut out = Vec::with_capacity(messages.len());
+    let user_id: Option<Arc<str>> = claims.sub.as_deref().map(Arc::from);
     for (i, raw) in messages.iter().enumerate() {
-        match batch_message(raw) {
+        match batch_message(raw).map(|p| Publish { user_id: user_id.clone(), ..p }) {
             Ok(p) if !may_publish(shard, &claims, &p.topic) => {
                 let msg = format!("messages[{i}]: not allowed to publish to private topic {:?}", p.topic.name());
                 return Err(http::json_error(403, &msg, ka));
@@ -487,6 +501,7 @@ fn batch_message(raw: &RawValue) -> Result<Publish, String> {
         exclude_sender: false,
         persist,
         id: m.id.map(|i| Arc::from(&*i)),
+        user_id: None, // the caller's (from the request's token)
         ack: None,
     })
 }
@@ -547,6 +562,7 @@ fn single(
         exclude_sender: false,
         persist,
         id: None,
+        user_id: claims.sub.as_deref().map(Arc::from),
         ack: None,
     })
 }

@@ -81,6 +81,10 @@ pub fn encode(rec: &Record, out: &mut Vec<u8>) {
             out.push(msg.binary_frame as u8);
             out.extend_from_slice(&(data.len() as u32).to_le_bytes());
             out.extend_from_slice(data);
+            // Optional trailing field (records written before it have none).
+            if let Some(u) = &msg.user_id {
+                put_str16(out, &u[..u.len().min(u16::MAX as usize)]);
+            }
         }
         Record::Checkpoint { topic, epoch, last_offset } => {
             out.push(2);
@@ -174,9 +178,15 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
                 1 => Payload::Binary(data),
                 _ => return Err(RecordError::Body("unknown payload kind")),
             };
+            let user_id = if r.0.is_empty() {
+                None
+            } else {
+                let n = r.u16()? as usize;
+                Some(Arc::from(r.str(n)?))
+            };
             Ok(Record::Message {
                 topic,
-                msg: StoredMsg { offset, epoch, id, event, payload, binary_frame, created_ms, expires_ms },
+                msg: StoredMsg { offset, epoch, id, event, payload, binary_frame, created_ms, expires_ms, user_id },
             })
         }
         2 => Ok(Record::Checkpoint { topic, epoch, last_offset: r.u64()? }),
@@ -306,6 +316,7 @@ mod tests {
             binary_frame: o.is_multiple_of(2),
             created_ms: 1000 + o,
             expires_ms: if o == 2 { Some(99) } else { None },
+            user_id: (o == 3).then(|| Arc::from("u-3")),
         }
     }
 

@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS corecast.history (
     expires_at timestamptz,
     PRIMARY KEY (topic, private, \"offset\", epoch)
 );
+ALTER TABLE corecast.history ADD COLUMN IF NOT EXISTS user_id text;
 CREATE TABLE IF NOT EXISTS corecast.history_checkpoints (
     topic text NOT NULL,
     private boolean NOT NULL,
@@ -78,19 +79,19 @@ COMMENT ON TABLE corecast.history_checkpoints IS 'corecast: where each topic''s 
 ";
 
 const LOAD: &str = "SELECT topic, private, \"offset\", epoch, id, event, payload::text, payload_bytes, binary_frame, \
-     (extract(epoch FROM created_at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8 \
+     (extract(epoch FROM created_at) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8, user_id \
      FROM corecast.history ORDER BY topic, private, \"offset\", created_at";
 
 const LOAD_CHECKPOINTS: &str = "DELETE FROM corecast.history_checkpoints RETURNING topic, private, epoch, last_offset";
 
 /// Inserts messages (column arrays); also used by the cluster link, in its sequencing transaction.
 pub(crate) const INSERT: &str = "INSERT INTO corecast.history \
-     (topic, private, \"offset\", epoch, id, event, payload, payload_bytes, binary_frame, created_at, expires_at) \
+     (topic, private, \"offset\", epoch, id, event, payload, payload_bytes, binary_frame, created_at, expires_at, user_id) \
      SELECT t, p, o, e, i, ev, pj::json, pb, bf, \
             'epoch'::timestamptz + c * interval '1 millisecond', \
-            'epoch'::timestamptz + x * interval '1 millisecond' \
+            'epoch'::timestamptz + x * interval '1 millisecond', uid \
      FROM unnest($1::text[], $2::bool[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
-                 $8::bytea[], $9::bool[], $10::int8[], $11::int8[]) AS u(t, p, o, e, i, ev, pj, pb, bf, c, x) \
+                 $8::bytea[], $9::bool[], $10::int8[], $11::int8[], $12::text[]) AS u(t, p, o, e, i, ev, pj, pb, bf, c, x, uid) \
      ON CONFLICT DO NOTHING";
 
 const CHECKPOINT: &str = "INSERT INTO corecast.history_checkpoints (topic, private, epoch, last_offset) \
@@ -197,6 +198,7 @@ pub fn recover(pg: &tokio_postgres::Config, patience: Duration) -> Result<Recove
                 binary_frame: r.get(8),
                 created_ms: r.get::<_, i64>(9).max(0) as u64,
                 expires_ms: r.get::<_, Option<i64>>(10).map(|x| x.max(0) as u64),
+                user_id: r.get::<_, Option<&str>>(11).map(Arc::from),
             };
             rec.records += 1;
             log::apply(&mut rec.topics, Record::Message { topic, msg });
@@ -291,6 +293,7 @@ pub(crate) struct Rows {
     binary_frame: Vec<bool>,
     created: Vec<i64>,
     expires: Vec<Option<i64>>,
+    user_id: Vec<Option<String>>,
     cp_topic: Vec<String>,
     cp_private: Vec<bool>,
     cp_epoch: Vec<String>,
@@ -325,6 +328,7 @@ impl Rows {
                     &self.binary_frame,
                     &self.created,
                     &self.expires,
+                    &self.user_id,
                 ],
             )
             .await
@@ -350,6 +354,7 @@ impl Rows {
             one.binary_frame.push(self.binary_frame[i]);
             one.created.push(self.created[i]);
             one.expires.push(self.expires[i]);
+            one.user_id.push(self.user_id[i].clone());
         } else {
             let j = i - self.topic.len();
             one.cp_topic.push(self.cp_topic[j].clone());
@@ -395,6 +400,7 @@ impl Rows {
                 self.binary_frame.push(msg.binary_frame);
                 self.created.push(msg.created_ms as i64);
                 self.expires.push(msg.expires_ms.map(|x| x as i64));
+                self.user_id.push(msg.user_id.as_deref().map(String::from));
             }
             Record::Checkpoint { topic, epoch, last_offset } => {
                 self.cp_topic.push(topic.name().to_owned());
@@ -528,24 +534,7 @@ impl Writer {
         client.batch_execute("BEGIN").await?;
         let result = async {
             if !rows.topic.is_empty() {
-                client
-                    .execute(
-                        &insert,
-                        &[
-                            &rows.topic,
-                            &rows.private,
-                            &rows.offset,
-                            &rows.epoch,
-                            &rows.id,
-                            &rows.event,
-                            &rows.json,
-                            &rows.bytes,
-                            &rows.binary_frame,
-                            &rows.created,
-                            &rows.expires,
-                        ],
-                    )
-                    .await?;
+                rows.execute(client, &insert).await?;
             }
             if !rows.cp_topic.is_empty() {
                 client
@@ -607,6 +596,7 @@ mod tests {
             binary_frame: false,
             created_ms: 1_700_000_000_000 + offset,
             expires_ms: (offset == 2).then_some(1_800_000_000_000),
+            user_id: (offset == 1).then(|| Arc::from("u-1")),
         }
     }
 
@@ -631,6 +621,7 @@ mod tests {
         assert_eq!(rows.json, vec![Some("{\"a\":1}".to_string()), None]);
         assert_eq!(rows.bytes, vec![None, Some(vec![0, 255])]);
         assert_eq!(rows.expires, vec![None, Some(1_800_000_000_000)]);
+        assert_eq!(rows.user_id, vec![Some("u-1".to_string()), None]);
         assert_eq!((rows.private.clone(), rows.offset.clone()), (vec![true, true], vec![1, 2]));
         let one = rows.single(1);
         assert_eq!((one.len(), one.offset.clone(), one.id.clone()), (1, vec![2], vec!["id2".to_string()]));

@@ -60,26 +60,31 @@ impl Server {
         Self::launch("127.0.0.1:0", &temp_dir("data"), args, env)
     }
 
-    /// Stops this server (SIGTERM, clean) and starts a new one on the same port and data dir.
+    /// Stops this server (SIGTERM, clean) and starts a new one on the same port, data dir,
+    /// arguments and environment.
     pub fn restart(mut self) -> Server {
         self.keep_dir = true;
-        let (addr, dir, args) = (self.addr.to_string(), self.data_dir.clone(), self.args.clone());
+        let (addr, dir, args, env) =
+            (self.addr.to_string(), self.data_dir.clone(), self.args.clone(), self.env.clone());
         let _ = self.terminate_inner();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Self::launch(&addr, &dir, &args, &[])
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Self::launch(&addr, &dir, &args, &env)
     }
 
     /// Kills this server (SIGKILL: no clean shutdown) and starts a new one on the same port and
     /// data dir.
     pub fn crash_and_restart(mut self) -> Server {
         self.keep_dir = true;
-        let (addr, dir, args) = (self.addr.to_string(), self.data_dir.clone(), self.args.clone());
+        let (addr, dir, args, env) =
+            (self.addr.to_string(), self.data_dir.clone(), self.args.clone(), self.env.clone());
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Self::launch(&addr, &dir, &args, &[])
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Self::launch(&addr, &dir, &args, &env)
     }
 
     /// Kills this server (SIGKILL) and keeps what a restart needs.

@@ -172,6 +172,8 @@ pub struct Publish {
     pub persist: Persist,
     /// A client-chosen message id (REST `id`), else the owner generates one.
     pub id: Option<Arc<str>>,
+    /// The publisher's identity: the `sub` of its verified token (never the payload's word).
+    pub user_id: Option<Arc<str>>,
     /// The `ack` reply for the publisher, sent once the topic's owner has sequenced the
     /// message (so a publisher that waits for its ack never sees a later message of its own
     /// overtake it).
@@ -365,6 +367,7 @@ impl Session {
             exclude_sender: !c.broadcast_self,
             persist,
             id: None,
+            user_id: c.claims.sub.as_deref().map(Arc::from),
             ack: (c.ack && mr.is_some()).then(|| message::reply(self.vsn, jr.as_deref(), mr, p.topic, true, b"{}")),
         }));
     }
@@ -521,6 +524,7 @@ impl Session {
             exclude_sender: !c.broadcast_self,
             persist: Persist::No,
             id: None,
+            user_id: c.claims.sub.as_deref().map(Arc::from),
             ack: (c.ack && mr.is_some()).then(|| message::reply(self.vsn, jr, mr, &c.wire, true, b"{}")),
         }));
     }
