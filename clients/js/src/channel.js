@@ -50,6 +50,7 @@ export class Channel {
     this._joinToken = null
     this._rejoinTimer = null
     this._rejoinAttempt = 0
+    this._pgReadyTimer = null
     this._tracked = null
     this._presence = new Map()
     this._pgIds = new Map()
@@ -266,6 +267,16 @@ export class Channel {
     })
     if (this.client.token !== this._joinToken) this._tokenChanged()
     if (this._tracked !== null) this._sendTrack(this._tracked).catch(() => {})
+    if (bindings.length === 0) return this._resolveJoin()
+    // With Postgres bindings, subscribe() resolves once the server said "Subscribed to
+    // PostgreSQL" (every change committed after that is delivered), or reported why not.
+    clearTimeout(this._pgReadyTimer)
+    this._pgReadyTimer = setTimeout(() => this._resolveJoin(), this.client.timeoutMs)
+  }
+
+  _resolveJoin() {
+    clearTimeout(this._pgReadyTimer)
+    this._pgReadyTimer = null
     for (const w of this._joinWaiters.splice(0)) w.resolve(this)
   }
 
@@ -292,6 +303,8 @@ export class Channel {
   }
 
   _socketClosed() {
+    clearTimeout(this._pgReadyTimer)
+    this._pgReadyTimer = null
     clearTimeout(this._rejoinTimer)
     this._rejoinTimer = null
     if (this.state !== 'closed') {
@@ -574,6 +587,10 @@ export class Channel {
 
   _onSystem(p) {
     this._emit('system', p)
+    if (p.extension === 'postgres_changes' && this._pgReadyTimer) {
+      if (p.status !== 'ok') this._emit('error', new Error(`corecast: postgres_changes: ${p.message}`))
+      this._resolveJoin()
+    }
     if (p.status === 'error' && typeof p.message === 'string' && p.message.startsWith('resume impossible')) {
       const gap = {
         type: 'gap',
@@ -619,10 +636,11 @@ function last(map) {
   return v
 }
 
+/** Same states (refs aside: a rejoin gives every meta a new `phx_ref`). */
 function sameMetas(a, b) {
   if (a.size !== b.size) return false
-  for (const [k, v] of a) if (!b.has(k) || JSON.stringify(b.get(k)) !== JSON.stringify(v)) return false
-  return true
+  const key = (m) => [...m.values()].map((v) => JSON.stringify(v)).sort().join('\n')
+  return key(a) === key(b)
 }
 
 function presenceEvent(kind, ch, key, state) {

@@ -68,7 +68,6 @@ describe('table topics and Postgres changes', { skip, concurrency: false }, () =
     const channel = realtimeClient.channel('orders') // table name, no slash
     let orders = []
     const events = new Log('orders')
-    const ready = pgReady(channel)
     channel
       .on('INSERT', (p) => {
         events.push(p)
@@ -82,8 +81,8 @@ describe('table topics and Postgres changes', { skip, concurrency: false }, () =
         events.push(p)
         orders = orders.filter((o) => o.id !== p.data.id)
       })
+    // subscribe() resolves once the server said "Subscribed to PostgreSQL".
     await channel.subscribe()
-    await ready
     sql(`INSERT INTO orders (id, user_id, total, status) VALUES ('o-1', 'user-1', 99.99, 'pending')`)
     sql(`INSERT INTO orders (id, user_id, total, status) VALUES ('o-2', 'user-1', 5, 'pending')`)
     sql(`UPDATE orders SET status = 'shipped' WHERE id = 'o-1'`)
