@@ -98,6 +98,13 @@ impl Shard {
             if durable {
                 log_pos = self.log_append(&Record::Message { topic: p.topic.clone(), msg: (*stored).clone() });
             }
+            if self.checkpointed.get() {
+                // Shutting down, after this shard's checkpoints (a publish routed here from a
+                // shard still draining): the stream must still end on a checkpoint, or the
+                // restart would take the shutdown for a crash and start a new epoch.
+                let cp = Record::Checkpoint { topic: p.topic.clone(), epoch: t.epoch().clone(), last_offset: offset };
+                log_pos = self.log_append(&cp).or(log_pos);
+            }
             t.history.push(stored.clone(), durable, &limits);
             let formats = t.formats();
             if formats.is_empty() {
@@ -359,6 +366,7 @@ impl Shard {
         if self.cluster.is_some() {
             return; // the cluster's sequencer keeps every topic's position
         }
+        self.checkpointed.set(true);
         let owned = self.owned.borrow();
         for (topic, t) in owned.iter() {
             self.log_append(&Record::Checkpoint {

@@ -381,6 +381,8 @@ pub struct Shard {
     /// Asks the log writer to flush and close; it fires `log_closed` when done.
     pub log_stop: Event,
     pub log_closed: Event,
+    /// This shard wrote its shutdown checkpoints: every later message is followed by one.
+    checkpointed: std::cell::Cell<bool>,
     next_generation: Cell<u32>,
     /// When a long loop last yielded (see [`Shard::relax`]).
     last_yield: Cell<Instant>,
@@ -459,6 +461,7 @@ impl Shard {
             log_waker: RefCell::new(None),
             log_stop: Event::default(),
             log_closed: Event::default(),
+            checkpointed: Default::default(),
             next_generation: Cell::new(0),
             last_yield: Cell::new(Instant::now()),
             cfg,
@@ -865,6 +868,12 @@ impl Shard {
             }
             ShardMsg::Members { gone, joined } => self.members_changed(&gone, &joined),
             ShardMsg::ClusterLink { up, message } => self.tell_channels("cluster", up, &message),
+            ShardMsg::Publish { .. } if self.log_stop.fired() => {
+                // Shutting down and the log is closed: a message sequenced now could not be
+                // recorded, and the restarted stream would reuse its offset. Not sequenced, not
+                // acknowledged (its connection is being closed).
+                tracing::debug!(shard = self.id, "dropping a publish that arrived after the log closed at shutdown");
+            }
             ShardMsg::Publish { mut publish, origin, ack_to } => {
                 let ack = publish.ack.take();
                 let durable_at = self.sequence(*publish, origin);
