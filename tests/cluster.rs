@@ -665,3 +665,34 @@ fn cluster_a_message_the_database_refuses_does_not_stop_the_link() {
     assert_eq!(got, [1, 3, 4]);
     assert_eq!(db.sql("SELECT count(*) FROM corecast.history WHERE topic = 't'"), "2");
 }
+
+/// A NATS server without JetStream is a set-up mistake: the node exits at once (not after the
+/// 30 s connect patience) with a message that says what to do. A URL nothing listens on fails
+/// after the patience, naming it; a malformed one is refused by the flag parser.
+#[test]
+fn nats_cluster_without_jetstream_fails_fast_and_clearly() {
+    let n = Nats::start_without_jetstream();
+    let dir = crate::util::temp_dir("nojs");
+    let t0 = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corecast"))
+        .args(["--listen", "127.0.0.1:0", "--cluster", &n.url(), "--data-dir"])
+        .arg(&dir)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("does not have JetStream enabled") && err.contains("-js"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corecast"))
+        .args(["--cluster", "nats://exa mple:4222"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a NATS URL"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -538,6 +538,15 @@ async fn open(
     let mut stream = loop {
         match js.get_or_create_stream(config.clone()).await {
             Ok(s) => break s,
+            Err(e) if !client.server_info().jetstream => {
+                let info = client.server_info();
+                return Err(format!(
+                    "the NATS server {} ({}:{}) does not have JetStream enabled, which --cluster nats needs \
+                     for ordering and history: start it with -js (or a jetstream {{}} block in its \
+                     configuration) ({e})",
+                    info.server_name, info.host, info.port
+                ));
+            }
             Err(e) if started.elapsed() < CONNECT_PATIENCE => {
                 tracing::warn!(error = %e, "cluster: cannot open the JetStream stream yet; retrying");
                 tokio::time::sleep(backoff.next_delay()).await;

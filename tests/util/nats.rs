@@ -14,6 +14,7 @@ pub struct Nats {
     pub port: u16,
     dir: PathBuf,
     child: std::sync::Mutex<Option<Child>>,
+    jetstream: bool,
 }
 
 fn binary() -> PathBuf {
@@ -31,8 +32,17 @@ fn binary() -> PathBuf {
 impl Nats {
     /// Starts a fresh server; panics with its log if it does not become ready.
     pub fn start() -> Nats {
+        Self::start_with(true)
+    }
+
+    /// A fresh server without JetStream (a set-up mistake corecast must name).
+    pub fn start_without_jetstream() -> Nats {
+        Self::start_with(false)
+    }
+
+    fn start_with(jetstream: bool) -> Nats {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let n = Nats { port, dir: super::temp_dir("nats"), child: Default::default() };
+        let n = Nats { port, dir: super::temp_dir("nats"), child: Default::default(), jetstream };
         n.start_again();
         n
     }
@@ -47,9 +57,12 @@ impl Nats {
         let bin = binary();
         assert!(bin.exists(), "nats-server not found at {} (apt-get install nats-server)", bin.display());
         let log = self.dir.join("log");
-        let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(self.dir.join("store"))
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string()]);
+        if self.jetstream {
+            cmd.arg("-js").arg("-sd").arg(self.dir.join("store"));
+        }
+        let child = cmd
             .arg("-l")
             .arg(&log)
             .stdin(Stdio::null())
