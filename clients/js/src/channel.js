@@ -1,7 +1,8 @@
 // A channel: one topic, joined over the client's socket, with gapless resume.
 
 import { encodeText, encodeUserBroadcast, filterString, splitTable, toMs, wireTopic } from './wire.js'
-import { reportError } from './client.js'
+import { reportError, backoffDelay } from './client.js'
+import { SseStream } from './sse.js'
 
 const DB_OPS = ['INSERT', 'UPDATE', 'DELETE']
 
@@ -51,6 +52,7 @@ export class Channel {
     this._rejoinTimer = null
     this._rejoinAttempt = 0
     this._pgReadyTimer = null
+    this._sse = null
     this._tracked = null
     this._presence = new Map()
     this._pgIds = new Map()
@@ -145,7 +147,9 @@ export class Channel {
     if (!this.client.channels.has(this.topic)) this.client.channels.set(this.topic, this)
     if (this.state === 'joined') return Promise.resolve(this)
     const p = new Promise((resolve, reject) => this._joinWaiters.push({ resolve, reject }))
-    if (this.client.connected) {
+    if (this.client.transport === 'sse') {
+      this.client.connect()
+    } else if (this.client.connected) {
       if (this.state === 'closed') this._join()
     } else {
       this.client.connect().catch(() => {})
@@ -158,6 +162,7 @@ export class Channel {
     this._wantJoined = false
     clearTimeout(this._rejoinTimer)
     this._rejoinTimer = null
+    this._closeStream()
     const wasJoined = this.state === 'joined' || this.state === 'joining'
     const joinRef = this.joinRef
     this.state = 'closed'
@@ -299,7 +304,85 @@ export class Channel {
   }
 
   _socketOpen() {
-    if (this._wantJoined) this._join()
+    if (!this._wantJoined) return
+    if (this.client.transport === 'sse') {
+      if (!this._sse) this._openStream()
+      return
+    }
+    this._join()
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Transport 'sse': this channel's own event stream
+  // ---------------------------------------------------------------------------------------
+
+  _openStream() {
+    const client = this.client
+    this.state = 'joining'
+    const stream = new SseStream({
+      url: () => {
+        const q = new URLSearchParams({ topic: this.topic, presence: 'true' })
+        if (this.opts.private) q.set('private', 'true')
+        if (this._tracked !== null) {
+          q.set('track', JSON.stringify(this._tracked))
+          q.set('presence_key', this.opts.presenceKey)
+        }
+        return `${client.endpoints.http}/sse?${q}`
+      },
+      headers: () => client._authHeaders(),
+      fetch: client.fetch,
+      backoff: (n) => backoffDelay(n, client.reconnect),
+      onOpen: () => {
+        if (this._sse !== stream) return
+        this.state = 'joined'
+        client._streamState(this, false)
+        this._resolveJoin()
+      },
+      onMessage: ({ event, data }) => {
+        if (this._sse !== stream) return
+        this._onStreamEvent(event, data)
+      },
+      onDown: () => {
+        if (this._sse !== stream) return
+        this.state = 'joining'
+        client._streamState(this, true)
+      },
+    })
+    this._sse = stream
+    client._sseDown.add(this)
+    stream.start(() => (this.epoch !== null && this.offset !== null ? `${this.epoch}-${this.offset}` : null))
+  }
+
+  /** Reopens the stream (new token or presence state), resuming where it was. */
+  _restartStream() {
+    if (!this._sse) return
+    this._closeStream()
+    this._openStream()
+  }
+
+  _closeStream() {
+    if (!this._sse) return
+    const s = this._sse
+    this._sse = null
+    s.close()
+    this.client._sseDown.delete(this)
+  }
+
+  _onStreamEvent(event, d) {
+    switch (event) {
+      case 'broadcast': {
+        const payload = d.encoding === 'base64' ? base64ToBuffer(d.payload) : d.payload
+        return this._onBroadcast({ type: 'broadcast', event: d.event, payload, meta: d.meta })
+      }
+      case 'presence_state':
+        return this._onPresenceState(d.payload)
+      case 'presence_diff':
+        return this._onPresenceDiff(d.payload)
+      case 'system':
+        return this._onSystem(d.payload ?? {})
+      default:
+        return
+    }
   }
 
   _socketClosed() {
@@ -314,6 +397,7 @@ export class Channel {
   }
 
   _tokenChanged() {
+    if (this._sse) return this._restartStream()
     const token = this.client.token
     if (this.state !== 'joined' || !token) return
     const joinRef = this.joinRef
@@ -368,6 +452,10 @@ export class Channel {
       return Promise.reject(new TypeError('corecast: track() needs an object'))
     }
     this._tracked = state
+    if (this._sse) {
+      this._restartStream()
+      return Promise.resolve('ok')
+    }
     if (this.state !== 'joined') return Promise.resolve('queued')
     return this._sendTrack(state)
   }
@@ -385,7 +473,8 @@ export class Channel {
   async untrack() {
     const had = this._tracked !== null
     this._tracked = null
-    if (!had || this.state !== 'joined') return 'ok'
+    if (had && this._sse) this._restartStream()
+    if (!had || this.state !== 'joined' || this._sse) return 'ok'
     const joinRef = this.joinRef
     const reply = await this.client._push((ref) =>
       encodeText(joinRef, ref, this.wire, 'presence', { type: 'presence', event: 'untrack' })

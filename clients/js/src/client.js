@@ -24,9 +24,6 @@ export class RealtimeClient {
     if (!['auto', 'websocket', 'sse'].includes(transport)) {
       throw new TypeError(`corecast: unknown transport '${transport}' (auto | websocket | sse)`)
     }
-    if (transport === 'sse') {
-      throw new Error("corecast: transport 'sse' is not built yet in this version; use 'websocket' or 'auto'")
-    }
     this.endpoints = endpoints(url)
     this.transport = transport
     this.token = opts.token ?? null
@@ -49,6 +46,22 @@ export class RealtimeClient {
     this._heartbeatTimer = null
     this._heartbeatRef = null
     this._connectWaiters = []
+    this._sseDown = new Set()
+  }
+
+  /** SSE mode: a channel's stream went down (`down`) or came back. */
+  _streamState(ch, down) {
+    if (down) this._sseDown.add(ch)
+    else this._sseDown.delete(ch)
+    this._streamStatus()
+  }
+
+  _streamStatus() {
+    if (!this._wanted) return
+    if (this._sseDown.size === 0) {
+      this._everConnected = true
+      this._setStatus('connected')
+    } else this._setStatus(this._everConnected ? 'reconnecting' : 'connecting')
   }
 
   // ---------------------------------------------------------------------------------------
@@ -85,6 +98,12 @@ export class RealtimeClient {
   /** Opens the connection (if not open); resolves once connected. Reconnects on its own after. */
   connect() {
     this._wanted = true
+    if (this.transport === 'sse') {
+      // No socket: every subscribed channel has its own event stream.
+      for (const ch of this.channels.values()) ch._socketOpen()
+      this._streamStatus()
+      return Promise.resolve()
+    }
     if (this.status === 'connected') return Promise.resolve()
     const p = new Promise((resolve, reject) => this._connectWaiters.push({ resolve, reject }))
     if (!this._ws && !this._reconnectTimer) this._open()
@@ -99,6 +118,8 @@ export class RealtimeClient {
     this._reconnectTimer = null
     const ws = this._ws
     this._dropSocket()
+    for (const ch of this.channels.values()) ch._closeStream()
+    this._sseDown.clear()
     if (ws) {
       try {
         ws.close(1000, 'client disconnect')

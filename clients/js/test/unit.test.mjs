@@ -56,8 +56,7 @@ describe('unit', () => {
     assert.equal(toMs(5), 5)
   })
 
-  it("transport 'sse' is refused clearly (not built yet)", () => {
-    assert.throws(() => createClient('http://h:1', { transport: 'sse' }), /not built yet/)
+  it('an unknown transport is refused clearly', () => {
     assert.throws(() => createClient('http://h:1', { transport: 'carrier-pigeon' }), /unknown transport/)
   })
 
@@ -102,5 +101,17 @@ describe('unit', () => {
     // A presence_state after a rejoin reports only what changed.
     ch._onPresenceState({ a: { metas: [{ phx_ref: 'r9', name: 'A2' }] }, c: { metas: [{ phx_ref: 'r8', name: 'C' }] } })
     assert.deepEqual(ev.slice(4), [['join', 'C']])
+  })
+
+  it('event stream parser: fields, multi-line data, comments, CRLF, split chunks', async () => {
+    const { EventStreamParser } = await import('../src/sse.js')
+    const got = []
+    const p = new EventStreamParser((e) => got.push(e))
+    p.push('retry: 2000\n: open\n\nid: e1-5\nevent: broadcast\ndata: {"a":\ndata: 1}\n\nevent: sys')
+    p.push('tem\r\ndata: {}\r\n\r\n')
+    assert.deepEqual(got, [
+      { event: 'broadcast', data: '{"a":\n1}', id: 'e1-5' },
+      { event: 'system', data: '{}', id: null },
+    ])
   })
 })
