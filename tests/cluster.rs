@@ -696,3 +696,33 @@ fn nats_cluster_without_jetstream_fails_fast_and_clearly() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A NATS server that requires a user and password, given in the URL as NATS clients accept
+/// them (`nats://user:pass@host:port`): two nodes form a cluster and exchange a broadcast; the
+/// password never appears in the log.
+#[test]
+fn nats_cluster_with_credentials_in_the_url() {
+    let n = Nats::start_with_auth("corecast", "s3cret-pass");
+    let url = format!("nats://corecast:s3cret-pass@127.0.0.1:{}", n.port);
+    let start = |id: &str| Server::start_with_env(&["--cluster", &url, "--node-id", id], &[("RUST_LOG", "info")]);
+    let (a, b) = (start("u-a"), start("u-b"));
+    wait_members(&[&a, &b], &["u-a", "u-b"]);
+    let mut sub = Client::connect(&b.ws_url("2.0.0"));
+    sub.join_v2("auth", "s", json!({}));
+    let body = json!({"messages": [{"topic": "auth", "event": "n", "payload": {"seq": 1}}]}).to_string();
+    let (st, _, _) = http(a.addr, "POST", "/realtime/v1/api/broadcast", &[], body.as_bytes());
+    assert_eq!(st, 202);
+    assert_eq!(next_broadcast(&mut sub), (1, json!({"seq": 1})));
+    // A wrong password is a clear start failure, not a hang.
+    let bad = format!("nats://corecast:wrong@127.0.0.1:{}", n.port);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corecast"))
+        .args(["--listen", "127.0.0.1:0", "--cluster", &bad, "--data-dir"])
+        .arg(crate::util::temp_dir("badauth"))
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(!err.contains("wrong") && !err.contains("s3cret"), "credentials in the log: {err}");
+    assert!(err.contains("refused this node's credentials"), "{err}");
+}

@@ -77,6 +77,18 @@ pub fn parse_urls(s: &str) -> Result<Vec<String>, String> {
     Ok(urls)
 }
 
+/// The URLs for a log line, credentials replaced by `***`.
+pub fn redacted(urls: &[String]) -> String {
+    urls.iter()
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}***{}", &u[..s + 3], &u[at..]),
+            (None, Some(at)) => format!("***{}", &u[at..]),
+            _ => u.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The stream subject of `topic`.
 pub fn subject(topic: &Topic) -> String {
     let name = topic.name();
@@ -474,10 +486,20 @@ async fn open(
     let reconnected = Arc::new(AtomicBool::new(false));
     let flag = reconnected.clone();
     let was_down = Arc::new(AtomicBool::new(false));
+    // Credentials in the URL (`nats://user:pass@host`, or `nats://token@host`): the client
+    // library does not take them from the address itself.
+    let credentials = addrs
+        .iter()
+        .find(|a| a.has_user_pass())
+        .map(|a| (a.username().unwrap_or_default().to_string(), a.password().map(str::to_string)));
     let options = || {
         let (flag, was_down) = (flag.clone(), was_down.clone());
-        async_nats::ConnectOptions::new()
-            .name(format!("corecast {node}"))
+        let base = match credentials.clone() {
+            Some((user, Some(pass))) => async_nats::ConnectOptions::with_user_and_password(user, pass),
+            Some((token, None)) => async_nats::ConnectOptions::with_token(token),
+            None => async_nats::ConnectOptions::new(),
+        };
+        base.name(format!("corecast {node}"))
             .connection_timeout(Duration::from_secs(2))
             .max_reconnects(None)
             .event_callback(move |event| {
@@ -505,11 +527,23 @@ async fn open(
     let client = loop {
         match options().connect(addrs.clone()).await {
             Ok(c) => break c,
+            // The server answered and refused: retrying the same credentials cannot help.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::ConnectErrorKind::Authentication | async_nats::ConnectErrorKind::AuthorizationViolation
+                ) =>
+            {
+                return Err(format!(
+                    "NATS at {} refused this node's credentials ({e}): check the user and password (or token) in --cluster",
+                    redacted(&urls)
+                ));
+            }
             Err(e) if started.elapsed() < CONNECT_PATIENCE => {
                 tracing::warn!(error = %e, "cluster: NATS unavailable; retrying");
                 tokio::time::sleep(backoff.next_delay()).await;
             }
-            Err(e) => return Err(format!("cannot reach NATS at {} within {CONNECT_PATIENCE:?}: {e}", urls.join(","))),
+            Err(e) => return Err(format!("cannot reach NATS at {} within {CONNECT_PATIENCE:?}: {e}", redacted(&urls))),
         }
     };
     let server_max = client.server_info().max_payload;
@@ -694,6 +728,12 @@ mod tests {
         assert_eq!(parse_beat(&beat_payload(7, true, "node-a")), Some((7, true, "node-a".into())));
         assert_eq!(parse_beat(&beat_payload(7, false, "")), Some((7, false, String::new())));
         assert_eq!(parse_beat(b"short"), None);
+    }
+
+    #[test]
+    fn credentials_never_reach_the_log() {
+        let urls = vec!["nats://u:secret@a:4222".to_string(), "nats://b:4222".into(), "tok@c:1".into()];
+        assert_eq!(redacted(&urls), "nats://***@a:4222,nats://b:4222,***@c:1");
     }
 
     #[test]

@@ -149,7 +149,7 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
                 pg,
             )
             .map_err(BootError::Cluster)?;
-            tracing::info!(node = %cfg.node_id(), servers = %urls.join(","), topics = from_stream.len(), "cluster mode: nats");
+            tracing::info!(node = %cfg.node_id(), servers = %crate::cluster::nats::redacted(urls), topics = from_stream.len(), "cluster mode: nats");
             recovered = distribute(&cfg, from_stream);
             (Some(handle), None)
         }

@@ -15,6 +15,7 @@ pub struct Nats {
     dir: PathBuf,
     child: std::sync::Mutex<Option<Child>>,
     jetstream: bool,
+    extra: Vec<String>,
 }
 
 fn binary() -> PathBuf {
@@ -40,9 +41,18 @@ impl Nats {
         Self::start_with(false)
     }
 
+    /// A fresh server (JetStream on) that requires `user` / `pass`.
+    pub fn start_with_auth(user: &str, pass: &str) -> Nats {
+        Self::start_inner(true, vec!["--user".into(), user.into(), "--pass".into(), pass.into()])
+    }
+
     fn start_with(jetstream: bool) -> Nats {
+        Self::start_inner(jetstream, Vec::new())
+    }
+
+    fn start_inner(jetstream: bool, extra: Vec<String>) -> Nats {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let n = Nats { port, dir: super::temp_dir("nats"), child: Default::default(), jetstream };
+        let n = Nats { port, dir: super::temp_dir("nats"), child: Default::default(), jetstream, extra };
         n.start_again();
         n
     }
@@ -62,6 +72,7 @@ impl Nats {
         if self.jetstream {
             cmd.arg("-js").arg("-sd").arg(self.dir.join("store"));
         }
+        cmd.args(&self.extra);
         let child = cmd
             .arg("-l")
             .arg(&log)
