@@ -23,6 +23,7 @@ pub mod config;
 pub mod entropy;
 pub mod fuzzing;
 pub mod ingest;
+pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod shard;

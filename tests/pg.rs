@@ -736,7 +736,27 @@ fn pg_metrics_report_slot_lag_and_commit_delay() {
     };
     let lag = gauge(&text, "corecast_pg_replication_lag_bytes").expect("no slot lag gauge");
     let kept = gauge(&text, "corecast_pg_slot_retained_wal_bytes").expect("no retained WAL gauge");
-    let delay = gauge(&text, "corecast_pg_commit_to_handoff_seconds").expect("no commit delay gauge");
+    let delay = gauge(&text, "corecast_pg_replication_lag_seconds").expect("no lag in seconds gauge");
+    let handoffs = gauge(&text, "corecast_pg_commit_to_handoff_seconds_count").expect("no commit → hand-off histogram");
+    assert!(handoffs >= 1.0, "{text}");
+    assert!(text.contains("# TYPE corecast_pg_commit_to_handoff_seconds histogram"));
+    assert!(text.contains("corecast_pg_commit_to_handoff_seconds_bucket{le=\"+Inf\"}"));
+    assert!(text.contains("# TYPE corecast_pg_rls_check_seconds histogram"));
+    // Every metric the Grafana dashboard reads exists (this server has a database, so all do).
+    let dashboard = include_str!("../tuning/grafana/corecast.json");
+    let mut names: Vec<&str> = dashboard
+        .match_indices("corecast_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            &rest[..rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len())]
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 15, "{names:?}");
+    for name in names {
+        assert!(text.contains(&format!("\n{name}")), "the dashboard reads {name}, which /metrics does not have");
+    }
     assert!(lag >= 0.0 && kept >= lag, "lag {lag}, retained {kept}");
     // Seconds, not µs (which would read in the thousands): a unit check, not a latency bound.
     assert!((0.0..600.0).contains(&delay), "commit → hand-off {delay} s");

@@ -132,6 +132,28 @@ fn health_metrics_and_cors_preflight() {
     assert!(text.contains("corecast_node_info{node=\"edge-1\",cluster=\"none\"} 1"), "{text}");
     assert!(text.contains("# TYPE corecast_connections gauge"));
     assert!(text.contains("corecast_sends_total{shard=\"1\"}"));
+    // Latency histograms, after a message went from a publisher to a subscriber.
+    let mut sub = crate::util::Client::connect(&srv.ws_url("2.0.0"));
+    sub.join_v2("m", "s", json!({}));
+    let body = json!({"messages": [{"topic": "m", "event": "e", "payload": {}}]}).to_string();
+    assert_eq!(http(srv.addr, "POST", "/realtime/v1/api/broadcast", &[], body.as_bytes()).0, 202);
+    while sub.recv_json()[3] != "broadcast" {}
+    let count = |text: &str, name: &str| -> u64 {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let text = loop {
+        let text = String::from_utf8(http(srv.addr, "GET", "/metrics", &[], b"").2).unwrap();
+        if count(&text, "corecast_sequenced_to_first_write_seconds_count") >= 1 || std::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(text.contains("# TYPE corecast_publish_sequenced_seconds histogram"), "{text}");
+    assert!(count(&text, "corecast_publish_sequenced_seconds_count") >= 1, "{text}");
+    assert!(count(&text, "corecast_publish_sequenced_seconds_bucket{le=\"+Inf\"}") >= 1, "{text}");
+    assert!(count(&text, "corecast_sequenced_to_first_write_seconds_count") >= 1, "{text}");
     let (st, head, _) = http(srv.addr, "OPTIONS", "/realtime/v1/api/broadcast", &[("Origin", "http://x")], b"");
     assert_eq!(st, 204);
     assert!(head.contains("Access-Control-Allow-Headers"));

@@ -24,6 +24,8 @@ pub struct Frames {
     /// of any single-topic stream, so those streams share one frame like WebSocket subscribers.
     /// Multi-topic streams write their own token before the shared event.
     pub sse_with_id: Option<Bytes>,
+    /// When the owner sequenced the message (for the sequenced → first write histogram).
+    pub sequenced: Option<std::time::Instant>,
 }
 
 impl Frames {
@@ -37,6 +39,7 @@ impl Frames {
             offset: self.offset,
             epoch: self.epoch.clone(),
             sse_with_id: copy(&self.sse_with_id),
+            sequenced: self.sequenced,
         }
     }
 
@@ -109,7 +112,7 @@ pub fn encode(msg: &Message<'_>, formats: FormatSet) -> Frames {
         sse_with_id = Some(Bytes::from(with_id));
         by_format[Format::Sse.index()] = Some(event);
     }
-    Frames { by_format, offset: msg.offset, epoch: Arc::from(msg.epoch), sse_with_id }
+    Frames { by_format, offset: msg.offset, epoch: Arc::from(msg.epoch), sse_with_id, sequenced: None }
 }
 
 /// `event: broadcast` with data `{"topic","event","payload","meta"}`; a binary payload travels

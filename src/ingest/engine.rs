@@ -635,6 +635,7 @@ impl Engine {
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
             let delay = now_us.saturating_sub(pg_micros.saturating_add(super::pgoutput::PG_EPOCH_OFFSET_MICROS));
             self.stats.commit_delay_us.store(delay.max(0) as u64, std::sync::atomic::Ordering::Relaxed);
+            self.stats.commit_to_handoff.record_us(delay.max(0) as u64);
         }
     }
 
@@ -830,9 +831,13 @@ impl Engine {
             let slot = j % conns.len();
             let (db, conn, job, in_flight) =
                 (self.db.clone(), conns[slot].clone(), Rc::new(job.clone()), in_flight.clone());
+            let stats = self.stats.clone();
             let task = checks.spawn_local(async move {
                 let _permit = in_flight.acquire().await;
-                check_until_answered(db, slot, conn, job).await
+                let t0 = Instant::now();
+                let visible = check_until_answered(db, slot, conn, job).await;
+                stats.rls_check.record(t0.elapsed());
+                visible
             });
             job_of_task.insert(task.id(), j);
         }

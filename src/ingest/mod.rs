@@ -99,6 +99,10 @@ pub struct IngestStats {
     pub retained_bytes: std::sync::atomic::AtomicU64,
     /// Commit → hand-off to the shards of the last transaction delivered (µs).
     pub commit_delay_us: std::sync::atomic::AtomicU64,
+    /// The same as a histogram.
+    pub commit_to_handoff: crate::metrics::Histogram,
+    /// Row-level security checks.
+    pub rls_check: crate::metrics::Histogram,
 }
 
 /// Where shards send [`IngestMsg`]s (cheap to clone, `Send`).

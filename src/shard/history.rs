@@ -68,6 +68,9 @@ impl Shard {
     /// Returns the log position the message must be synced up to (persisted messages only).
     pub(super) fn sequence(&self, p: Publish, origin: Option<Origin>) -> Option<u64> {
         ShardStats::add(&self.my_stats().published, 1);
+        if let Some(r) = p.received {
+            self.my_stats().publish_sequenced.record(r.elapsed());
+        }
         let now = unix_ms();
         let limits = self.cfg.limits.history();
         let mut log_pos = None;
@@ -110,7 +113,9 @@ impl Shard {
             if formats.is_empty() {
                 return log_pos;
             }
-            let frames = Arc::new(encode_stored(&p.topic, &stored, formats, false));
+            let mut frames = encode_stored(&p.topic, &stored, formats, false);
+            frames.sequenced = Some(std::time::Instant::now());
+            let frames = Arc::new(frames);
             (frames, t.listening_shards().collect::<Vec<usize>>())
         };
         let exclude = if p.exclude_sender { origin } else { None };
@@ -153,7 +158,9 @@ impl Shard {
             if !live || formats.is_empty() {
                 return;
             }
-            let frames = Arc::new(encode_stored(&m.topic, &stored, formats, false));
+            let mut frames = encode_stored(&m.topic, &stored, formats, false);
+            frames.sequenced = Some(std::time::Instant::now());
+            let frames = Arc::new(frames);
             (frames, t.listening_shards().collect::<Vec<usize>>())
         };
         for shard in targets {

@@ -383,6 +383,9 @@ pub struct Shard {
     pub log_closed: Event,
     /// This shard wrote its shutdown checkpoints: every later message is followed by one.
     checkpointed: std::cell::Cell<bool>,
+    /// The sequencing time of the first delivery since the last flush round (sampled for
+    /// `corecast_sequenced_to_first_write_seconds`).
+    first_write: std::cell::Cell<Option<std::time::Instant>>,
     next_generation: Cell<u32>,
     /// When a long loop last yielded (see [`Shard::relax`]).
     last_yield: Cell<Instant>,
@@ -462,6 +465,7 @@ impl Shard {
             log_stop: Event::default(),
             log_closed: Event::default(),
             checkpointed: Default::default(),
+            first_write: Default::default(),
             next_generation: Cell::new(0),
             last_yield: Cell::new(Instant::now()),
             cfg,
@@ -612,7 +616,8 @@ impl Shard {
                     }
                 }
                 Action::Unsubscribe(topic) => self.unsubscribe(id, &topic),
-                Action::Publish(p) => {
+                Action::Publish(mut p) => {
+                    p.received = Some(std::time::Instant::now());
                     let owner = p.topic.owner(self.shards);
                     let origin = Some(Origin { shard: self.id, conn: id });
                     let ack_to = p.ack.is_some().then_some((self.id, id));
@@ -933,6 +938,9 @@ impl Shard {
 
     /// Queues `frames` to every local subscriber of `topic`.
     fn deliver(&self, topic: &Topic, frames: &Frames, exclude: Option<Origin>) {
+        if let (Some(t), None) = (frames.sequenced, self.first_write.get()) {
+            self.first_write.set(Some(t));
+        }
         let registry = self.registry.borrow();
         let Some(local) = registry.get(topic) else {
             return;
@@ -1080,6 +1088,11 @@ impl Shard {
             let st = self.my_stats();
             ShardStats::add(&st.frames_sent, frames);
             ShardStats::add(&st.sends, sends);
+            if sends > 0 {
+                if let Some(t) = self.first_write.take() {
+                    st.sequenced_to_write.record(t.elapsed());
+                }
+            }
         }
     }
 

@@ -290,7 +290,16 @@ impl Shard {
                         Some(crate::protocol::sse::topic_event(topic.name(), "presence_diff", &diff));
                 }
                 let targets: Vec<usize> = t.listening_shards().collect();
-                (Arc::new(Frames { by_format, offset: 0, epoch: t.epoch().clone(), sse_with_id: None }), targets)
+                (
+                    Arc::new(Frames {
+                        by_format,
+                        offset: 0,
+                        epoch: t.epoch().clone(),
+                        sse_with_id: None,
+                        sequenced: None,
+                    }),
+                    targets,
+                )
             };
             let (frames, targets) = out;
             for shard in targets {

@@ -414,6 +414,7 @@ fn publish_all(shard: &Shard, id: ConnId, msgs: Vec<Publish>, response: Vec<u8>,
     }
     for p in msgs {
         let owner = p.topic.owner(shard.shards);
+        let p = Publish { received: Some(std::time::Instant::now()), ..p };
         shard.route(owner, ShardMsg::Publish { publish: Box::new(p), origin: None, ack_to: Some((shard.id, id)) });
     }
     Outcome::Deferred { keep_alive: ka }
@@ -502,6 +503,7 @@ fn batch_message(raw: &RawValue) -> Result<Publish, String> {
         persist,
         id: m.id.map(|i| Arc::from(&*i)),
         user_id: None, // the caller's (from the request's token)
+        received: None,
         ack: None,
     })
 }
@@ -563,6 +565,7 @@ fn single(
         persist,
         id: None,
         user_id: claims.sub.as_deref().map(Arc::from),
+        received: None,
         ack: None,
     })
 }

@@ -22,6 +22,11 @@ pub struct ShardStats {
     pub slow_consumers: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub http_requests: AtomicU64,
+    /// Publish received (parsed on its connection's shard) → sequenced by the topic's owner.
+    pub publish_sequenced: crate::metrics::Histogram,
+    /// Sequenced by the owner → the first socket write of a flush round that carries it on a
+    /// subscriber's shard (sampled: the first delivery of each round).
+    pub sequenced_to_write: crate::metrics::Histogram,
 }
 
 impl ShardStats {
@@ -101,6 +106,32 @@ pub fn render(
             let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s));
         }
     }
+    crate::metrics::render(
+        &mut out,
+        "corecast_publish_sequenced_seconds",
+        "Publish received on its connection's shard to sequenced by the topic's owner (single node)",
+        all.iter().map(|s| &s.publish_sequenced),
+    );
+    crate::metrics::render(
+        &mut out,
+        "corecast_sequenced_to_first_write_seconds",
+        "Sequenced by the owner to the first socket write carrying it on a subscriber's shard (first delivery of each flush round)",
+        all.iter().map(|s| &s.sequenced_to_write),
+    );
+    if let Some(g) = ingest {
+        crate::metrics::render(
+            &mut out,
+            "corecast_pg_commit_to_handoff_seconds",
+            "Postgres changes: commit to hand-off to the shards, per delivered batch's newest transaction",
+            std::iter::once(&g.commit_to_handoff),
+        );
+        crate::metrics::render(
+            &mut out,
+            "corecast_pg_rls_check_seconds",
+            "Postgres changes: one row-level security check (an auth context's rows of a batch, retries included)",
+            std::iter::once(&g.rls_check),
+        );
+    }
     if let Some(g) = ingest.filter(|g| g.sampled.load(Ordering::Relaxed)) {
         let gauges: [(&str, &str, f64); 3] = [
             (
@@ -114,8 +145,8 @@ pub fn render(
                 g.retained_bytes.load(Ordering::Relaxed) as f64,
             ),
             (
-                "corecast_pg_commit_to_handoff_seconds",
-                "Commit to hand-off to the shards of the last transaction delivered",
+                "corecast_pg_replication_lag_seconds",
+                "Commit to hand-off to the shards of the last transaction delivered (how far behind the database corecast runs)",
                 g.commit_delay_us.load(Ordering::Relaxed) as f64 / 1e6,
             ),
         ];

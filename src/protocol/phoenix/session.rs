@@ -174,6 +174,9 @@ pub struct Publish {
     pub id: Option<Arc<str>>,
     /// The publisher's identity: the `sub` of its verified token (never the payload's word).
     pub user_id: Option<Arc<str>>,
+    /// When its connection's shard received it (set by the shard, for the publish →
+    /// sequenced histogram).
+    pub received: Option<std::time::Instant>,
     /// The `ack` reply for the publisher, sent once the topic's owner has sequenced the
     /// message (so a publisher that waits for its ack never sees a later message of its own
     /// overtake it).
@@ -368,6 +371,7 @@ impl Session {
             persist,
             id: None,
             user_id: c.claims.sub.as_deref().map(Arc::from),
+            received: None,
             ack: (c.ack && mr.is_some()).then(|| message::reply(self.vsn, jr.as_deref(), mr, p.topic, true, b"{}")),
         }));
     }
@@ -525,6 +529,7 @@ impl Session {
             persist: Persist::No,
             id: None,
             user_id: c.claims.sub.as_deref().map(Arc::from),
+            received: None,
             ack: (c.ack && mr.is_some()).then(|| message::reply(self.vsn, jr, mr, &c.wire, true, b"{}")),
         }));
     }
