@@ -22,8 +22,8 @@ export interface ClientOptions {
   token?: string | null
   /** The connect key (an anon key, say); default: `token`. */
   apikey?: string | null
-  /** `'auto'` (default; today the same as `'websocket'`) | `'websocket'`. `'sse'` is not built
-   *  yet and throws. */
+  /** `'auto'` (default: event streams while only listening and publishing, one WebSocket once
+   *  presence, table changes or a high publish rate need it) | `'websocket'` | `'sse'`. */
   transport?: 'auto' | 'websocket' | 'sse'
   /** WebSocket implementation; default `globalThis.WebSocket`. Node 20: `import WebSocket from 'ws'`. */
   WebSocket?: WebSocketLike
@@ -189,6 +189,9 @@ export declare class Channel {
 
 export declare class RealtimeClient {
   readonly status: ConnectionStatus
+  readonly transport: 'auto' | 'websocket' | 'sse'
+  /** `auto`: why it upgraded to the WebSocket (undefined while it has not). */
+  readonly upgradedBecause?: string
   connect(): Promise<void>
   disconnect(): void
   channel(topic: string, opts?: ChannelOptions): Channel

@@ -75,6 +75,14 @@ export class Channel {
     return !this.topic.includes('/')
   }
 
+  /** Why this channel needs the WebSocket (`auto`), or null: table changes are not carried
+   *  by this client's event streams, and presence is duplex. */
+  _needsDuplex() {
+    if (this._serverBindings().length) return 'postgres changes'
+    if (this._tracked !== null) return 'presence'
+    return null
+  }
+
   // ---------------------------------------------------------------------------------------
   // Listeners
   // ---------------------------------------------------------------------------------------
@@ -147,7 +155,11 @@ export class Channel {
     if (!this.client.channels.has(this.topic)) this.client.channels.set(this.topic, this)
     if (this.state === 'joined') return Promise.resolve(this)
     const p = new Promise((resolve, reject) => this._joinWaiters.push({ resolve, reject }))
-    if (this.client.transport === 'sse') {
+    if (this.client._mode === 'sse' && this._needsDuplex()) this.client._upgrade(this._needsDuplex())
+    if (this.client.transport === 'sse' && this._serverBindings().length) {
+      this._emit('error', new Error("corecast: table changes are not carried over transport 'sse'; use 'auto' or 'websocket'"))
+    }
+    if (this.client._mode === 'sse') {
       this.client.connect()
     } else if (this.client.connected) {
       if (this.state === 'closed') this._join()
@@ -213,6 +225,9 @@ export class Channel {
   }
 
   _bindingsChanged() {
+    if (this._sse && this.client.transport === 'auto' && this._serverBindings().length) {
+      return this.client._upgrade('postgres changes')
+    }
     // A join already made with other bindings is redone (resuming, so nothing is lost).
     if (this.state !== 'joined' && this.state !== 'joining') return
     if (JSON.stringify(this._serverBindings().map((b) => b.wire)) === this._sentBindings) return
@@ -260,6 +275,8 @@ export class Channel {
 
   _joined(response, bindings) {
     this.state = 'joined'
+    // Upgraded from SSE: the socket took over (it resumed from the stream's last offset).
+    if (this._sse) this._closeStream()
     this._rejoinAttempt = 0
     this._pgIds.clear()
     const server = Array.isArray(response.postgres_changes) ? response.postgres_changes : []
@@ -305,7 +322,7 @@ export class Channel {
 
   _socketOpen() {
     if (!this._wantJoined) return
-    if (this.client.transport === 'sse') {
+    if (this.client._mode === 'sse') {
       if (!this._sse) this._openStream()
       return
     }
@@ -334,6 +351,7 @@ export class Channel {
       backoff: (n) => backoffDelay(n, client.reconnect),
       onOpen: () => {
         if (this._sse !== stream) return
+        if (client._mode !== 'sse') return this._resolveJoin()
         this.state = 'joined'
         client._streamState(this, false)
         this._resolveJoin()
@@ -344,8 +362,14 @@ export class Channel {
       },
       onDown: () => {
         if (this._sse !== stream) return
-        this.state = 'joining'
+        if (client._mode === 'sse') this.state = 'joining'
         client._streamState(this, true)
+      },
+      onHttpError: (status) => {
+        // `auto`: a server (or proxy) that does not serve the stream: use the WebSocket.
+        if (this._sse === stream && client.transport === 'auto' && status !== 401 && status !== 403) {
+          client._upgrade(`SSE unavailable (HTTP ${status})`)
+        }
       },
     })
     this._sse = stream
@@ -417,11 +441,36 @@ export class Channel {
    */
   async publish(event, data, { persist } = {}) {
     if (typeof event !== 'string' || event === '') throw new TypeError('corecast: publish() needs an event name')
-    if (this.state === 'joined' && this.client.connected) {
+    this.client._countPublish()
+    if (this.state === 'joined' && this.client.connected && !this._sse) {
       const joinRef = this.joinRef
       const meta = persist ? { persist } : null
       const reply = await this.client._push((ref) => encodeUserBroadcast(joinRef, ref, this.wire, event, data, meta))
       if (reply.status !== 'ok') throw new Error(`corecast: publish refused: ${reason(reply.response)}`)
+      return 'ok'
+    }
+    // REST publishes of one channel go one after another, so they keep their order (separate
+    // concurrent requests could be sequenced in any order).
+    const run = () => this._restPublish(event, data, persist)
+    const p = (this._restChain ?? Promise.resolve()).then(run, run)
+    this._restChain = p.catch(() => {})
+    return p
+  }
+
+  async _restPublish(event, data, persist) {
+    if (data instanceof ArrayBuffer || ArrayBuffer.isView(data)) {
+      // Binary: the single-message endpoint takes the raw bytes.
+      const q = new URLSearchParams()
+      if (persist === true) q.set('persist', 'true')
+      else if (persist && persist.ttl) q.set('persist[ttl]', String(persist.ttl))
+      if (this.opts.private) q.set('private', 'true')
+      const path = `/api/broadcast/${encodeURIComponent(this.topic)}/events/${encodeURIComponent(event)}`
+      const res = await this.client._rest(`${path}${q.size ? `?${q}` : ''}`, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/octet-stream' },
+        body: data,
+      })
+      if (res.status !== 202) throw new Error(`corecast: publish got HTTP ${res.status}: ${await res.text()}`)
       return 'ok'
     }
     const msg = { topic: this.topic, event, payload: data === undefined ? null : data }
@@ -452,6 +501,10 @@ export class Channel {
       return Promise.reject(new TypeError('corecast: track() needs an object'))
     }
     this._tracked = state
+    if (this.client.transport === 'auto' && this.client._mode === 'sse') {
+      this.client._upgrade('presence')
+      return Promise.resolve('queued')
+    }
     if (this._sse) {
       this._restartStream()
       return Promise.resolve('ok')

@@ -26,6 +26,11 @@ export class RealtimeClient {
     }
     this.endpoints = endpoints(url)
     this.transport = transport
+    /** What carries push now: 'sse' (event streams, REST publishing) or 'websocket'. `auto`
+     *  starts with SSE and upgrades to one WebSocket for good once duplex is needed. */
+    this._mode = transport === 'websocket' ? 'websocket' : 'sse'
+    this._upgrading = false
+    this._publishTimes = []
     this.token = opts.token ?? null
     this.apikey = opts.apikey ?? null
     this.WebSocket = opts.WebSocket ?? globalThis.WebSocket
@@ -57,7 +62,7 @@ export class RealtimeClient {
   }
 
   _streamStatus() {
-    if (!this._wanted) return
+    if (!this._wanted || this._mode !== 'sse') return
     if (this._sseDown.size === 0) {
       this._everConnected = true
       this._setStatus('connected')
@@ -98,8 +103,9 @@ export class RealtimeClient {
   /** Opens the connection (if not open); resolves once connected. Reconnects on its own after. */
   connect() {
     this._wanted = true
-    if (this.transport === 'sse') {
+    if (this._mode === 'sse') {
       // No socket: every subscribed channel has its own event stream.
+      if (this.status === 'idle' || this.status === 'disconnected') this._setStatus('connecting')
       for (const ch of this.channels.values()) ch._socketOpen()
       this._streamStatus()
       return Promise.resolve()
@@ -156,6 +162,32 @@ export class RealtimeClient {
     return this._ws !== null && this.status === 'connected'
   }
 
+  /**
+   * `auto`: switches push from the event streams to one WebSocket, for good (`why`: presence,
+   * table changes, a high publish rate, SSE unavailable). Each channel joins over the socket
+   * resuming from the last offset its stream delivered, and closes its stream once joined;
+   * what both delivered meanwhile is dropped as a duplicate by offset: nothing lost, nothing
+   * twice.
+   */
+  _upgrade(why) {
+    if (this.transport !== 'auto' || this._mode === 'websocket') return
+    this._mode = 'websocket'
+    this.upgradedBecause = why
+    this._sseDown.clear()
+    if (!this._wanted) return
+    this._upgrading = true
+    if (!this._ws && !this._reconnectTimer) this._open()
+  }
+
+  /** `auto`: a high publish rate (more than 5 in a second) is a reason for the WebSocket. */
+  _countPublish() {
+    if (this.transport !== 'auto' || this._mode !== 'sse') return
+    const now = Date.now()
+    this._publishTimes.push(now)
+    while (this._publishTimes.length && now - this._publishTimes[0] > 1000) this._publishTimes.shift()
+    if (this._publishTimes.length > 5) this._upgrade('publish rate')
+  }
+
   _socketUrl() {
     const params = new URLSearchParams()
     const key = this.apikey ?? this.token
@@ -173,7 +205,7 @@ export class RealtimeClient {
       for (const w of this._connectWaiters.splice(0)) w.reject(e)
       throw e
     }
-    this._setStatus(this._everConnected ? 'reconnecting' : 'connecting')
+    if (!this._upgrading) this._setStatus(this._everConnected ? 'reconnecting' : 'connecting')
     let ws
     try {
       ws = new WS(this._socketUrl())
@@ -187,6 +219,7 @@ export class RealtimeClient {
     ws.onopen = () => {
       if (this._ws !== ws) return
       this._attempt = 0
+      this._upgrading = false
       this._everConnected = true
       this._setStatus('connected')
       this._startHeartbeat()
@@ -223,6 +256,7 @@ export class RealtimeClient {
   }
 
   _scheduleReconnect() {
+    this._upgrading = false
     this._setStatus(this._everConnected ? 'reconnecting' : 'connecting')
     const delay = backoffDelay(this._attempt++, this.reconnect)
     clearTimeout(this._reconnectTimer)

@@ -49,8 +49,8 @@ export class EventStreamParser {
  * (the stream ended or failed; it reconnects by itself with `backoff(attempt)`).
  */
 export class SseStream {
-  constructor({ url, headers, fetch, backoff, onOpen, onMessage, onDown }) {
-    Object.assign(this, { url, headers, fetch, backoff, onOpen, onMessage, onDown })
+  constructor({ url, headers, fetch, backoff, onOpen, onMessage, onDown, onHttpError }) {
+    Object.assign(this, { url, headers, fetch, backoff, onOpen, onMessage, onDown, onHttpError })
     this.attempt = 0
     this.closed = false
     this.abort = null
@@ -89,6 +89,7 @@ export class SseStream {
     try {
       const res = await this.fetch(this.url(), { headers, signal: ctl.signal })
       if (res.status !== 200 || !res.body) {
+        this.onHttpError?.(res.status)
         const body = await res.text().catch(() => '')
         throw new Error(`corecast: SSE got HTTP ${res.status}: ${body}`)
       }

@@ -6,10 +6,10 @@ import { createServerClient } from '../src/index.js'
 import { Log, client, jwt, nowSecs, sleep, startServer, topic, until } from './helpers.mjs'
 
 describe('channels', { concurrency: true }, () => {
-  it('subscribe, publish, receive across two clients (RealtimePayload shape, *, off, self)', async (t) => {
+  for (const transport of ['websocket', 'auto']) it(`${transport}: subscribe, publish, receive across two clients (RealtimePayload shape, *, off, self)`, async (t) => {
     const srv = await startServer(t)
-    const a = client(t, srv)
-    const b = client(t, srv)
+    const a = client(t, srv, { transport })
+    const b = client(t, srv, { transport })
     const name = topic('chat')
     const gotB = new Log('b')
     const allB = new Log('b *')
@@ -38,7 +38,7 @@ describe('channels', { concurrency: true }, () => {
     await allB.wait((p) => p.data.text === 'second')
     assert.equal(gotB.items.length, 1)
     // A channel that is not joined publishes over REST.
-    const c = client(t, srv)
+    const c = client(t, srv, { transport })
     await c.channel(name).publish('message', { text: 'via rest' })
     await gotA.wait((p) => p.data.text === 'via rest')
     // Binary payloads (ArrayBuffer) go as kind-3 frames and arrive as ArrayBuffers.
@@ -192,7 +192,7 @@ describe('channels', { concurrency: true }, () => {
         return super.send(d, ...r)
       }
     }
-    const c = client(t, srv, { apikey: anonKey, WebSocket: Tapped })
+    const c = client(t, srv, { apikey: anonKey, WebSocket: Tapped, transport: 'websocket' })
     c.setToken(user1)
     // A private channel that only the user's token may join: joining works at once.
     const ch = c.channel(`secret-${Date.now()}`, { private: true })

@@ -34,7 +34,8 @@ async function steadyRestart(t, { quietShutdown }) {
   const srv = await new Server().start()
   t.after(() => srv.stop())
   const name = topic('steady')
-  const subs = [client(t, srv), client(t, srv)]
+  // One subscriber on the WebSocket, one on 'auto' (listen-only: an event stream).
+  const subs = [client(t, srv, { transport: 'websocket' }), client(t, srv, { transport: 'auto' })]
   const received = subs.map(() => [])
   const gaps = []
   for (const [i, c] of subs.entries()) {
@@ -43,7 +44,9 @@ async function steadyRestart(t, { quietShutdown }) {
     await ch.subscribe()
   }
   const sdk = createServerClient(srv.url)
-  const pubClient = client(t, srv)
+  // The publishing client is 'auto': it starts listening on an event stream and publishing over
+  // REST, and its publish rate upgrades it to the WebSocket while the test runs.
+  const pubClient = client(t, srv, { transport: 'auto' })
   const pubCh = pubClient.channel(name, { self: false })
   await pubCh.subscribe()
   const sent = new Set()
@@ -107,6 +110,8 @@ async function steadyRestart(t, { quietShutdown }) {
   }
   await sleep(200)
   for (const r of received) checkExactlyOnce(r, acked, sent)
+  assert.equal(pubClient._mode, 'websocket', 'the publisher upgraded')
+  assert.equal(subs[1]._mode, 'sse', 'the listen-only auto subscriber stayed on SSE')
   assert.deepEqual(gaps, [], 'no gap within the window')
   assert.ok(beforeRestart >= 100 && acked.size > beforeRestart + 100, `acked ${acked.size}, failed ${failed}`)
   t.diagnostic(
@@ -158,7 +163,7 @@ describe('reconnect and resume', { concurrency: true }, () => {
     const srv = await new Server({ args: ['--window-messages', '4'] }).start()
     t.after(() => srv.stop())
     const name = topic('gap')
-    const c = client(t, srv, { reconnect: { baseMs: 500 } })
+    const c = client(t, srv, { reconnect: { baseMs: 500 }, transport: 'websocket' })
     const got = []
     const gaps = new Log('gaps')
     const ch = c.channel(name).on('tick', ({ data }) => got.push(data.n)).on('gap', (g) => gaps.push(g))

@@ -5,7 +5,7 @@
 import { describe, it } from 'node:test'
 import assert from 'node:assert/strict'
 import { createServerClient } from '../src/index.js'
-import { Log, Server, client, sleep, startServer, topic, until } from './helpers.mjs'
+import { Log, Server, client, jwt, nowSecs, sleep, startServer, topic, until } from './helpers.mjs'
 
 describe("transport 'sse'", { concurrency: true }, () => {
   it('listen over SSE, publish over REST: RealtimePayload shape, both directions with a WebSocket client', async (t) => {
@@ -110,6 +110,78 @@ describe("transport 'sse'", { concurrency: true }, () => {
     assert.deepEqual(gaps, [])
     assert.ok(seen.includes('reconnecting'), JSON.stringify(seen))
     t.diagnostic(`acknowledged ${acked.size}, ${beforeBack} of them after the restart before the stream was back`)
+  })
+
+  it("'auto' upgrade to the WebSocket (track) under a steady publisher: nothing lost, nothing twice, the stream closed", async (t) => {
+    const srv = await startServer(t)
+    const c = client(t, srv) // transport 'auto' by default
+    const name = topic('upgrade')
+    const received = []
+    const watcher = client(t, srv, { transport: 'websocket' })
+    const wev = new Log('watcher presence')
+    const w = watcher.channel(name).on('presence:join', ({ data }) => wev.push(data))
+    await w.subscribe()
+    const ch = c.channel(name).on('tick', ({ data }) => received.push(data.n))
+    await ch.subscribe()
+    assert.equal(c._mode, 'sse')
+    assert.equal(c._ws, null)
+    const sdk = createServerClient(srv.url)
+    const acked = new Set()
+    let stop = false
+    let n = 0
+    const run = (async () => {
+      while (!stop) {
+        const k = ++n
+        await sdk.emit('tick', { n: k }, name)
+        acked.add(k)
+        await sleep(3)
+      }
+    })()
+    await until(() => received.length >= 50, { label: '50 over SSE' })
+    const statuses = []
+    c.onStatusChange((s) => statuses.push(s))
+    ch.track({ userId: 'upgraded' })
+    await wev.wait((d) => d.userId === 'upgraded', { timeoutMs: 10000 })
+    assert.equal(c._mode, 'websocket')
+    assert.equal(c.upgradedBecause, 'presence')
+    await until(() => ch._sse === null, { label: 'stream closed after the join' })
+    const mark = acked.size
+    await until(() => acked.size >= mark + 50, { label: '50 more after the upgrade' })
+    stop = true
+    await run
+    await until(() => [...acked].every((k) => received.includes(k)), {
+      label: 'every message',
+      describe: () => `missing ${[...acked].filter((k) => !received.includes(k)).slice(0, 20)}`,
+    })
+    assert.equal(new Set(received).size, received.length, 'no duplicates')
+    assert.deepEqual(received, [...received].sort((a, b) => a - b), 'in order')
+    assert.deepEqual(statuses, ['connected'], 'the upgrade is not a reconnect')
+  })
+
+  it('setToken over SSE: the stream carries the token (private topic), a new token reopens it without a gap', async (t) => {
+    const secret = 'sse-token-secret'
+    const srv = await startServer(t, { args: ['--jwt-secret', secret] })
+    const exp = nowSecs() + 3600
+    const anonKey = jwt(secret, { role: 'anon', exp })
+    const user1 = jwt(secret, { role: 'authenticated', sub: 'u1', topics: ['vault-*'], exp })
+    const user2 = jwt(secret, { role: 'authenticated', sub: 'u1', topics: ['vault-*', 'x'], exp })
+    const service = jwt(secret, { role: 'service_role', exp })
+    const c = client(t, srv, { apikey: anonKey, transport: 'sse' })
+    c.setToken(user1)
+    const name = `vault-${Date.now()}`
+    const got = []
+    const gaps = []
+    const ch = c.channel(name, { private: true }).on('m', ({ data }) => got.push(data.n)).on('gap', (g) => gaps.push(g))
+    await ch.subscribe()
+    const sdk = createServerClient(srv.url, { serviceKey: service })
+    await sdk.emit('m', { n: 1 }, name, { private: true })
+    await until(() => got.length === 1, { label: 'first' })
+    c.setToken(user2)
+    await sdk.emit('m', { n: 2 }, name, { private: true })
+    await sdk.emit('m', { n: 3 }, name, { private: true })
+    await until(() => got.length === 3, { label: 'after the new token', describe: () => JSON.stringify(got) })
+    assert.deepEqual(got, [1, 2, 3])
+    assert.deepEqual(gaps, [])
   })
 
   it('resume impossible over SSE (the window no longer holds the messages): a gap event', async (t) => {
