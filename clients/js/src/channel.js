@@ -796,7 +796,7 @@ function historyRow(topic, r) {
     user_id: r.user_id ?? null,
     event: r.event,
     data: r.encoding === 'base64' ? base64ToBuffer(r.payload) : r.payload,
-    created_at: toMs(r.created_at),
+    created_at: typeof r.created_at_ms === 'number' ? r.created_at_ms : toMs(r.created_at),
     offset: r.offset,
     epoch: r.epoch,
   }

@@ -176,6 +176,44 @@ describe('channels', { concurrency: true }, () => {
     await assert.rejects(bad.emit('message', {}, name), /HTTP 401/)
   })
 
+  it("the publisher's identity: userId on live events and user_id in history (the token's sub), when the server reports it", async (t) => {
+    const secret = 'user-id-secret'
+    const srv = await startServer(t, { args: ['--jwt-secret', secret] })
+    const exp = nowSecs() + 3600
+    const ann = client(t, srv, { token: jwt(secret, { role: 'authenticated', sub: 'user-ann', exp }), transport: 'websocket' })
+    const bob = client(t, srv, { token: jwt(secret, { role: 'authenticated', sub: 'user-bob', exp }) })
+    const name = topic('who')
+    const got = new Log('who')
+    const ch = ann.channel(name).on('message', (p) => got.push(p))
+    await ch.subscribe()
+    await ch.publish('message', { by: 'ann' }, { persist: true }) // over the socket
+    await bob.channel(name).publish('message', { by: 'bob' }, { persist: true }) // over REST
+    await got.wait(() => true, { count: 2 })
+    const raw = await (
+      await fetch(`${srv.url}/realtime/v1/api/channels/${encodeURIComponent(name)}/messages?limit=5`, {
+        headers: { Authorization: `Bearer ${ann.token}` },
+      })
+    ).json()
+    if (!('user_id' in (raw.messages[0] ?? {}))) {
+      t.skip('this server does not report user_id yet')
+      return
+    }
+    const byData = Object.fromEntries(got.items.map((p) => [p.data.by, p.userId]))
+    assert.deepEqual(byData, { ann: 'user-ann', bob: 'user-bob' })
+    const hist = await ch.getHistory(5)
+    assert.deepEqual(hist.map((h) => [h.data.by, h.user_id]), [['bob', 'user-bob'], ['ann', 'user-ann']])
+  })
+
+  it('heartbeats keep an idle connection open (server --idle-timeout-secs 1)', async (t) => {
+    const srv = await startServer(t, { args: ['--idle-timeout-secs', '1'] })
+    const c = client(t, srv, { transport: 'websocket', heartbeatIntervalMs: 300 })
+    const seen = []
+    c.onStatusChange((s) => seen.push(s))
+    await c.channel(topic('idle')).subscribe()
+    await sleep(2500)
+    assert.deepEqual(seen, ['idle', 'connecting', 'connected'])
+  })
+
   it('setToken: every join carries the current token, live channels get access_token (no anonymous window)', async (t) => {
     const secret = 'set-token-secret'
     const srv = await startServer(t, { args: ['--jwt-secret', secret] })
