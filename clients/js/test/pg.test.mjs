@@ -38,7 +38,12 @@ before(async () => {
        CREATE SCHEMA shop;
        CREATE TABLE shop.items (id int PRIMARY KEY, name text);
        GRANT USAGE ON SCHEMA shop TO authenticated;
-       GRANT SELECT ON orders, todos, shop.items TO authenticated;`)
+       GRANT SELECT ON orders, todos, shop.items TO authenticated;
+       CREATE TABLE notes (id serial PRIMARY KEY, owner text NOT NULL, body text);
+       ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+       CREATE POLICY own ON notes FOR SELECT TO authenticated
+         USING (owner = current_setting('request.jwt.claims', true)::jsonb ->> 'sub');
+       GRANT SELECT ON notes TO authenticated;`)
   const args = ['--jwt-secret', SECRET]
   if (process.env.CORECAST_SLOT) args.push('--slot', process.env.CORECAST_SLOT)
   srv = await new Server({ args, env: { DATABASE_URL: DB } }).start()
@@ -144,5 +149,36 @@ describe('table topics and Postgres changes', { skip, concurrency: false }, () =
     assert.equal(u.row.done, true)
     assert.ok('old_row' in u && 'user_id' in u)
     assert.equal(inserts.items.length, 2)
+  })
+
+  it('Atelier: a filter on two columns (ANDed)', async () => {
+    const channel = realtime().channel('room-43')
+    const hits = new Log('hits')
+    channel.on('postgres_changes', { table: 'todos', op: 'INSERT', filter: { user_id: 'me', list_id: 7 } }, (c) => hits.push(c))
+    await channel.subscribe()
+    sql(`INSERT INTO todos (user_id, text, list_id) VALUES ('me', 'a', 7), ('me', 'b', 8), ('other', 'c', 7), ('me', 'd', 7)`)
+    await hits.wait(() => true, { count: 2, timeoutMs: 15000 })
+    await new Promise((r) => setTimeout(r, 300))
+    assert.deepEqual(hits.items.map((c) => c.row.text), ['a', 'd'])
+  })
+
+  it('row-level security applies to table topics: each user gets only the rows it may see, also after setToken', async () => {
+    const ann = realtime('ann')
+    const bob = realtime('bob')
+    const gotAnn = new Log('ann')
+    const gotBob = new Log('bob')
+    await ann.channel('notes').on('INSERT', ({ data }) => gotAnn.push(data.body)).subscribe()
+    await bob.channel('notes').on('INSERT', ({ data }) => gotBob.push(data.body)).subscribe()
+    sql(`INSERT INTO notes (owner, body) VALUES ('ann', 'for ann'), ('bob', 'for bob'), ('carl', 'for carl')`)
+    await gotAnn.wait(() => true, { timeoutMs: 15000 })
+    await gotBob.wait(() => true, { timeoutMs: 15000 })
+    // Bob's token changes to carl's: the live channel follows it.
+    bob.setToken(token({ sub: 'carl' }))
+    await new Promise((r) => setTimeout(r, 300))
+    sql(`INSERT INTO notes (owner, body) VALUES ('bob', 'for bob 2'), ('carl', 'for carl 2')`)
+    await gotBob.wait((b) => b === 'for carl 2', { timeoutMs: 15000 })
+    await new Promise((r) => setTimeout(r, 300))
+    assert.deepEqual(gotAnn.items, ['for ann'])
+    assert.deepEqual(gotBob.items, ['for bob', 'for carl 2'])
   })
 })
