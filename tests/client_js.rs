@@ -1,8 +1,11 @@
 //! `@corecast/client` (clients/js), the product's own JavaScript client: its `node:test` suite
 //! (clients/js/test/*.test.mjs) runs against the real `corecast` binary (env `CORECAST_BIN`).
 //!
-//! Needs Node 20+ and npm; `npm ci` runs in clients/js when `node_modules` lacks the `ws`
-//! version its lock file pins. By hand: `cargo build && cd clients/js && npm ci &&
+//! Needs Node 20+ and npm; `npm ci` runs in clients/js when `node_modules` lacks a version
+//! that its package.json pins (`ws`, `playwright-core`). The browser test drives Debian's
+//! Chromium at `/usr/bin/chromium` (env CORECAST_CHROMIUM for another path,
+//! CORECAST_SKIP_BROWSER=1 to skip it loudly); the table-topic test gets a PostgreSQL from
+//! tests/util/pg.rs. By hand: `cargo build && cd clients/js && npm ci &&
 //! CORECAST_BIN=../../target/debug/corecast npm test`.
 
 use std::io::Read;
