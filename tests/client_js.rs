@@ -8,10 +8,9 @@
 //! tests/util/pg.rs. By hand: `cargo build && cd clients/js && npm ci &&
 //! CORECAST_BIN=../../target/debug/corecast npm test`.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// Wall-clock limit for the whole suite (it takes well under a minute; this only catches hangs).
 const TIMEOUT: Duration = Duration::from_secs(300);
@@ -65,7 +64,7 @@ fn run_node(files: &[String], env: &[(&str, &str)]) {
         .env("CORECAST_BIN", env!("CARGO_BIN_EXE_corecast"))
         .env_remove("DATABASE_URL")
         .envs(env.iter().copied());
-    run_checked(cmd, &format!("node --test {} (clients/js)", files.join(" ")), TIMEOUT);
+    crate::interop::run_checked(cmd, &format!("node --test {} (clients/js)", files.join(" ")), TIMEOUT);
 }
 
 /// The client against corecast without a database: channels, presence, history, tokens,
@@ -83,45 +82,4 @@ fn corecast_client_js_pg() {
     let (url, psql) = (db.url(), db.pg.psql_path());
     let env = [("DATABASE_URL", url.as_str()), ("CORECAST_SLOT", db.slot()), ("PSQL", psql.to_str().unwrap())];
     run_node(&test_files(&client_dir(), true), &env);
-}
-
-/// Runs `cmd` in its own process group with piped output; panics with that output unless it
-/// exits 0 within `timeout` (then the whole group is killed).
-fn run_checked(mut cmd: Command, what: &str, timeout: Duration) {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let started = Instant::now();
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {what} (Node 20+ on PATH?): {e}"));
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the child") {
-            break Some(status);
-        }
-        if started.elapsed() > timeout {
-            // SAFETY: plain kill(2) on the process group this test created.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let output = format!(
-        "--- {what} ({:.1} s) stdout:\n{}\n--- stderr:\n{}",
-        started.elapsed().as_secs_f64(),
-        stdout.join().unwrap_or_default(),
-        stderr.join().unwrap_or_default()
-    );
-    match status {
-        Some(s) if s.success() => println!("{output}"),
-        Some(s) => panic!("{what} failed ({s}):\n{output}"),
-        None => panic!("{what} did not finish within {timeout:?} (killed):\n{output}"),
-    }
 }

@@ -241,7 +241,7 @@ fn python_realtime() {
 
 /// Runs `cmd` in its own process group with piped output; panics with that output unless it
 /// exits 0 within `timeout` (then the whole group is killed).
-fn run_checked(mut cmd: Command, what: &str, timeout: Duration) {
+pub(crate) fn run_checked(mut cmd: Command, what: &str, timeout: Duration) {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let started = Instant::now();

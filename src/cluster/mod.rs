@@ -593,6 +593,38 @@ async fn run_link<B: Backend + 'static>(
     sequencer(b, rx, shards).await;
 }
 
+/// Runs the link on its own thread ("cluster", pinned to `cpu` when given) in a
+/// current-thread tokio runtime: `body` gets `ready` back and must answer it (`Ok` once the
+/// backend is prepared, `Err` with why not); a runtime that cannot start answers it here.
+fn spawn_link_thread<T, F, Fut>(
+    cpu: Option<usize>,
+    ready: std::sync::mpsc::Sender<Result<T, String>>,
+    body: F,
+) -> Result<(), String>
+where
+    T: Send + 'static,
+    F: FnOnce(std::sync::mpsc::Sender<Result<T, String>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    std::thread::Builder::new()
+        .name("cluster".into())
+        .spawn(move || {
+            if let Some(cpu) = cpu {
+                core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
+            }
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready.send(Err(format!("cannot start the cluster runtime: {e}")));
+                    return;
+                }
+            };
+            tokio::task::LocalSet::new().block_on(&rt, body(ready));
+        })
+        .map(|_| ())
+        .map_err(|e| format!("cannot start the cluster thread: {e}"))
+}
+
 /// Starts cluster mode `--cluster postgres` for node `node`: prepares the schema (retrying an
 /// unreachable database for a while), then runs the link on its own thread. Returns the
 /// shards' handle and what the stream reader hands batches to.
@@ -610,45 +642,27 @@ pub fn start_postgres(
     let members = Arc::new(Mutex::new(vec![node.clone()]));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (inboxes, m2) = (shards.clone(), members.clone());
-    std::thread::Builder::new()
-        .name("cluster".into())
-        .spawn(move || {
-            if let Some(cpu) = cpu {
-                core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
-            }
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
+    spawn_link_thread(cpu, ready_tx, move |ready_tx| async move {
+        let b = postgres::Postgres::new(pg, node, run, slot, slot_ttl);
+        let started = std::time::Instant::now();
+        let mut backoff = crate::ingest::retry::Backoff::default();
+        let live_from = loop {
+            match b.prepare().await {
+                Ok(lsn) => break lsn,
+                Err(e) if started.elapsed() < postgres::CONNECT_PATIENCE => {
+                    tracing::warn!(error = %e, "cluster: database unavailable; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
                 Err(e) => {
-                    let _ = ready_tx.send(Err(format!("cannot start the cluster runtime: {e}")));
+                    let _ = ready_tx
+                        .send(Err(format!("cannot reach the database within {:?}: {e}", postgres::CONNECT_PATIENCE)));
                     return;
                 }
-            };
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let b = postgres::Postgres::new(pg, node, run, slot, slot_ttl);
-                let started = std::time::Instant::now();
-                let mut backoff = crate::ingest::retry::Backoff::default();
-                let live_from = loop {
-                    match b.prepare().await {
-                        Ok(lsn) => break lsn,
-                        Err(e) if started.elapsed() < postgres::CONNECT_PATIENCE => {
-                            tracing::warn!(error = %e, "cluster: database unavailable; retrying");
-                            tokio::time::sleep(backoff.next_delay()).await;
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(format!(
-                                "cannot reach the database within {:?}: {e}",
-                                postgres::CONNECT_PATIENCE
-                            )));
-                            return;
-                        }
-                    }
-                };
-                let _ = ready_tx.send(Ok(live_from));
-                run_link(b, rx, inboxes, m2, run, leave_rx, CLEAN_UP_EVERY.min(slot_ttl / 2)).await;
-            });
-        })
-        .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
+            }
+        };
+        let _ = ready_tx.send(Ok(live_from));
+        run_link(b, rx, inboxes, m2, run, leave_rx, CLEAN_UP_EVERY.min(slot_ttl / 2)).await;
+    })?;
     let live_from = ready_rx.recv().map_err(|_| "the cluster thread stopped".to_string())??;
     let handle = ClusterHandle { tx, run, mode: Mode::Postgres, members, leave: leave_tx };
     Ok((handle, Inbound { shards, run, live_from }))

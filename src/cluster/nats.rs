@@ -40,7 +40,7 @@ use bytes::Bytes;
 use futures_lite::StreamExt;
 
 use super::{wire, Backend, Beat, LinkError, Pending};
-use crate::channel::history::{HistoryLimits, StoredMsg};
+use crate::channel::history::HistoryLimits;
 use crate::protocol::phoenix::Topic;
 use crate::store::log::RecoveredTopic;
 
@@ -378,20 +378,8 @@ fn recover_batch(rec: &mut Recovered, batch: wire::Batch, keep: usize) {
         }
         t.last_offset = m.offset;
         t.clean = true;
-        t.recent.push((
-            Arc::new(StoredMsg {
-                offset: m.offset,
-                epoch: m.epoch,
-                id: m.id,
-                event: m.event,
-                payload: m.payload,
-                binary_frame: m.binary_frame,
-                created_ms: m.created_ms,
-                expires_ms: m.expires_ms,
-                user_id: m.user_id,
-            }),
-            m.persisted,
-        ));
+        let persisted = m.persisted;
+        t.recent.push((Arc::new(m.into_stored()), persisted));
         if t.recent.len() >= 2 * keep {
             t.recent.drain(..keep);
         }
@@ -419,44 +407,28 @@ pub fn start_nats(
     let m2 = members.clone();
     let mode = super::Mode::Nats(urls.clone());
     let clean_every = pg.as_ref().map_or(super::CLEAN_UP_EVERY, |p| super::CLEAN_UP_EVERY.min(p.2 / 2));
-    std::thread::Builder::new()
-        .name("cluster".into())
-        .spawn(move || {
-            if let Some(cpu) = cpu {
-                core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
+    super::spawn_link_thread(cpu, ready_tx, move |ready_tx| async move {
+        let started = match open(urls, node, run, limits, max_payload_bytes, pg).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
             }
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(format!("cannot start the cluster runtime: {e}")));
-                    return;
-                }
-            };
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, async move {
-                let started = match open(urls, node, run, limits, max_payload_bytes, pg).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let Started { backend, consumer, presence, beats, leaves, recovered, live_from } = started;
-                let _ = ready_tx.send(Ok(recovered));
-                let inbound = super::Inbound { shards: shards.clone(), run, live_from };
-                tokio::task::spawn_local(consume(consumer, inbound.clone()));
-                tokio::task::spawn_local(async move {
-                    let mut presence = presence;
-                    while let Some(m) = presence.next().await {
-                        inbound.deliver(&m.payload, u64::MAX).await;
-                    }
-                });
-                let peers = backend.peers.clone();
-                tokio::task::spawn_local(listen_beats(beats, leaves, peers, run));
-                super::run_link(backend, rx, shards, m2, run, leave_rx, clean_every).await;
-            });
-        })
-        .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
+        };
+        let Started { backend, consumer, presence, beats, leaves, recovered, live_from } = started;
+        let _ = ready_tx.send(Ok(recovered));
+        let inbound = super::Inbound { shards: shards.clone(), run, live_from };
+        tokio::task::spawn_local(consume(consumer, inbound.clone()));
+        tokio::task::spawn_local(async move {
+            let mut presence = presence;
+            while let Some(m) = presence.next().await {
+                inbound.deliver(&m.payload, u64::MAX).await;
+            }
+        });
+        let peers = backend.peers.clone();
+        tokio::task::spawn_local(listen_beats(beats, leaves, peers, run));
+        super::run_link(backend, rx, shards, m2, run, leave_rx, clean_every).await;
+    })?;
     let recovered = ready_rx.recv().map_err(|_| "the cluster thread stopped".to_string())??;
     let handle = super::ClusterHandle { tx, run, mode, members, leave: leave_tx };
     Ok((handle, recovered))

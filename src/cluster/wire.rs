@@ -48,6 +48,23 @@ pub struct Sequenced {
     pub user_id: Option<Arc<str>>,
 }
 
+impl Sequenced {
+    /// The message as a topic's history keeps it.
+    pub fn into_stored(self) -> crate::channel::history::StoredMsg {
+        crate::channel::history::StoredMsg {
+            offset: self.offset,
+            epoch: self.epoch,
+            id: self.id,
+            event: self.event,
+            payload: self.payload,
+            binary_frame: self.binary_frame,
+            created_ms: self.created_ms,
+            expires_ms: self.expires_ms,
+            user_id: self.user_id,
+        }
+    }
+}
+
 /// A presence member on the publishing node: its shard and connection there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Member {

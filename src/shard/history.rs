@@ -131,10 +131,11 @@ impl Shard {
     /// dropped.
     pub(super) fn sequence_remote(&self, m: wire::Sequenced, exclude: Option<Origin>, live: bool) {
         let limits = self.cfg.limits.history();
+        let (topic, persisted) = (m.topic.clone(), m.persisted);
         let (frames, targets) = {
             let mut owned = self.owned.borrow_mut();
             let t = owned
-                .entry(m.topic.clone())
+                .entry(topic.clone())
                 .or_insert_with(|| OwnedTopic::resume(m.epoch.clone(), m.offset.saturating_sub(1), self.shards));
             if *t.epoch() == m.epoch && m.offset <= t.last_offset() {
                 return;
@@ -142,29 +143,19 @@ impl Shard {
             t.continue_at(&m.epoch, m.offset);
             t.next_offset();
             ShardStats::add(&self.my_stats().published, 1);
-            let stored = Arc::new(StoredMsg {
-                offset: m.offset,
-                epoch: t.epoch().clone(),
-                id: m.id,
-                event: m.event,
-                payload: m.payload,
-                binary_frame: m.binary_frame,
-                created_ms: m.created_ms,
-                expires_ms: m.expires_ms,
-                user_id: m.user_id,
-            });
-            t.history.push(stored.clone(), m.persisted, &limits);
+            let stored = Arc::new(m.into_stored()); // its epoch is now the topic's
+            t.history.push(stored.clone(), persisted, &limits);
             let formats = t.formats();
             if !live || formats.is_empty() {
                 return;
             }
-            let mut frames = encode_stored(&m.topic, &stored, formats, false);
+            let mut frames = encode_stored(&topic, &stored, formats, false);
             frames.sequenced = Some(std::time::Instant::now());
             let frames = Arc::new(frames);
             (frames, t.listening_shards().collect::<Vec<usize>>())
         };
         for shard in targets {
-            self.route(shard, ShardMsg::Deliver { topic: m.topic.clone(), frames: frames.clone(), exclude });
+            self.route(shard, ShardMsg::Deliver { topic: topic.clone(), frames: frames.clone(), exclude });
         }
     }
 
