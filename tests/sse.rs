@@ -212,3 +212,44 @@ fn a_message_published_right_after_the_stream_opens_arrives() {
         assert_eq!(e.data["payload"]["n"], i);
     }
 }
+
+/// A client adding a topic to its stream reopens it with the token it has and `*` for the new
+/// topic: the old topics resume without a gap or duplicate, the new one starts live (what was
+/// published to it before is not replayed), and the next token covers all three.
+#[test]
+fn a_topic_added_to_a_resumed_stream_with_no_position_starts_live() {
+    let srv = Server::start(&[]);
+    let mut s = SseClient::open(srv.addr, "/realtime/v1/sse?topic=p&topic=q", &[]).unwrap();
+    publish(&srv, "p", 1);
+    publish(&srv, "q", 2);
+    let got: Vec<u64> = (0..2).map(|_| s.next().unwrap().data["payload"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(got, [1, 2]);
+    let last = s.last_id.clone().unwrap();
+    drop(s);
+    publish(&srv, "p", 3); // missed: comes back with the resume
+    publish(&srv, "r", 4); // published to the new topic before it was added: not replayed
+    std::thread::sleep(Duration::from_millis(100));
+    let token = format!("{last}.*");
+    let path = "/realtime/v1/sse?topic=p&topic=q&topic=r";
+    let mut s = SseClient::open(srv.addr, path, &[("Last-Event-ID", &token)]).unwrap();
+    let e = s.next().unwrap();
+    assert_eq!((e.event.as_str(), e.data["payload"]["n"].as_u64()), ("broadcast", Some(3)), "{:?}", e.data);
+    publish(&srv, "r", 5);
+    let e = s.next().unwrap();
+    assert_eq!((e.data["topic"].as_str(), e.data["payload"]["n"].as_u64()), (Some("r"), Some(5)), "{:?}", e.data);
+    assert_eq!(e.id.as_deref().map(|t| t.split('.').count()), Some(3), "{:?}", e.id);
+    assert!(!e.id.unwrap().contains('*'));
+    // A malformed entry is still refused explicitly.
+    let mut s = SseClient::open(srv.addr, "/realtime/v1/sse?topic=p&topic=q", &[("Last-Event-ID", "**.*")]).unwrap();
+    let e = s.next().unwrap();
+    assert_eq!(e.event, "system");
+    assert!(
+        e.data["payload"]["message"]
+            .as_str()
+            .or(e.data["message"].as_str())
+            .unwrap_or("")
+            .contains("resume impossible"),
+        "{:?}",
+        e.data
+    );
+}

@@ -101,17 +101,22 @@ pub fn encode_token(positions: &[(std::sync::Arc<str>, u64)]) -> String {
     s
 }
 
-/// Parses a resume token into `(epoch, offset)` per topic; `None` if malformed.
-pub fn parse_token(token: &str) -> Option<Vec<(String, u64)>> {
+/// Parses a resume token into `(epoch, offset)` per topic, `None` for a topic written `*`
+/// (no position yet: a client adding a topic to its stream; that topic starts live); `None`
+/// if malformed.
+pub fn parse_token(token: &str) -> Option<Vec<Option<(String, u64)>>> {
     token
         .trim()
         .split('.')
         .map(|p| {
+            if p == "*" {
+                return Some(None);
+            }
             let (epoch, offset) = p.rsplit_once('-')?;
             if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
                 return None;
             }
-            Some((epoch.to_string(), offset.parse().ok()?))
+            Some(Some((epoch.to_string(), offset.parse().ok()?)))
         })
         .collect()
 }
@@ -139,9 +144,13 @@ mod tests {
         let pos = vec![(Arc::from("9f2c0a1be44d7a10"), 42), (Arc::from("0c77aa19d2e1f3b4"), 0)];
         let t = encode_token(&pos);
         assert_eq!(t, "9f2c0a1be44d7a10-42.0c77aa19d2e1f3b4-0");
-        assert_eq!(parse_token(&t), Some(vec![("9f2c0a1be44d7a10".into(), 42), ("0c77aa19d2e1f3b4".into(), 0)]));
+        assert_eq!(
+            parse_token(&t),
+            Some(vec![Some(("9f2c0a1be44d7a10".into(), 42)), Some(("0c77aa19d2e1f3b4".into(), 0))])
+        );
+        assert_eq!(parse_token("*.e1-3.*"), Some(vec![None, Some(("e1".into(), 3)), None]));
         assert_eq!(&id_line(&pos)[..], format!("id: {t}\n").as_bytes());
-        for bad in ["", "x", "-1", "e-", "e-x", "a b-1", "e-1..f-2"] {
+        for bad in ["", "x", "-1", "e-", "e-x", "a b-1", "e-1..f-2", "**", "*-1", "e-1.*x"] {
             assert_eq!(parse_token(bad), None, "{bad}");
         }
     }

@@ -91,10 +91,11 @@ pub struct SseState {
 }
 
 impl SseState {
-    /// A stream over `topics`, resuming from `positions` when given (`Last-Event-ID`).
-    pub fn new(topics: Vec<Topic>, positions: Option<Vec<(String, u64)>>) -> Self {
+    /// A stream over `topics`, resuming from `positions` when given (`Last-Event-ID`; a
+    /// topic without one learns it from its owner, as on a fresh stream).
+    pub fn new(topics: Vec<Topic>, positions: Option<Vec<Option<(String, u64)>>>) -> Self {
         let positions = match positions {
-            Some(p) => p.into_iter().map(|(e, o)| Some((Arc::from(e.as_str()), o))).collect(),
+            Some(p) => p.into_iter().map(|p| p.map(|(e, o)| (Arc::from(e.as_str()), o))).collect(),
             None => vec![None; topics.len()],
         };
         let unanswered = topics.len();
@@ -1188,7 +1189,8 @@ mod tests {
     #[test]
     fn resumed_sse_stream_starts_from_its_token() {
         let (ta, tb) = (Topic::new("a", false).unwrap(), Topic::new("b", false).unwrap());
-        let mut s = SseState::new(vec![ta.clone(), tb.clone()], Some(vec![("ea".into(), 2), ("eb".into(), 7)]));
+        let mut s =
+            SseState::new(vec![ta.clone(), tb.clone()], Some(vec![Some(("ea".into(), 2)), Some(("eb".into(), 7))]));
         let ea: Arc<str> = Arc::from("ea");
         let out = s.backlog(&ta, vec![(3, b("A3")), (4, b("A4"))], Some((ea.clone(), 4)));
         assert_eq!(text(&out), "id: ea-3.eb-7\nA3id: ea-4.eb-7\nA4");
@@ -1196,5 +1198,18 @@ mod tests {
         let out = s.backlog(&tb, vec![(0, b("ERR"))], Some((Arc::from("eb2"), 11)));
         assert_eq!(text(&out), "ERR");
         assert_eq!(text(&s.message(&ta, &ea, 5, b("A5"))), "id: ea-5.eb2-11\nA5");
+    }
+
+    #[test]
+    fn a_topic_added_with_no_position_starts_live_and_holds_the_stream_until_known() {
+        let (ta, tb) = (Topic::new("a", false).unwrap(), Topic::new("b", false).unwrap());
+        let mut s = SseState::new(vec![ta.clone(), tb.clone()], Some(vec![Some(("ea".into(), 2)), None]));
+        let (ea, eb): (Arc<str>, Arc<str>) = (Arc::from("ea"), Arc::from("eb"));
+        // a's backlog arrives first: held, b's position is not known yet
+        assert!(s.backlog(&ta, vec![(3, b("A3"))], Some((ea.clone(), 3))).is_empty());
+        // b's owner answers with its position (no backlog: it starts live)
+        let out = s.backlog(&tb, Vec::new(), Some((eb.clone(), 40)));
+        assert_eq!(text(&out), "id: ea-3.eb-40\nA3");
+        assert_eq!(text(&s.message(&tb, &eb, 41, b("B41"))), "id: ea-3.eb-41\nB41");
     }
 }

@@ -55,7 +55,7 @@ pub struct SseRequest {
     /// Track this stream's presence on every topic: key and state (a JSON object).
     pub track: Option<(Arc<str>, Bytes)>,
     /// Positions from `Last-Event-ID` (or `last_event_id`), one per topic.
-    pub resume: Option<Vec<(String, u64)>>,
+    pub resume: Option<Vec<Option<(String, u64)>>>,
     /// A `Last-Event-ID` was given but does not fit these topics.
     pub bad_resume: Option<String>,
     /// `postgres_changes` bindings per topic (same order as `topics`; empty for most).

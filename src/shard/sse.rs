@@ -45,8 +45,8 @@ impl Shard {
             ShardStats::gauge(&self.my_stats().subscriptions, 1);
             self.interest_changed(topic, changes);
             let owner = topic.owner(self.shards);
-            let want = match &req.resume {
-                Some(p) => Backlog::Resume { epoch: p[i].0.clone(), offset: p[i].1 },
+            let want = match req.resume.as_ref().and_then(|p| p[i].as_ref()) {
+                Some((epoch, offset)) => Backlog::Resume { epoch: epoch.clone(), offset: *offset },
                 None => Backlog::Position,
             };
             self.route(
