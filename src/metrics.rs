@@ -60,6 +60,26 @@ pub fn render<'a>(out: &mut String, name: &str, help: &str, parts: impl Iterator
     let _ = writeln!(out, "{name}_count {}", total(&|h| h.count.load(Ordering::Relaxed)));
 }
 
+/// The `q` quantile (0..1) of the sum of `parts`, as the upper bound (seconds) of the bucket
+/// it falls in (`None` without observations; +Inf reads as the largest bound).
+pub fn quantile<'a>(parts: impl Iterator<Item = &'a Histogram> + Clone, q: f64) -> Option<f64> {
+    let counts: Vec<u64> =
+        (0..=BOUNDS.len()).map(|i| parts.clone().map(|h| h.buckets[i].load(Ordering::Relaxed)).sum()).collect();
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (i, c) in counts.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return Some(BOUNDS[i.min(BOUNDS.len() - 1)]);
+        }
+    }
+    Some(BOUNDS[BOUNDS.len() - 1])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +102,9 @@ mod tests {
         assert!(out.contains("x_seconds_count 4\n"), "{out}");
         assert!(out.contains("x_seconds_sum 20.00315\n"), "{out}");
         assert_eq!(a.count() + b.count(), 4);
+        assert_eq!(quantile([&a, &b].into_iter(), 0.5), Some(0.0001));
+        assert_eq!(quantile([&a, &b].into_iter(), 0.75), Some(0.005));
+        assert_eq!(quantile([&a, &b].into_iter(), 1.0), Some(10.0));
+        assert_eq!(quantile(std::iter::once(&Histogram::default()), 0.5), None);
     }
 }

@@ -165,6 +165,12 @@ fn browser_eventsource() {
     run_js("browser.test.mjs");
 }
 
+/// The status page (`GET /`) in headless Chromium, with and without a service_role token.
+#[test]
+fn status_page_in_chromium() {
+    run_js("status.test.mjs");
+}
+
 /// A fresh database (and replication slot) on the client tests' PostgreSQL, as the environment
 /// the client test files read: `DATABASE_URL`, `CORECAST_SLOT`, `PSQL`.
 fn pg_env(db: &crate::util::pg::TestDb) -> Vec<(String, String)> {

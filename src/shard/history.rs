@@ -311,10 +311,15 @@ impl Shard {
     pub(super) fn expire_topics(&self) {
         let now = unix_ms();
         let limits = self.cfg.limits.history();
-        self.owned.borrow_mut().retain(|_, t| {
+        let mut owned = self.owned.borrow_mut();
+        owned.retain(|_, t| {
             t.history.expire(now, &limits);
             !t.is_disposable(now)
         });
+        let members: usize = owned.values().filter_map(|t| t.presence.as_ref()).map(|p| p.len()).sum();
+        let st = self.my_stats();
+        st.topics.store(owned.len() as i64, std::sync::atomic::Ordering::Relaxed);
+        st.presence_members.store(members as i64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Queues a record for the log writer; returns the logical log position after it (what a

@@ -24,6 +24,7 @@ pub mod rest;
 pub mod sim;
 pub mod sse;
 pub mod stats;
+pub mod status;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

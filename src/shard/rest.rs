@@ -79,6 +79,19 @@ pub fn handle(shard: &Shard, id: ConnId, req: &Request<'_>, body: &[u8]) -> Outc
     match path {
         "/realtime/v1/websocket" | "/socket/websocket" => return upgrade(shard, req),
         "/health" => return get_only(req, || http::response(200, "application/json", &health(shard), ka)),
+        "/" => {
+            return get_only(req, || {
+                http::response(200, "text/html; charset=utf-8", super::status::PAGE.as_bytes(), ka)
+            })
+        }
+        "/status.json" => {
+            return get_only(req, || {
+                // Development mode shows everything; with a secret, a service_role token does.
+                let details = shard.ctx.verifier.development_mode()
+                    || authenticate(shard, token(req, true).as_deref()).is_ok_and(|c| c.role == "service_role");
+                http::response(200, "application/json", &super::status::json(shard, details), ka)
+            });
+        }
         "/metrics" => {
             return get_only(req, || {
                 let text = super::stats::render(

@@ -22,6 +22,10 @@ pub struct ShardStats {
     pub slow_consumers: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub http_requests: AtomicU64,
+    /// Topics this shard owns (refreshed every second).
+    pub topics: AtomicI64,
+    /// Presence members of the topics this shard owns, every node's (refreshed every second).
+    pub presence_members: AtomicI64,
     /// Publish received (parsed on its connection's shard) → sequenced by the topic's owner.
     pub publish_sequenced: crate::metrics::Histogram,
     /// Sequenced by the owner → the first socket write of a flush round that carries it on a
@@ -62,7 +66,7 @@ pub fn render(
         out,
         "# HELP corecast_cluster_members Live cluster members (nodes whose lease holds), this one included\n# TYPE corecast_cluster_members gauge\ncorecast_cluster_members {members}"
     );
-    let rows: [Row; 14] = [
+    let rows: [Row; 16] = [
         ("corecast_connections", "gauge", "Open TCP connections", |s| s.connections.load(Ordering::Relaxed) as f64),
         ("corecast_connections_accepted_total", "counter", "Connections accepted", |s| {
             s.accepted.load(Ordering::Relaxed) as f64
@@ -98,6 +102,12 @@ pub fn render(
         }),
         ("corecast_http_requests_total", "counter", "HTTP requests (REST, health, metrics)", |s| {
             s.http_requests.load(Ordering::Relaxed) as f64
+        }),
+        ("corecast_topics", "gauge", "Topics owned (with a stream, subscribers or presence)", |s| {
+            s.topics.load(Ordering::Relaxed) as f64
+        }),
+        ("corecast_presence_members", "gauge", "Presence members of the owned topics", |s| {
+            s.presence_members.load(Ordering::Relaxed) as f64
         }),
     ];
     for (name, kind, help, get) in rows {
