@@ -165,6 +165,12 @@ fn browser_eventsource() {
     run_js("browser.test.mjs");
 }
 
+/// The @corecast/client examples (examples/client-js) run against the server.
+#[test]
+fn client_examples() {
+    run_js("examples.test.mjs");
+}
+
 /// The status page (`GET /`) in headless Chromium, with and without a service_role token.
 #[test]
 fn status_page_in_chromium() {
