@@ -2,7 +2,6 @@
 
 import { encodeText, encodeUserBroadcast, filterString, splitTable, toMs, wireTopic } from './wire.js'
 import { reportError, backoffDelay } from './client.js'
-import { SseStream } from './sse.js'
 
 const DB_OPS = ['INSERT', 'UPDATE', 'DELETE']
 
@@ -330,66 +329,48 @@ export class Channel {
   }
 
   // ---------------------------------------------------------------------------------------
-  // Transport 'sse': this channel's own event stream
+  // Transport 'sse': the client's shared event stream
   // ---------------------------------------------------------------------------------------
 
+  /** Joins the client's event stream (it reopens with this topic, resuming the others). */
   _openStream() {
-    const client = this.client
     this.state = 'joining'
-    const stream = new SseStream({
-      url: () => {
-        const q = new URLSearchParams({ topic: this.topic, presence: 'true' })
-        if (this.opts.private) q.set('private', 'true')
-        if (this._tracked !== null) {
-          q.set('track', JSON.stringify(this._tracked))
-          q.set('presence_key', this.opts.presenceKey)
-        }
-        return `${client.endpoints.http}/sse?${q}`
-      },
-      headers: () => client._authHeaders(),
-      fetch: client.fetch,
-      backoff: (n) => backoffDelay(n, client.reconnect),
-      onOpen: () => {
-        if (this._sse !== stream) return
-        if (client._mode !== 'sse') return this._resolveJoin()
-        this.state = 'joined'
-        client._streamState(this, false)
-        this._resolveJoin()
-      },
-      onMessage: ({ event, data }) => {
-        if (this._sse !== stream) return
-        this._onStreamEvent(event, data)
-      },
-      onDown: () => {
-        if (this._sse !== stream) return
-        if (client._mode === 'sse') this.state = 'joining'
-        client._streamState(this, true)
-      },
-      onHttpError: (status) => {
-        // `auto`: a server (or proxy) that does not serve the stream: use the WebSocket.
-        if (this._sse === stream && client.transport === 'auto' && status !== 401 && status !== 403) {
-          client._upgrade(`SSE unavailable (HTTP ${status})`)
-        }
-      },
-    })
-    this._sse = stream
-    client._sseDown.add(this)
-    stream.start(() => (this.epoch !== null && this.offset !== null ? `${this.epoch}-${this.offset}` : null))
+    this._sse = this.client._sseAttach(this)
   }
 
   /** Reopens the stream (new token or presence state), resuming where it was. */
   _restartStream() {
     if (!this._sse) return
+    const before = this._sse
     this._closeStream()
     this._openStream()
+    if (this._sse === before) before.restart()
   }
 
   _closeStream() {
     if (!this._sse) return
-    const s = this._sse
+    const g = this._sse
     this._sse = null
-    s.close()
-    this.client._sseDown.delete(this)
+    g.remove(this)
+  }
+
+  /** The stream (re)opened: this channel receives from it. */
+  _streamOpened() {
+    if (this.client._mode === 'sse') this.state = 'joined'
+    this._resolveJoin()
+  }
+
+  _streamLost() {
+    if (this.client._mode === 'sse') this.state = 'joining'
+  }
+
+  /** The stream's resume token says where this topic stands on it (a position at or after the
+   *  last message delivered here: what a reopen resumes from). */
+  _adoptPosition(epoch, offset) {
+    if (this.epoch !== epoch || this.offset === null || offset > this.offset) {
+      this.epoch = epoch
+      this.offset = offset
+    }
   }
 
   _onStreamEvent(event, d) {

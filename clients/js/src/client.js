@@ -2,6 +2,7 @@
 
 import { Channel } from './channel.js'
 import { decode, encodeText, endpoints } from './wire.js'
+import { SseGroup } from './sse.js'
 
 export const STATUSES = ['idle', 'connecting', 'connected', 'reconnecting', 'disconnected']
 
@@ -51,14 +52,51 @@ export class RealtimeClient {
     this._heartbeatTimer = null
     this._heartbeatRef = null
     this._connectWaiters = []
+    /** SSE mode: the event streams, at most one per privacy (plus one per channel that tracks
+     *  presence over transport 'sse': the server's `track` applies to every topic of a stream). */
+    this._sseGroups = new Map()
+    /** Streams not open now (failed, or not open yet while the client is not connected). */
     this._sseDown = new Set()
   }
 
-  /** SSE mode: a channel's stream went down (`down`) or came back. */
-  _streamState(ch, down) {
-    if (down) this._sseDown.add(ch)
-    else this._sseDown.delete(ch)
+  /** SSE mode: the stream `ch` belongs to (made when needed; it opens at the end of the tick). */
+  _sseAttach(ch) {
+    const tracked = ch._tracked !== null && this.transport === 'sse'
+    const key = tracked ? `track:${ch.opts.private ? 'private' : 'public'}:${ch.topic}` : ch.opts.private ? 'private' : 'public'
+    let g = this._sseGroups.get(key)
+    if (g && tracked && JSON.stringify(g.track.state) !== JSON.stringify(ch._tracked)) {
+      g.close()
+      g = null
+    }
+    if (!g) {
+      const track = tracked ? { state: ch._tracked, key: ch.opts.presenceKey } : null
+      g = new SseGroup(this, key, { private: ch.opts.private, track })
+      this._sseGroups.set(key, g)
+      // A stream added to a connected client does not make it "reconnecting".
+      if (this.status !== 'connected') this._sseDown.add(g)
+    }
+    g.add(ch)
+    return g
+  }
+
+  _sseBackoff(n) {
+    return backoffDelay(n, this.reconnect)
+  }
+
+  _streamUp(g) {
+    this._sseDown.delete(g)
     this._streamStatus()
+  }
+
+  _streamDown(g) {
+    this._sseDown.add(g)
+    this._streamStatus()
+  }
+
+  /** A stream closed for good (no channels left, or the upgrade finished). */
+  _streamGone(g) {
+    if (this._sseGroups.get(g.key) === g) this._sseGroups.delete(g.key)
+    if (this._sseDown.delete(g)) this._streamStatus()
   }
 
   _streamStatus() {
@@ -104,7 +142,7 @@ export class RealtimeClient {
   connect() {
     this._wanted = true
     if (this._mode === 'sse') {
-      // No socket: every subscribed channel has its own event stream.
+      // No socket: the subscribed channels share one event stream (per privacy).
       if (this.status === 'idle' || this.status === 'disconnected') this._setStatus('connecting')
       for (const ch of this.channels.values()) ch._socketOpen()
       this._streamStatus()
@@ -125,6 +163,7 @@ export class RealtimeClient {
     const ws = this._ws
     this._dropSocket()
     for (const ch of this.channels.values()) ch._closeStream()
+    for (const g of [...this._sseGroups.values()]) g.close()
     this._sseDown.clear()
     if (ws) {
       try {
@@ -165,7 +204,8 @@ export class RealtimeClient {
   /**
    * `auto`: switches push from the event streams to one WebSocket, for good (`why`: presence,
    * table changes, a high publish rate, SSE unavailable). Each channel joins over the socket
-   * resuming from the last offset its stream delivered, and closes its stream once joined;
+   * resuming from the last offset the stream delivered to it, and leaves the stream once
+   * joined (the stream closes when the last channel left);
    * what both delivered meanwhile is dropped as a duplicate by offset: nothing lost, nothing
    * twice.
    */

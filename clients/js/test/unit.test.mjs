@@ -114,4 +114,14 @@ describe('unit', () => {
       { event: 'system', data: '{}', id: null },
     ])
   })
+
+  it('resume tokens of a multiplexed stream: parsed per topic, built with * for a topic without a position', async () => {
+    const { parseToken, buildToken } = await import('../src/sse.js')
+    assert.deepEqual(parseToken('ab12-40.cd34-0.*'), [{ epoch: 'ab12', offset: 40 }, { epoch: 'cd34', offset: 0 }, null])
+    assert.deepEqual(parseToken('x'), [null])
+    assert.deepEqual(parseToken(''), [])
+    assert.equal(buildToken([{ epoch: 'ab12', offset: 40 }, null]), 'ab12-40.*')
+    assert.equal(buildToken([null, { epoch: 'e', offset: 3 }, null]), '*.e-3.*')
+    assert.equal(buildToken([null, null]), null, 'no position at all: no token (every topic starts live)')
+  })
 })
