@@ -253,3 +253,24 @@ fn a_topic_added_to_a_resumed_stream_with_no_position_starts_live() {
         e.data
     );
 }
+
+/// A stream announces its position as soon as every topic's owner has answered (an `id:`
+/// event with no data), so a client that drops before any message arrives resumes with
+/// `Last-Event-ID` and gets what was published meanwhile, instead of starting live.
+#[test]
+fn a_new_stream_announces_its_position_before_any_message() {
+    let srv = Server::start(&[]);
+    let path = "/realtime/v1/sse?topic=quiet1&topic=quiet2";
+    let mut s = SseClient::open(srv.addr, path, &[]).unwrap();
+    assert!(s.try_next(Duration::from_millis(500)).is_none(), "no message yet");
+    let last = s.last_id.clone().expect("the stream's position, announced without a message");
+    assert_eq!(last.split('.').count(), 2, "{last}");
+    drop(s);
+    publish(&srv, "quiet2", 1);
+    publish(&srv, "quiet1", 2);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut s = SseClient::open(srv.addr, path, &[("Last-Event-ID", &last)]).unwrap();
+    let mut got: Vec<u64> = (0..2).map(|_| s.next().unwrap().data["payload"]["n"].as_u64().unwrap()).collect();
+    got.sort();
+    assert_eq!(got, [1, 2], "both messages published while away");
+}

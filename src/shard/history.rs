@@ -169,7 +169,13 @@ impl Shard {
                 .collect()
         };
         let (frames, position) = {
-            let owned = self.owned.borrow();
+            let mut owned = self.owned.borrow_mut();
+            if let Some(t) = owned.get_mut(&topic) {
+                // A position handed out (an SSE stream announces it even before any message) is
+                // one a client may resume from: keep the topic, and so its epoch, for at least
+                // the window's age after its last subscriber leaves.
+                t.keep_until_ms = t.keep_until_ms.max(unix_ms() + self.cfg.limits.window_age.as_millis() as u64);
+            }
             let t = owned.get(&topic);
             let position = t.map(|t| (t.epoch().clone(), t.last_offset()));
             let frames = match (&want, t) {

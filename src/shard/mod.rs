@@ -89,6 +89,8 @@ pub struct SseState {
     pending: Vec<(usize, Arc<str>, u64, Option<Bytes>)>,
     /// Topics whose owner has not answered yet (the stream is held until none is left).
     pub unanswered: usize,
+    /// The stream's position went out once every owner had answered ([`SseState::announce`]).
+    announced: bool,
 }
 
 impl SseState {
@@ -100,7 +102,7 @@ impl SseState {
             None => vec![None; topics.len()],
         };
         let unanswered = topics.len();
-        Self { topics, positions, pending: Vec::new(), unanswered }
+        Self { topics, positions, pending: Vec::new(), unanswered, announced: false }
     }
 
     fn ready(&self) -> bool {
@@ -150,6 +152,7 @@ impl SseState {
         }
         if self.ready() {
             self.positions[i] = Some((epoch, last));
+            self.announce(&mut out);
             return out;
         }
         if self.positions[i].is_none() {
@@ -166,7 +169,20 @@ impl SseState {
                 }
             }
         }
+        self.announce(&mut out);
         out
+    }
+
+    /// Once every topic's owner has answered: the whole stream's position at once, in an event
+    /// with an `id:` and no data (EventSource updates its `lastEventId` and dispatches
+    /// nothing), so a client that reconnects before any message arrives resumes instead of
+    /// starting live and missing what was published meanwhile.
+    fn announce(&mut self, out: &mut Vec<Bytes>) {
+        if self.unanswered == 0 && !self.announced && self.ready() {
+            self.announced = true;
+            out.push(self.token_line());
+            out.push(Bytes::from_static(b"\n"));
+        }
     }
 }
 
@@ -1199,6 +1215,25 @@ mod tests {
         let out = s.backlog(&tb, vec![(0, b("ERR"))], Some((Arc::from("eb2"), 11)));
         assert_eq!(text(&out), "ERR");
         assert_eq!(text(&s.message(&ta, &ea, 5, b("A5"))), "id: ea-5.eb2-11\nA5");
+    }
+
+    #[test]
+    fn the_stream_announces_its_position_once_every_owner_answered() {
+        let (ta, tb) = (Topic::new("a", false).unwrap(), Topic::new("b", false).unwrap());
+        let (ea, eb): (Arc<str>, Arc<str>) = (Arc::from("ea"), Arc::from("eb"));
+        let mut s = SseState::new(vec![ta.clone(), tb.clone()], None);
+        s.unanswered -= 1; // as the caller counts answers
+        assert!(s.backlog(&ta, Vec::new(), Some((ea.clone(), 4))).is_empty());
+        s.unanswered -= 1;
+        assert_eq!(text(&s.backlog(&tb, Vec::new(), Some((eb.clone(), 9)))), "id: ea-4.eb-9\n\n");
+        // Once only; messages carry their own token from now on.
+        assert_eq!(text(&s.message(&ta, &ea, 5, b("A5"))), "id: ea-5.eb-9\nA5");
+        // A resumed stream whose last answer comes for a topic that was already positioned.
+        let mut s = SseState::new(vec![ta.clone(), tb.clone()], Some(vec![None, Some(("eb".into(), 9))]));
+        s.unanswered -= 1;
+        assert!(s.backlog(&ta, Vec::new(), Some((ea.clone(), 4))).is_empty());
+        s.unanswered -= 1;
+        assert_eq!(text(&s.backlog(&tb, Vec::new(), Some((eb.clone(), 9)))), "id: ea-4.eb-9\n\n");
     }
 
     #[test]

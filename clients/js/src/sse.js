@@ -32,6 +32,9 @@ export class EventStreamParser {
   line(line) {
     if (line === '') {
       if (this.data.length) this.onEvent({ event: this.event || 'message', data: this.data.join('\n'), id: this.id })
+      // An `id:` with no data: the server announcing the stream's position (not dispatched
+      // by EventSource either, which only updates its lastEventId).
+      else if (this.id) this.onEvent({ event: 'position', data: null, id: this.id })
       this.reset()
       return
     }
@@ -100,6 +103,7 @@ export class SseStream {
       this.attempt = 0
       this.onOpen()
       const parser = new EventStreamParser((e) => {
+        if (e.data === null) return this.onMessage({ event: e.event, data: null, id: e.id })
         let data
         try {
           data = JSON.parse(e.data)
@@ -152,6 +156,8 @@ export function buildToken(positions) {
 /** How long the stream before a reopen keeps delivering, after the new one opened, to channels
  *  that had no position to resume from. */
 const BRIDGE_GRACE_MS = 300
+// How long a reopen waits for the open stream to announce its position (an older server never does).
+const ANNOUNCE_WAIT_MS = 2000
 
 /**
  * One event stream for several channels (transport 'sse', and 'auto' before the upgrade):
@@ -216,6 +222,8 @@ export class SseGroup {
   close() {
     if (this.closed) return
     this.closed = true
+    clearTimeout(this.announceTimer)
+    this.announceTimer = null
     if (this.bridge) {
       clearTimeout(this.bridge.graceTimer)
       this.bridge.stream.close()
@@ -254,11 +262,28 @@ export class SseGroup {
       this.bridge.reopen = true
       return
     }
-    this.force = false
     const client = this.client
     const topics = [...this.channels]
     const old = this.stream
     const oldTopics = this.topics
+    // The open stream announces every topic's position once the server knows them (an `id:`
+    // event with no data): wait for it, so that no channel goes on the new stream without a
+    // position. Only a server that never announces (an older corecast) falls back, after
+    // ANNOUNCE_WAIT_MS, to the bridge below.
+    if (!this.bridge && old?.isUp && !old.announced && !old.announceWaited &&
+        topics.some((ch) => oldTopics.includes(ch) && !this._position(ch))) {
+      if (!this.announceTimer) {
+        this.announceTimer = setTimeout(() => {
+          this.announceTimer = null
+          old.announceWaited = true
+          this.schedule()
+        }, ANNOUNCE_WAIT_MS)
+      }
+      return
+    }
+    clearTimeout(this.announceTimer)
+    this.announceTimer = null
+    this.force = false
     if (this.bridge) {
       // The stream after the bridged one never opened: it is replaced, the bridge stays for
       // the channels that still have no position.
@@ -303,6 +328,12 @@ export class SseGroup {
         for (const ch of topics) if (this.channels.includes(ch)) ch._streamOpened()
       },
       onMessage: ({ event, data, id }) => {
+        if (this.stream === stream && event === 'position') {
+          stream.announced = true
+          this._onEvent(topics, event, data, id)
+          if (this.announceTimer) this.schedule() // a reopen was waiting for this
+          return
+        }
         if (this.stream === stream) return this._onEvent(topics, event, data, id)
         const b = this.bridge
         if (b?.stream !== stream || event !== 'broadcast') return
@@ -342,6 +373,7 @@ export class SseGroup {
   }
 
   _onEvent(topics, event, data, id) {
+    if (event === 'position' && id) return this._adoptAll(topics, null, id)
     if (!data || typeof data.topic !== 'string') return
     const ch = topics.find((c) => c.topic === data.topic)
     if (!ch || !this.channels.includes(ch)) return
@@ -351,10 +383,15 @@ export class SseGroup {
     // The token has every topic's position on this stream: a channel that has seen nothing
     // yet (or whose topic moved on without a message for it) learns where it stands, so a
     // reopen resumes it instead of starting it live.
+    this._adoptAll(topics, ch, id)
+  }
+
+  /** Every channel but `except` (and those being bridged) takes its position from `id`. */
+  _adoptAll(topics, except, id) {
     const positions = parseToken(id)
     if (positions.length !== topics.length) return
     topics.forEach((c, i) => {
-      if (c !== ch && positions[i] && this.channels.includes(c) && !this.bridge?.chans.has(c)) c._adoptPosition(positions[i].epoch, positions[i].offset)
+      if (c !== except && positions[i] && this.channels.includes(c) && !this.bridge?.chans.has(c)) c._adoptPosition(positions[i].epoch, positions[i].offset)
     })
   }
 }
