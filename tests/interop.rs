@@ -165,10 +165,14 @@ fn browser_eventsource() {
     run_js("browser.test.mjs");
 }
 
-/// The @corecast/client examples (examples/client-js) run against the server.
+/// The @corecast/client examples (examples/client-js) run against the server (the orders
+/// dashboard with a database).
 #[test]
 fn client_examples() {
-    run_js("examples.test.mjs");
+    let db = crate::util::pg::TestDb::on(crate::util::pg::clients(), "cc_examples");
+    let env = pg_env(&db);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    run_js_with("examples.test.mjs", &env, FILE_TIMEOUT);
 }
 
 /// The status page (`GET /`) in headless Chromium, with and without a service_role token.

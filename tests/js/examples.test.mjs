@@ -1,11 +1,12 @@
 // The @corecast/client examples (examples/client-js) run as a user would run them, against a
-// real corecast: the token-stream producer and a viewer, and two chat users typing lines (with
-// history for a late joiner and presence). Needs `npm ci` in examples/client-js (scripts/test
-// does it).
+// real corecast: the token-stream producer and a viewer, two chat users typing lines (with
+// history for a late joiner and presence), and, with DATABASE_URL (and PSQL, CORECAST_SLOT;
+// `cargo test client_examples` provides them), the orders dashboard following the `orders`
+// table. Needs `npm ci` in examples/client-js (scripts/test does it).
 
 import { describe, it, before, after } from 'node:test'
 import assert from 'node:assert/strict'
-import { spawn } from 'node:child_process'
+import { execFileSync, spawn } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -13,10 +14,19 @@ import { Server, until } from './helpers.mjs'
 
 const DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'examples', 'client-js')
 
+const DB = process.env.DATABASE_URL
+const PSQL = process.env.PSQL ?? 'psql'
+const sql = (q) => execFileSync(PSQL, ['-X', '-q', '-A', '-t', '-v', 'ON_ERROR_STOP=1', '-d', DB, '-c', q], { encoding: 'utf8' })
+
 let srv = null
 before(async () => {
   assert.ok(existsSync(join(DIR, 'node_modules', '@corecast', 'client')), `run npm ci in ${DIR}`)
-  srv = await new Server().start()
+  if (DB) {
+    // The table of the example's header comment.
+    sql('DROP TABLE IF EXISTS orders; CREATE TABLE orders (id text PRIMARY KEY, user_id text, total float8, status text); ALTER TABLE orders REPLICA IDENTITY FULL')
+  }
+  const env = DB ? { DATABASE_URL: DB, CORECAST_SLOT: process.env.CORECAST_SLOT } : {}
+  srv = await new Server({ env }).start()
 })
 after(async () => {
   if (srv) await srv.stop().catch(() => {})
@@ -63,5 +73,17 @@ describe('client examples', () => {
     // Bob leaves (Ctrl-D): the others see it.
     bob.p.stdin.end()
     await until(() => ann.out.includes('bob left'), { label: 'bob left', describe: () => ann.out })
+  })
+
+  it('orders dashboard: INSERT, UPDATE and DELETE on the orders table show up live', { skip: !DB && 'needs DATABASE_URL' }, async (t) => {
+    const dash = run(t, 'orders-dashboard.mjs', [])
+    await until(() => dash.out.includes('waiting for changes'), { timeoutMs: 20000, label: 'dashboard subscribed', describe: () => dash.out })
+    sql("INSERT INTO orders VALUES ('o-1', 'u-1', 99.99, 'pending')")
+    await until(() => dash.out.includes('new order #o-1'), { label: 'insert', describe: () => dash.out })
+    assert.match(dash.out, /orders: 1 {3}revenue: \$99\.99/)
+    sql("UPDATE orders SET status = 'shipped' WHERE id = 'o-1'")
+    await until(() => dash.out.includes('#o-1: pending → shipped'), { label: 'update', describe: () => dash.out })
+    sql("DELETE FROM orders WHERE id = 'o-1'")
+    await until(() => dash.out.includes('#o-1 deleted'), { label: 'delete', describe: () => dash.out })
   })
 })
