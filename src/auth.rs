@@ -18,8 +18,8 @@ pub struct Claims {
     pub role: String,
     /// Expiry (Unix seconds), if the token has one.
     pub exp: Option<u64>,
-    /// The `sub` claim, if any.
-    pub sub: Option<String>,
+    /// The `sub` claim, if any (shared: every message the connection publishes records it).
+    pub sub: Option<Arc<str>>,
     /// Every claim, for `request.jwt.claims` in RLS checks.
     pub all: Map<String, Value>,
     /// The raw token (compared on `access_token` refresh to skip unchanged tokens).
@@ -156,7 +156,7 @@ impl Verifier {
 fn from_map(all: Map<String, Value>, token: &str) -> Claims {
     let role = all.get("role").and_then(Value::as_str).unwrap_or("").to_string();
     let exp = all.get("exp").and_then(|v| v.as_u64().or_else(|| v.as_f64().map(|f| f as u64)));
-    let sub = all.get("sub").and_then(Value::as_str).map(str::to_string);
+    let sub = all.get("sub").and_then(Value::as_str).map(Arc::from);
     Claims { role, exp, sub, all, token: Arc::from(token) }
 }
 

@@ -633,9 +633,10 @@ impl Engine {
         if let Some(pg_micros) = newest {
             let now_us =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
-            let delay = now_us.saturating_sub(pg_micros.saturating_add(super::pgoutput::PG_EPOCH_OFFSET_MICROS));
-            self.stats.commit_delay_us.store(delay.max(0) as u64, std::sync::atomic::Ordering::Relaxed);
-            self.stats.commit_to_handoff.record_us(delay.max(0) as u64);
+            let delay =
+                now_us.saturating_sub(pg_micros.saturating_add(super::pgoutput::PG_EPOCH_OFFSET_MICROS)).max(0) as u64;
+            self.stats.commit_delay_us.store(delay, std::sync::atomic::Ordering::Relaxed);
+            self.stats.commit_to_handoff.record_us(delay);
         }
     }
 

@@ -170,7 +170,7 @@ impl Shard {
         };
         let (frames, position) = {
             let mut owned = self.owned.borrow_mut();
-            if let Some(t) = owned.get_mut(&topic) {
+            if let Some(t) = owned.get_mut(&topic).filter(|_| format == Format::Sse) {
                 // A position handed out (an SSE stream announces it even before any message) is
                 // one a client may resume from: keep the topic, and so its epoch, for at least
                 // the window's age after its last subscriber leaves.

@@ -186,25 +186,17 @@ fn history(shard: &Shard, id: ConnId, req: &Request<'_>, topic: &str, ka: bool) 
             }
         },
     };
-    let before = match req.query_param("before") {
-        None => None,
-        Some(v) => match v.parse::<u64>() {
-            Ok(n) => Some(n),
-            Err(_) => {
-                let msg = format!("before must be a message offset (a non-negative integer), got {v:?}");
-                return respond(http::json_error(400, &msg, ka), ka);
-            }
-        },
+    // An optional non-negative integer parameter; a malformed one is a 400 naming it.
+    let number = |name: &str, what: &str| match req.query_param(name) {
+        None => Ok(None),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| format!("{name} must be {what}, got {v:?}")),
     };
-    let before_ms = match req.query_param("before_ms") {
-        None => None,
-        Some(v) => match v.parse::<u64>() {
-            Ok(n) => Some(n),
-            Err(_) => {
-                let msg = format!("before_ms must be a time in Unix milliseconds, got {v:?}");
-                return respond(http::json_error(400, &msg, ka), ka);
-            }
-        },
+    let (before, before_ms) = match (
+        number("before", "a message offset (a non-negative integer)"),
+        number("before_ms", "a time in Unix milliseconds"),
+    ) {
+        (Ok(b), Ok(ms)) => (b, ms),
+        (Err(msg), _) | (_, Err(msg)) => return respond(http::json_error(400, &msg, ka), ka),
     };
     let topic = match Topic::new(topic, private) {
         Ok(t) => t,
@@ -451,7 +443,7 @@ fn batch(shard: &Shard, req: &Request<'_>, body: &[u8], ka: bool) -> Result<Vec<
         return Err(http::json_error(422, &msg, ka));
     }
     let mut out = Vec::with_capacity(messages.len());
-    let user_id: Option<Arc<str>> = claims.sub.as_deref().map(Arc::from);
+    let user_id = claims.sub.clone();
     for (i, raw) in messages.iter().enumerate() {
         match batch_message(raw).map(|p| Publish { user_id: user_id.clone(), ..p }) {
             Ok(p) if !may_publish(shard, &claims, &p.topic) => {
@@ -577,7 +569,7 @@ fn single(
         exclude_sender: false,
         persist,
         id: None,
-        user_id: claims.sub.as_deref().map(Arc::from),
+        user_id: claims.sub.clone(),
         received: None,
         ack: None,
     })

@@ -370,7 +370,7 @@ impl Session {
             exclude_sender: !c.broadcast_self,
             persist,
             id: None,
-            user_id: c.claims.sub.as_deref().map(Arc::from),
+            user_id: c.claims.sub.clone(),
             received: None,
             ack: (c.ack && mr.is_some()).then(|| message::reply(self.vsn, jr.as_deref(), mr, p.topic, true, b"{}")),
         }));
@@ -528,7 +528,7 @@ impl Session {
             exclude_sender: !c.broadcast_self,
             persist: Persist::No,
             id: None,
-            user_id: c.claims.sub.as_deref().map(Arc::from),
+            user_id: c.claims.sub.clone(),
             received: None,
             ack: (c.ack && mr.is_some()).then(|| message::reply(self.vsn, jr, mr, &c.wire, true, b"{}")),
         }));
