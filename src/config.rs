@@ -23,6 +23,15 @@ pub struct RawConfig {
     #[arg(long, env = "CORECAST_LISTEN", default_value = "127.0.0.1:4000")]
     pub listen: SocketAddr,
 
+    /// TLS certificate chain (PEM, leaf first). With --tls-key the port serves only TLS:
+    /// HTTPS, WSS and SSE. Reloaded on SIGHUP (open connections keep theirs).
+    #[arg(long, env = "CORECAST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1) for --tls-cert.
+    #[arg(long, env = "CORECAST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Number of shards (one pinned executor each). Default: one per CPU, one fewer when the
     /// Postgres ingest core runs (at least 1).
     #[arg(long, env = "CORECAST_SHARDS")]
@@ -183,6 +192,8 @@ pub enum HistoryStore {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// `--tls-cert` and `--tls-key`, when the listener serves TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub shards: usize,
     /// CPU for each shard, `cpus[i]` for shard `i`.
     pub cpus: Vec<usize>,
@@ -251,6 +262,8 @@ impl Config {
 /// A configuration value that parsed but makes no sense.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+    #[error("--tls-cert and --tls-key go together: give both (or neither, for plain HTTP)")]
+    TlsHalf,
     #[error("--shards must be at least 1")]
     ZeroShards,
     #[error("--cpus `{0}` is not a CPU list like `0,2` or `0-3`")]
@@ -367,8 +380,14 @@ impl RawConfig {
         if self.max_frame_bytes > self.max_message_bytes {
             return Err(ConfigError::FrameOverMessage { frame: self.max_frame_bytes, message: self.max_message_bytes });
         }
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => return Err(ConfigError::TlsHalf),
+        };
         Ok(Config {
             listen: self.listen,
+            tls,
             shards,
             cpus,
             ingest_cpu,

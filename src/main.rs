@@ -40,10 +40,11 @@ fn main() -> ExitCode {
         );
     }
     let shards = cfg.shards;
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
     let result = corecast::shard::boot::run(cfg, |addr, node| {
         tracing::info!(%addr, shards, %node, "ready");
         // One machine-readable line on stdout, for scripts and the test harness.
-        println!("corecast listening on http://{addr} with {shards} shards");
+        println!("corecast listening on {scheme}://{addr} with {shards} shards");
         let _ = std::io::stdout().flush();
     });
     match result {

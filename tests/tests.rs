@@ -11,6 +11,7 @@
 //! - `lifecycle`: start-up flags, shutdown;
 //! - `cluster`: several nodes sharing a real PostgreSQL (`--cluster postgres`);
 //! - `pg`: Postgres changes against a real PostgreSQL (tests/util/pg.rs), realtime-js included;
+//! - `tls`: the listener over TLS (`--tls-cert`), certificate checks and reloads;
 //! - `interop`: the unmodified `@supabase/realtime-js` under Node (tests/js).
 
 mod util;
@@ -25,4 +26,5 @@ mod pg;
 mod presence;
 mod rest;
 mod sse;
+mod tls;
 mod ws;

@@ -22,6 +22,7 @@ use crate::shard::stats::ShardStats;
 use crate::shard::{close_slot, conn, Durable, Kind, Shard};
 use crate::store::log::{self, Record, RecoveredTopic};
 use crate::transport::listener::bind_reuseport;
+use crate::transport::tls::Acceptor;
 
 /// How long shutdown waits for connections to close after sending 1001.
 const DRAIN: Duration = Duration::from_secs(3);
@@ -41,6 +42,8 @@ pub enum BootError {
     History(crate::store::pg::PgStoreError),
     #[error("cannot start cluster mode: {0}")]
     Cluster(String),
+    #[error("cannot serve TLS: {0}")]
+    Tls(crate::transport::tls::TlsError),
     #[error("cannot use the data directory {dir}: {message}")]
     DataDir { dir: String, message: String },
 }
@@ -78,10 +81,27 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
     }
     cfg.node_id = Some(node);
     let cfg = Arc::new(cfg);
+    let tls = match &cfg.tls {
+        Some((cert, key)) => {
+            let acceptor = Acceptor::load(cert, key).map_err(BootError::Tls)?;
+            let info = acceptor.info();
+            let ktls = crate::transport::tls::kernel_tls();
+            tracing::info!(
+                cert = %cert.display(),
+                subject = %info.subject,
+                not_after = %info.not_after,
+                chain = info.chain,
+                kernel_tls = ktls,
+                "TLS: serving HTTPS, WSS and SSE; records are encrypted in user space (rustls)"
+            );
+            Some(Arc::new(acceptor))
+        }
+        None => None,
+    };
     let (fds, addr) =
         bind_reuseport(cfg.listen, cfg.shards).map_err(|source| BootError::Listen { addr: cfg.listen, source })?;
     let stop = Arc::new(AtomicBool::new(false));
-    install_signals(stop.clone())?;
+    install_signals(stop.clone(), tls.clone())?;
     let verifier = Arc::new(Verifier::new(cfg.jwt_secret.as_deref()));
     let stats: Arc<[ShardStats]> = (0..cfg.shards).map(|_| ShardStats::default()).collect();
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -163,7 +183,7 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
         let cpu = cfg.cpus[id];
         let (cfg, verifier, stats, stop, ready_tx) =
             (cfg.clone(), verifier.clone(), stats.clone(), stop.clone(), ready_tx.clone());
-        let (ingest, durable, cluster) = (ingest.clone(), durable.clone(), cluster.clone());
+        let (ingest, durable, cluster, tls) = (ingest.clone(), durable.clone(), cluster.clone(), tls.clone());
         let recovered = std::mem::take(&mut recovered[id]);
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
@@ -173,7 +193,7 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
             // runnable tasks when the timer fires right before a scheduling round (fixed only in
             // the unreleased fork); shards yield on elapsed time themselves (`Shard::relax`).
             .spawn(move || {
-                let services = Services { ingest, durable, cluster };
+                let services = Services { ingest, durable, cluster, tls };
                 shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx, inbox, services, recovered)
             })
             .map_err(|e| BootError::Executor { shard: id, cpu, message: e.to_string() })?;
@@ -211,13 +231,29 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
     }
 }
 
-fn install_signals(stop: Arc<AtomicBool>) -> Result<(), BootError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(BootError::Signals)?;
+/// SIGINT/SIGTERM stop the server (a second one exits at once); SIGHUP reloads the TLS
+/// certificate and key.
+fn install_signals(stop: Arc<AtomicBool>, tls: Option<Arc<Acceptor>>) -> Result<(), BootError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(BootError::Signals)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    match &tls {
+                        None => tracing::info!("SIGHUP: nothing to reload (no --tls-cert)"),
+                        Some(acceptor) => match acceptor.reload() {
+                            Ok(info) => tracing::info!(
+                                subject = %info.subject,
+                                not_after = %info.not_after,
+                                "SIGHUP: TLS certificate reloaded; new connections use it, open ones keep theirs"
+                            ),
+                            Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; still serving the previous certificate"),
+                        },
+                    }
+                    continue;
+                }
                 if stop.swap(true, Ordering::SeqCst) {
                     tracing::warn!(signal = sig, "second signal: exiting now");
                     std::process::exit(1);
@@ -234,6 +270,7 @@ struct Services {
     ingest: Option<IngestHandle>,
     durable: Durable,
     cluster: Option<crate::cluster::ClusterHandle>,
+    tls: Option<Arc<Acceptor>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -251,8 +288,8 @@ async fn shard_main(
     recovered: Vec<(Topic, RecoveredTopic)>,
 ) {
     let mesh = ends.connect().await;
-    let Services { ingest, durable, cluster } = services;
-    let shard = Rc::new(Shard::new(id, cfg, verifier, stats, ingest, durable, cluster));
+    let Services { ingest, durable, cluster, tls } = services;
+    let shard = Rc::new(Shard::new(id, cfg, verifier, stats, ingest, durable, cluster).with_tls(tls));
     for (topic, rt) in recovered {
         shard.restore_topic(topic, rt);
     }

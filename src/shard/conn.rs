@@ -27,8 +27,8 @@ use crate::protocol::phoenix::Session;
 use crate::protocol::ws::frame::{frame, OpCode};
 use crate::protocol::ws::{CloseCode, WsConn, WsEvent};
 use crate::shard::rest::{self, Outcome};
-use crate::shard::{Closing, Kind, Shard, WsState};
-use crate::transport::Flush;
+use crate::shard::{Closing, Kind, Shard, Slot, WsState};
+use crate::transport::{tls, Flush};
 
 use super::stats::ShardStats;
 
@@ -56,6 +56,18 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let id = shard.register(stream.as_raw_fd());
     ShardStats::add(&shard.my_stats().accepted, 1);
+    if let Some(acceptor) = &shard.tls {
+        match tls::Session::new(acceptor.config()) {
+            Ok(session) => {
+                shard.with_slot(id, |s| s.tls = Some(Box::new(session)));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a TLS session");
+                shard.unregister(id);
+                return;
+            }
+        }
+    }
     let end = drive(&shard, id, &mut stream).await;
     if end == Some(Closing::Graceful) {
         // From here only `linger` writes; the flusher skips closing connections.
@@ -92,25 +104,60 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
 /// How long a closed connection's unread input is drained before the socket is closed.
 const DRAIN_UNREAD: Duration = Duration::from_millis(500);
 
-/// Writes out what is queued (used after a graceful close was requested).
+/// Writes out what is queued (used after a graceful close was requested); a TLS connection
+/// ends with `close_notify`.
 async fn linger(shard: &Shard, id: ConnId, stream: &mut TcpStream) {
-    loop {
-        let front = shard.with_slot(id, |s| s.outbox.front().map(<[u8]>::to_vec)).flatten();
-        let Some(front) = front else { return };
-        match futures_lite::AsyncWriteExt::write(stream, &front).await {
-            Ok(n) if n > 0 => {
-                let frames = shard.with_slot(id, |s| {
-                    let f = s.outbox.counters().0;
-                    s.outbox.wrote(n);
-                    s.outbox.counters().0 - f
-                });
-                let st = shard.my_stats();
-                ShardStats::add(&st.frames_sent, frames.unwrap_or(0));
-                ShardStats::add(&st.sends, 1);
+    futures_lite::future::poll_fn(|cx| {
+        shard
+            .with_slot(id, |slot| loop {
+                match poll_out(shard, slot, stream, cx) {
+                    Poll::Ready(Ok(())) => match &mut slot.tls {
+                        Some(t) if !t.closed() => t.close_notify(),
+                        _ => return Poll::Ready(()),
+                    },
+                    Poll::Ready(Err(_)) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            })
+            .unwrap_or(Poll::Ready(()))
+    })
+    .await
+}
+
+/// Writes everything queued on `slot`, encrypting it first on a TLS connection; `Pending`
+/// (with writability registered on `stream`) while the socket buffer is full.
+fn poll_out(
+    shard: &Shard,
+    slot: &mut Slot,
+    stream: &mut TcpStream,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<io::Result<()>> {
+    let before = slot.outbox.counters();
+    let r = match &mut slot.tls {
+        Some(t) => t.poll_flush(&mut slot.outbox, Pin::new(&mut *stream), cx),
+        None => loop {
+            let Some(front) = slot.outbox.front() else { break Poll::Ready(Ok(())) };
+            match Pin::new(&mut *stream).poll_write(cx, front) {
+                Poll::Ready(Ok(0)) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    slot.outbox.wrote(n);
+                    match slot.outbox.flush(slot.fd) {
+                        Ok(Flush::Drained) => break Poll::Ready(Ok(())),
+                        // Full again: the next `poll_write` registers for writability.
+                        Ok(Flush::Blocked) => {}
+                        Err(e) => break Poll::Ready(Err(e)),
+                    }
+                }
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Pending => break Poll::Pending,
             }
-            _ => return,
-        }
-    }
+        },
+    };
+    let after = slot.outbox.counters();
+    let st = shard.my_stats();
+    ShardStats::add(&st.frames_sent, after.0 - before.0);
+    ShardStats::add(&st.sends, after.1 - before.1);
+    r
 }
 
 /// Runs the connection; returns how it should be closed (`None`: the peer is gone).
@@ -334,12 +381,12 @@ pub fn echo_code(code: u16) -> CloseCode {
     }
 }
 
-/// Waits until the socket is readable (reading into the shard's scratch buffer), the shard
-/// asks this connection to close, or the socket fails. While the outbox is blocked, it also
-/// waits for writability and writes.
+/// Waits until the socket is readable (reading into the shard's scratch buffer; plaintext on
+/// a TLS connection), the shard asks this connection to close, or the socket fails. While the
+/// outbox is blocked, it also waits for writability and writes.
 async fn wait(shard: &Shard, id: ConnId, stream: &mut TcpStream) -> Wake {
-    futures_lite::future::poll_fn(|cx| {
-        {
+    futures_lite::future::poll_fn(|cx| loop {
+        let tls = {
             let mut conns = shard.conns.borrow_mut();
             let Some(slot) = conns.get_mut(id.index as usize).filter(|s| s.generation == id.generation) else {
                 return Poll::Ready(Wake::Failed);
@@ -350,53 +397,104 @@ async fn wait(shard: &Shard, id: ConnId, stream: &mut TcpStream) -> Wake {
             if std::mem::take(&mut slot.http_ready) {
                 return Poll::Ready(Wake::HttpReady);
             }
-            while slot.blocked {
-                let Some(front) = slot.outbox.front() else {
-                    slot.blocked = false;
-                    break;
-                };
-                let before = slot.outbox.counters();
-                let r = match Pin::new(&mut *stream).poll_write(cx, front) {
-                    Poll::Ready(Ok(n)) => {
-                        slot.outbox.wrote(n);
-                        match slot.outbox.flush(slot.fd) {
-                            Ok(Flush::Drained) => {
-                                slot.blocked = false;
-                                None
-                            }
-                            Ok(Flush::Blocked) => None,
-                            Err(_) => Some(Poll::Ready(Wake::Failed)),
-                        }
+            if slot.blocked {
+                match poll_out(shard, slot, stream, cx) {
+                    Poll::Ready(Ok(())) => slot.blocked = false,
+                    Poll::Ready(Err(_)) => return Poll::Ready(Wake::Failed),
+                    Poll::Pending => {}
+                }
+            }
+            // Input rustls decrypted earlier than the scratch buffer could take.
+            if let Some(t) = slot.tls.as_mut() {
+                if t.has_input() {
+                    let mut scratch = shard.scratch.borrow_mut();
+                    match t.plaintext(&mut scratch[..]) {
+                        Ok(0) => {}
+                        Ok(n) => return Poll::Ready(Wake::Read(n)),
+                        Err(_) => return Poll::Ready(Wake::Failed),
                     }
-                    Poll::Ready(Err(_)) => Some(Poll::Ready(Wake::Failed)),
-                    Poll::Pending => Some(Poll::Pending),
-                };
-                let after = slot.outbox.counters();
-                let st = shard.my_stats();
-                ShardStats::add(&st.frames_sent, after.0 - before.0);
-                ShardStats::add(&st.sends, after.1 - before.1);
-                match r {
-                    Some(Poll::Pending) => break,
-                    Some(ready) => return ready,
-                    None => {}
                 }
             }
             match &slot.waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 _ => slot.waker = Some(cx.waker().clone()),
             }
-        }
+            slot.tls.is_some()
+        };
         let mut scratch = shard.scratch.borrow_mut();
-        match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
-            Poll::Ready(Ok(0)) => Poll::Ready(Wake::Eof),
-            Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
-            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            Poll::Ready(Err(_)) => Poll::Ready(Wake::Failed),
-            Poll::Pending => Poll::Pending,
+        let n = match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Wake::Eof),
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Poll::Ready(Err(_)) => return Poll::Ready(Wake::Failed),
+            Poll::Pending => return Poll::Pending,
+        };
+        if !tls {
+            return Poll::Ready(Wake::Read(n));
+        }
+        match shard.with_slot(id, |slot| tls_input(shard, slot, &mut scratch[..], n)) {
+            Some(TlsInput::Plain(0)) => continue,
+            Some(TlsInput::Plain(n)) => return Poll::Ready(Wake::Read(n)),
+            Some(TlsInput::Closed) => return Poll::Ready(Wake::Eof),
+            Some(TlsInput::Failed) | None => return Poll::Ready(Wake::Failed),
         }
     })
     .await
+}
+
+/// What a read on a TLS connection gave.
+enum TlsInput {
+    /// Plaintext bytes now at the front of the scratch buffer (0: none yet, read again).
+    Plain(usize),
+    /// The peer sent `close_notify`.
+    Closed,
+    Failed,
+}
+
+/// Decrypts the `n` raw bytes at the front of `scratch` into plaintext at its front, and
+/// writes what the TLS session has to say (handshake messages, alerts, frames queued during
+/// the handshake).
+fn tls_input(shard: &Shard, slot: &mut Slot, scratch: &mut [u8], n: usize) -> TlsInput {
+    let Some(t) = slot.tls.as_mut() else { return TlsInput::Failed };
+    let handshaking = !t.established();
+    if t.absorb(&scratch[..n]) == tls::Opening::PlainHttp {
+        ShardStats::add(&shard.my_stats().tls_failures, 1);
+        plain_refusal(slot.fd);
+        return TlsInput::Failed;
+    }
+    let result = t.plaintext(scratch);
+    if handshaking && t.established() {
+        ShardStats::add(&shard.my_stats().tls_handshakes, 1);
+    }
+    let failed = result.is_err();
+    if failed {
+        ShardStats::add(&shard.my_stats().tls_failures, 1);
+    }
+    if t.wants_write() || (t.established() && !slot.outbox.is_empty()) {
+        // Best effort for the alert of a failed session.
+        match slot.flush() {
+            Ok(Flush::Blocked) => slot.blocked = true,
+            Ok(Flush::Drained) => {}
+            Err(_) => return TlsInput::Failed,
+        }
+    }
+    match result {
+        Err(_) => TlsInput::Failed,
+        Ok(0) if slot.tls.as_ref().is_some_and(|t| t.peer_closed()) => TlsInput::Closed,
+        Ok(n) => TlsInput::Plain(n),
+    }
+}
+
+/// The answer to a plain HTTP request on the TLS port, written straight to the socket (the
+/// connection has no TLS session to write it through).
+fn plain_refusal(fd: std::os::unix::io::RawFd) {
+    let body = r#"{"error":"this port speaks TLS: use https:// or wss://"}"#;
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // SAFETY: a send of a local buffer on the connection's own fd.
+    unsafe {
+        libc::send(fd, response.as_ptr().cast(), response.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+    }
 }

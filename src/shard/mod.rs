@@ -230,6 +230,19 @@ pub struct Slot {
     /// `deferred_response` (the 202) goes out.
     pub awaiting_acks: u32,
     pub deferred_response: Option<Bytes>,
+    /// The TLS session, on a TLS listener: frames are encrypted on their way out.
+    pub tls: Option<Box<crate::transport::tls::Session>>,
+}
+
+impl Slot {
+    /// Writes what is queued without blocking, many frames per `sendmsg` (encrypted first on
+    /// a TLS connection).
+    pub fn flush(&mut self) -> std::io::Result<crate::transport::Flush> {
+        match &mut self.tls {
+            Some(t) => t.flush(&mut self.outbox, self.fd),
+            None => self.outbox.flush(self.fd),
+        }
+    }
 }
 
 /// Wakers waiting for an event, woken all at once. A waiter that is dropped before the event
@@ -407,6 +420,8 @@ pub struct Shard {
     next_generation: Cell<u32>,
     /// When a long loop last yielded (see [`Shard::relax`]).
     last_yield: Cell<Instant>,
+    /// The listener's TLS configuration, when it serves TLS.
+    pub tls: Option<Arc<crate::transport::tls::Acceptor>>,
 }
 
 /// Where a shard's persisted messages and checkpoints go.
@@ -486,8 +501,15 @@ impl Shard {
             first_write: Default::default(),
             next_generation: Cell::new(0),
             last_yield: Cell::new(Instant::now()),
+            tls: None,
             cfg,
         }
+    }
+
+    /// This shard's listener serves TLS with `acceptor`.
+    pub fn with_tls(mut self, acceptor: Option<Arc<crate::transport::tls::Acceptor>>) -> Self {
+        self.tls = acceptor;
+        self
     }
 
     /// This shard's stats.
@@ -513,6 +535,7 @@ impl Shard {
             hold: None,
             awaiting_acks: 0,
             deferred_response: None,
+            tls: None,
         }) as u32;
         ShardStats::gauge(&self.my_stats().connections, 1);
         ConnId { index, generation }
@@ -1077,7 +1100,7 @@ impl Shard {
                         slot.dirty = false;
                         if !slot.blocked && slot.closing.is_none() {
                             let (f0, s0) = slot.outbox.counters();
-                            match slot.outbox.flush(slot.fd) {
+                            match slot.flush() {
                                 Ok(Flush::Drained) => {}
                                 Ok(Flush::Blocked) => {
                                     slot.blocked = true;

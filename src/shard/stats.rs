@@ -22,6 +22,10 @@ pub struct ShardStats {
     pub slow_consumers: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub http_requests: AtomicU64,
+    /// TLS handshakes completed, and TLS sessions that failed (bad handshake or record, or
+    /// plain HTTP on the TLS port).
+    pub tls_handshakes: AtomicU64,
+    pub tls_failures: AtomicU64,
     /// Topics this shard owns (refreshed every second).
     pub topics: AtomicI64,
     /// Presence members of the topics this shard owns, every node's (refreshed every second).
@@ -66,7 +70,7 @@ pub fn render(
         out,
         "# HELP corecast_cluster_members Live cluster members (nodes whose lease holds), this one included\n# TYPE corecast_cluster_members gauge\ncorecast_cluster_members {members}"
     );
-    let rows: [Row; 16] = [
+    let rows: [Row; 18] = [
         ("corecast_connections", "gauge", "Open TCP connections", |s| s.connections.load(Ordering::Relaxed) as f64),
         ("corecast_connections_accepted_total", "counter", "Connections accepted", |s| {
             s.accepted.load(Ordering::Relaxed) as f64
@@ -103,6 +107,15 @@ pub fn render(
         ("corecast_http_requests_total", "counter", "HTTP requests (REST, health, metrics)", |s| {
             s.http_requests.load(Ordering::Relaxed) as f64
         }),
+        ("corecast_tls_handshakes_total", "counter", "TLS handshakes completed", |s| {
+            s.tls_handshakes.load(Ordering::Relaxed) as f64
+        }),
+        (
+            "corecast_tls_failures_total",
+            "counter",
+            "TLS sessions failed (handshake or record errors, plain HTTP on the TLS port)",
+            |s| s.tls_failures.load(Ordering::Relaxed) as f64,
+        ),
         ("corecast_topics", "gauge", "Topics owned (with a stream, subscribers or presence)", |s| {
             s.topics.load(Ordering::Relaxed) as f64
         }),

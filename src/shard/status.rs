@@ -61,7 +61,19 @@ pub fn json(shard: &Shard, details: bool) -> Vec<u8> {
         })
     });
     let members = shard.cluster.as_ref().map_or_else(|| vec![node.to_string()], |c| c.members());
+    let tls = shard.tls.as_ref().map(|a| {
+        let info = a.info();
+        let sum = |f: fn(&ShardStats) -> u64| shard.stats.iter().map(f).sum::<u64>();
+        json!({
+            "subject": info.subject,
+            "not_after": info.not_after,
+            "chain": info.chain,
+            "handshakes": sum(|s| s.tls_handshakes.load(Relaxed)),
+            "failures": sum(|s| s.tls_failures.load(Relaxed)),
+        })
+    });
     let v = json!({
+        "tls": tls,
         "status": "ok",
         "details": true,
         "node": node,

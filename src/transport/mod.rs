@@ -1,7 +1,9 @@
 //! Socket I/O adapters, knowing nothing of protocols or shards: the per-connection
-//! [`outbox::Outbox`] flushed with one vectored `sendmsg`, and listener setup.
+//! [`outbox::Outbox`] flushed with one vectored `sendmsg`, listener setup, and TLS
+//! ([`tls`]: certificates, reloads, the per-connection session).
 
 pub mod listener;
 pub mod outbox;
+pub mod tls;
 
 pub use outbox::{Flush, Outbox};

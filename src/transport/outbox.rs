@@ -94,6 +94,17 @@ impl Outbox {
         self.q.front().map(|b| &b[self.head_off..])
     }
 
+    /// The unwritten bytes of the first `max` frames, in order (for encryption, which takes
+    /// them instead of a socket).
+    pub fn pending(&self, max: usize) -> impl Iterator<Item = &[u8]> {
+        self.q.iter().take(max).enumerate().map(|(i, b)| if i == 0 { &b[self.head_off..] } else { &b[..] })
+    }
+
+    /// Counts `k` writes made for this connection by someone else (the TLS session).
+    pub fn count_sends(&mut self, k: u64) {
+        self.sends += k;
+    }
+
     /// Records one write of `n` bytes made outside [`Outbox::flush`] (a writability wait).
     pub fn wrote(&mut self, n: usize) {
         self.sends += 1;

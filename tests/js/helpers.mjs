@@ -125,7 +125,7 @@ process.on('exit', () => {
   for (const d of dataDirs) rmSync(d, { recursive: true, force: true })
 })
 
-const READY = /corecast listening on http:\/\/([0-9.]+):(\d+) with (\d+) shards/
+const READY = /corecast listening on (https?):\/\/([0-9.]+):(\d+) with (\d+) shards/
 
 /**
  * A corecast process (`--shards 2 --cpus 0,1`, development mode unless args say so), with its
@@ -201,7 +201,10 @@ export class Server {
       proc.stdout.on('data', (d) => {
         out += d
         const m = READY.exec(out)
-        if (m) resolve(Number(m[2]))
+        if (m) {
+          this.tls = m[1] === 'https'
+          resolve(Number(m[3]))
+        }
       })
       this.exited.then(({ code, signal, error }) =>
         reject(
@@ -252,13 +255,14 @@ export class Server {
     }
   }
 
+  /** The server's base URL (`https://` when it serves TLS: `--tls-cert`). */
   get http() {
-    return `http://127.0.0.1:${this.port}`
+    return `${this.tls ? 'https' : 'http'}://127.0.0.1:${this.port}`
   }
 
   /** The endpoint realtime-js is given (it appends `/websocket`). */
   endpoint(prefix = '/realtime/v1') {
-    return `ws://127.0.0.1:${this.port}${prefix}`
+    return `${this.tls ? 'wss' : 'ws'}://127.0.0.1:${this.port}${prefix}`
   }
 }
 

@@ -140,6 +140,7 @@ describe('status page', () => {
     assert.equal(await page.textContent('#node'), 'status-node')
     assert.equal(await page.textContent('#cluster'), 'none')
     assert.equal(await page.textContent('#history_store'), 'log')
+    assert.equal(await page.textContent('#tls'), 'off')
     assert.ok((await num('deliveries_rate')) > 0, 'deliveries per second')
     assert.ok((await num('published_rate')) > 0, 'published per second')
     assert.ok((await num('websockets')) >= 1)

@@ -163,6 +163,7 @@ impl Server {
         };
         let addr = line
             .strip_prefix("corecast listening on http://")
+            .or_else(|| line.strip_prefix("corecast listening on https://"))
             .and_then(|r| r.split(' ').next())
             .expect("ready line")
             .parse()
