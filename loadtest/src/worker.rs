@@ -1232,6 +1232,11 @@ impl Worker {
     }
 
     fn on_message(&mut self, ci: usize, m: &[u8], now: u64) {
+        if self.spec.upgrade_only {
+            // Nothing is answered: NATS' INFO and Socket.IO's open packet would start a join.
+            self.other += 1;
+            return;
+        }
         match self.spec.proto {
             Proto::Phoenix => {
                 if self.conns[ci].pres != PresRole::None && self.on_presence_message(ci, m, now) {
