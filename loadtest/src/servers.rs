@@ -459,6 +459,17 @@ impl Running {
         Some((get("corecast_frames_sent_total")?, get("corecast_sends_total")?))
     }
 
+    /// Stops the server and starts a fresh one of the same kind with `opts` (its address may
+    /// change); a server started elsewhere (`--addr`) is left as it is.
+    pub fn restart(&mut self, opts: &ServerOpts) -> Result<(), String> {
+        if self.child.is_none() {
+            return Ok(());
+        }
+        self.stop();
+        *self = start(self.kind, opts)?;
+        Ok(())
+    }
+
     /// SIGKILL (no clean shutdown) and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
