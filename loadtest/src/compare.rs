@@ -30,6 +30,16 @@ struct Row {
     published: u64,
     connect_per_sec: f64,
     connect_failed: u64,
+    /// Per connection: connect → joined, and connect → 101 within it.
+    connect_p50_ms: f64,
+    connect_p99_ms: f64,
+    connect_upgrade_p50_ms: f64,
+    connect_upgrade_p99_ms: f64,
+    /// connect-storm's upgrade-only pass (no join sent): upgrades/s and connect → 101.
+    upgrade_only_per_sec: Option<f64>,
+    upgrade_only_p50_ms: Option<f64>,
+    upgrade_only_p99_ms: Option<f64>,
+    upgrade_only_failed: Option<u64>,
     rss_per_conn_kib: Option<f64>,
     frames_per_send: Option<f64>,
     p99_over_floor: Option<f64>,
@@ -83,6 +93,14 @@ fn row(r: &RunResult) -> Row {
         published: p.map_or(0, |p| p.published),
         connect_per_sec: c.map_or(0.0, |c| c.per_sec),
         connect_failed: c.map_or(0, |c| c.failed),
+        connect_p50_ms: c.map_or(0.0, |c| c.p50_ms),
+        connect_p99_ms: c.map_or(0.0, |c| c.p99_ms),
+        connect_upgrade_p50_ms: c.map_or(0.0, |c| c.upgrade_p50_ms),
+        connect_upgrade_p99_ms: c.map_or(0.0, |c| c.upgrade_p99_ms),
+        upgrade_only_per_sec: r.upgrade_only.as_ref().map(|u| u.per_sec),
+        upgrade_only_p50_ms: r.upgrade_only.as_ref().map(|u| u.upgrade_p50_ms),
+        upgrade_only_p99_ms: r.upgrade_only.as_ref().map(|u| u.upgrade_p99_ms),
+        upgrade_only_failed: r.upgrade_only.as_ref().map(|u| u.failed),
         rss_per_conn_kib: r.rss_per_conn_kib,
         frames_per_send: r.frames_per_send,
         p99_over_floor: r.p99_over_floor,
@@ -127,14 +145,14 @@ pub fn compare(sc: ScenarioKind, args: &RunArgs, servers: &[ServerKind], with_ba
     let mut runs = Vec::new();
     for &k in servers {
         if sc == ScenarioKind::Sse {
-            // SSE against WebSocket fan-out: the same publisher, topic and payloads; corecast
-            // gives two rows, a peer (if asked for) its WebSocket fan-out.
+            // SSE against WebSocket fan-out: the same publisher, topic and payloads; a server
+            // with SSE (corecast, nchan) gives two rows, any other its WebSocket fan-out.
             let mut ws = scenarios::run_one(ScenarioKind::Fanout, k, args, base.as_ref(), log_dir.clone());
-            if k == ServerKind::Corecast {
-                ws.server = "corecast-ws".into();
+            if k.has_sse() {
+                ws.server = format!("{}-ws", k.name());
                 runs.push(ws);
                 let mut sse = scenarios::run_one(ScenarioKind::Sse, k, args, base.as_ref(), log_dir.clone());
-                sse.server = "corecast-sse".into();
+                sse.server = format!("{}-sse", k.name());
                 runs.push(sse);
             } else {
                 runs.push(ws);
@@ -264,7 +282,76 @@ pub fn compare(sc: ScenarioKind, args: &RunArgs, servers: &[ServerKind], with_ba
     }
 }
 
+fn note(r: &Row) -> String {
+    if let Some(e) = &r.error {
+        let e = e.lines().next().unwrap_or("");
+        format!("FAILED: {}", &e[..e.floor_char_boundary(90)])
+    } else if r.closed > 0 {
+        format!("{} closed", r.closed)
+    } else {
+        String::new()
+    }
+}
+
+/// connect-storm's table: the upgrade-only pass (connect → 101, no join sent) and the pass
+/// with the protocol's join (connect → joined, and its connect → 101 part).
+fn connect_table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<12} {:>10} {:>7} {:>8} {:>8} {:>12} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9}  note",
+        "server",
+        "upgrade/s",
+        "×cc",
+        "p50 ms",
+        "p99 ms",
+        "upg+join/s",
+        "×cc",
+        "101 p50",
+        "101 p99",
+        "join p50",
+        "join p99",
+        "failed",
+        "KiB/conn"
+    );
+    let cc = rows.iter().find(|r| r.server.starts_with("corecast") && r.ok);
+    let ratio = |v: f64, c: Option<f64>| c.filter(|c| *c > 0.0).map_or("–".to_string(), |c| format!("{:.2}", v / c));
+    for r in rows {
+        let up = r.upgrade_only_per_sec.unwrap_or(0.0);
+        let _ = writeln!(
+            s,
+            "{:<12} {:>10} {:>7} {:>8.2} {:>8.2} {:>12} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>9}  {}",
+            r.server,
+            si(up),
+            if r.ok { ratio(up, cc.and_then(|c| c.upgrade_only_per_sec)) } else { "–".into() },
+            r.upgrade_only_p50_ms.unwrap_or(0.0),
+            r.upgrade_only_p99_ms.unwrap_or(0.0),
+            si(r.connect_per_sec),
+            if r.ok { ratio(r.connect_per_sec, cc.map(|c| c.connect_per_sec)) } else { "–".into() },
+            r.connect_upgrade_p50_ms,
+            r.connect_upgrade_p99_ms,
+            r.connect_p50_ms,
+            r.connect_p99_ms,
+            r.connect_failed + r.upgrade_only_failed.unwrap_or(0),
+            r.rss_per_conn_kib.map_or("–".to_string(), |v| format!("{v:.2}")),
+            note(r)
+        );
+    }
+    let _ = write!(
+        s,
+        "scenario connect-storm: upgrade/s = connect + WebSocket upgrade, done at the 101 (no join sent); \
+         upg+join/s = connect + upgrade + the protocol's join (corecast: phx_join → phx_reply; nats: \
+         CONNECT+SUB+PING → PONG; Socket.IO: 40 → join → joined; ws, uws: the server's \"joined\"; nchan \
+         has no join: joined at the 101), with its connect → 101 (101 p50/p99) and connect → joined \
+         (join p50/p99) per connection; ×cc = ÷ corecast's"
+    );
+    s
+}
+
 fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> String {
+    if sc == ScenarioKind::ConnectStorm {
+        return connect_table(rows);
+    }
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -282,14 +369,7 @@ fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> 
         "p99/floor"
     );
     for r in rows {
-        let note = if let Some(e) = &r.error {
-            let e = e.lines().next().unwrap_or("");
-            format!("FAILED: {}", &e[..e.len().min(90)])
-        } else if r.closed > 0 {
-            format!("{} closed", r.closed)
-        } else {
-            String::new()
-        };
+        let note = note(r);
         let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
         let _ = writeln!(
             s,

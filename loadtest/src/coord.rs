@@ -26,8 +26,11 @@ pub struct FleetOpts {
     pub heartbeat_ms: u64,
     pub cpu: Option<usize>,
     pub rest_publish: bool,
-    /// Subscribers are SSE streams (corecast only).
+    /// Subscribers are SSE streams (corecast and nchan).
     pub sse_subscribers: bool,
+    /// Clients count as set up at the WebSocket 101 and send no join (connect-storm's
+    /// upgrade-only pass).
+    pub upgrade_only: bool,
     pub quiet: bool,
 }
 
@@ -48,6 +51,9 @@ pub struct ConnectSummary {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Connect → WebSocket 101, per connection (the rest of p50_ms/p99_ms is the join).
+    pub upgrade_p50_ms: f64,
+    pub upgrade_p99_ms: f64,
     pub errors: Vec<String>,
 }
 
@@ -150,6 +156,7 @@ impl Fleet {
                 tick_ms: 100,
                 rest_publish: o.rest_publish,
                 sse_subscribers: o.sse_subscribers,
+                upgrade_only: o.upgrade_only,
             };
             let mut cmd = Command::new(&exe);
             cmd.arg("worker").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
@@ -234,6 +241,7 @@ impl Fleet {
         let mut done = vec![false; self.workers()];
         let mut s = ConnectSummary::default();
         let mut h = worker::new_hist();
+        let mut hu = worker::new_hist();
         let mut last_print = Instant::now();
         while done.iter().any(|d| !d) {
             let left = timeout.saturating_sub(t0.elapsed());
@@ -241,12 +249,13 @@ impl Fleet {
                 return Err("timed out waiting for clients to connect".into());
             }
             match self.rx.recv_timeout(left.min(Duration::from_secs(1))) {
-                Ok((w, Some(Ev::Connected { ok, failed, secs, hist, errors }))) => {
+                Ok((w, Some(Ev::Connected { ok, failed, secs, hist, errors, upgrade_hist }))) => {
                     done[w] = true;
                     s.ok += ok;
                     s.failed += failed;
                     s.secs = s.secs.max(secs);
                     worker::hist_add_pairs(&mut h, &hist);
+                    worker::hist_add_pairs(&mut hu, &upgrade_hist);
                     for e in errors {
                         if s.errors.len() < 8 {
                             s.errors.push(format!("worker {w}: {e}"));
@@ -274,6 +283,10 @@ impl Fleet {
             s.p50_ms = ms(h.value_at_quantile(0.5));
             s.p99_ms = ms(h.value_at_quantile(0.99));
             s.max_ms = ms(h.max());
+        }
+        if !hu.is_empty() {
+            s.upgrade_p50_ms = ms(hu.value_at_quantile(0.5));
+            s.upgrade_p99_ms = ms(hu.value_at_quantile(0.99));
         }
         Ok(s)
     }

@@ -109,8 +109,9 @@ struct CompareArgs {
     /// Scenario to compare.
     #[arg(value_enum)]
     scenario: ScenarioKind,
-    /// Servers, in order (default: corecast,nats,ws,socketio; sse: corecast, which gives the
-    /// rows corecast-ws and corecast-sse). presence and history run on corecast only.
+    /// Servers, in order (default: corecast,nats,ws,socketio,uws,nchan; sse: corecast,nchan,
+    /// which give the rows corecast-ws, corecast-sse, nchan-ws and nchan-sse; another peer in
+    /// sse gives its WebSocket fan-out row). presence and history run on corecast only.
     #[arg(long, value_enum, value_delimiter = ',')]
     servers: Option<Vec<ServerKind>>,
     /// Skip the raw-socket baseline.
@@ -306,8 +307,11 @@ fn main() -> ExitCode {
         }
         Cmd::Compare(a) => {
             setup(&a.run);
-            let default =
-                if a.scenario == ScenarioKind::Sse { vec![ServerKind::Corecast] } else { ServerKind::ALL.to_vec() };
+            let default = if a.scenario == ScenarioKind::Sse {
+                vec![ServerKind::Corecast, ServerKind::Nchan]
+            } else {
+                ServerKind::ALL.to_vec()
+            };
             let servers = a.servers.unwrap_or(default);
             let code = compare::compare(a.scenario, &a.run, &servers, !a.no_baseline);
             ExitCode::from(code as u8)

@@ -46,7 +46,8 @@ impl ScenarioKind {
         }
     }
 
-    /// Scenarios only corecast can run (the peers have no SSE, Phoenix presence or history API).
+    /// Scenarios only corecast can run (the peers have no Phoenix presence or history API, and
+    /// only nchan has SSE: see [`ServerKind::has_sse`]).
     pub fn corecast_only(self) -> bool {
         matches!(self, ScenarioKind::Sse | ScenarioKind::Presence | ScenarioKind::History)
     }
@@ -290,6 +291,7 @@ impl RunArgs {
             cpu: self.cpu(self.client_cpu),
             rest_publish: self.publish == PublishVia::Rest && server == ServerKind::Corecast,
             sse_subscribers: false,
+            upgrade_only: false,
             quiet: self.quiet,
         }
     }
@@ -412,6 +414,8 @@ pub struct RunResult {
     pub workers: usize,
     pub payload: usize,
     pub connect: Option<ConnectSummary>,
+    /// connect-storm: the same storm with every client done at its WebSocket 101 (no join sent).
+    pub upgrade_only: Option<ConnectSummary>,
     pub rss_before_kib: Option<u64>,
     pub rss_after_kib: Option<u64>,
     pub rss_end_kib: Option<u64>,
@@ -451,6 +455,7 @@ impl RunResult {
             workers: 0,
             payload: args.payload_for(sc),
             connect: None,
+            upgrade_only: None,
             rss_before_kib: None,
             rss_after_kib: None,
             rss_end_kib: None,
@@ -513,10 +518,11 @@ pub fn run_one(
 ) -> RunResult {
     let mut r = RunResult::empty(sc, server, args);
     let label = format!("{} {}", server.name(), sc.name());
-    if sc.corecast_only() && server != ServerKind::Corecast {
+    let peer_sse = sc == ScenarioKind::Sse && server.has_sse();
+    if sc.corecast_only() && server != ServerKind::Corecast && !peer_sse {
         let why = match sc {
             ScenarioKind::Presence => "peers have no Phoenix presence",
-            ScenarioKind::Sse => "peers have no Server-Sent Events endpoint",
+            ScenarioKind::Sse => "this peer has no Server-Sent Events endpoint",
             _ => "peers have no history API",
         };
         r.error = Some(format!("{}: corecast only ({why})", sc.name()));
@@ -662,6 +668,31 @@ fn body(
         }
     }
     fleet.quit();
+    if sc == ScenarioKind::ConnectStorm && result.is_ok() {
+        // The same storm again with every client done at its 101 and no join sent: the rate of
+        // upgrades alone, comparable across servers whatever their join (nchan has none). On a
+        // fresh server, like the first pass: a second storm on the same one measured ~25% slower
+        // for nchan, whose two passes are the same protocol.
+        srv.restart(sopts)?;
+        std::thread::sleep(Duration::from_millis(300));
+        let o = FleetOpts { upgrade_only: true, ..fleet_opts.clone() };
+        let mut f = Fleet::spawn(srv.kind.proto(), srv.addr, layout.clone(), &o)?;
+        let c = f.wait_connected(Duration::from_secs(600));
+        f.quit();
+        let c = c?;
+        if !args.quiet {
+            eprintln!(
+                "{label}: upgrade only: {} upgraded, {} failed, in {:.2}s ({}/s, p50 {:.1} ms, p99 {:.1} ms)",
+                c.ok,
+                c.failed,
+                c.secs,
+                si(c.per_sec),
+                c.upgrade_p50_ms,
+                c.upgrade_p99_ms
+            );
+        }
+        r.upgrade_only = Some(c);
+    }
     if let Some(cpu) = r.headline_phase().map(|p| p.generator_cpu_secs / p.active_secs.max(1e-3)) {
         if cpu >= 0.9 {
             r.notes.push(format!("generator CPU {:.0}%: the generator may be the bottleneck of this run", cpu * 100.0));

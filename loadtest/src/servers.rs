@@ -1,5 +1,7 @@
 //! Starting and stopping the servers under test, each pinned to the server CPU (the same as
-//! `taskset -c 0`): corecast, nats-server (WebSocket), the Node `ws` peer and the Socket.IO peer.
+//! `taskset -c 0`): corecast, nats-server (WebSocket), the Node `ws` peer, the Socket.IO peer,
+//! the uWebSockets.js peer and nchan (nginx with Debian's nchan module, one worker, a config
+//! written into the run's log directory by [`nchan_conf`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
@@ -21,6 +23,10 @@ pub enum ServerKind {
     Nats,
     Ws,
     Socketio,
+    /// uWebSockets.js (`peers/uws-server.js`): the `ws` peer's protocol on uWS's native pub/sub.
+    Uws,
+    /// nchan (nginx + `libnginx-mod-nchan`): WebSocket and EventSource subscriber locations.
+    Nchan,
 }
 
 impl ServerKind {
@@ -30,6 +36,8 @@ impl ServerKind {
             ServerKind::Nats => "nats",
             ServerKind::Ws => "ws",
             ServerKind::Socketio => "socketio",
+            ServerKind::Uws => "uws",
+            ServerKind::Nchan => "nchan",
         }
     }
 
@@ -39,10 +47,26 @@ impl ServerKind {
             ServerKind::Nats => Proto::Nats,
             ServerKind::Ws => Proto::Ws,
             ServerKind::Socketio => Proto::Socketio,
+            // uws-server.js speaks ws-server.js's protocol.
+            ServerKind::Uws => Proto::Ws,
+            ServerKind::Nchan => Proto::Nchan,
         }
     }
 
-    pub const ALL: [ServerKind; 4] = [ServerKind::Corecast, ServerKind::Nats, ServerKind::Ws, ServerKind::Socketio];
+    /// Whether the server has a Server-Sent Events endpoint the `sse` scenario can subscribe to.
+    pub fn has_sse(self) -> bool {
+        matches!(self, ServerKind::Corecast | ServerKind::Nchan)
+    }
+
+    /// `compare`'s default servers, in order.
+    pub const ALL: [ServerKind; 6] = [
+        ServerKind::Corecast,
+        ServerKind::Nats,
+        ServerKind::Ws,
+        ServerKind::Socketio,
+        ServerKind::Uws,
+        ServerKind::Nchan,
+    ];
 }
 
 #[derive(Clone, Debug)]
@@ -115,7 +139,8 @@ fn wait_port(port: u16, child: &mut Child, timeout: Duration) -> Result<(), Stri
 /// Make sure `loadtest/peers/node_modules` exists (`npm ci` from the lock file otherwise).
 pub fn ensure_node_modules() -> Result<(), String> {
     let dir = peers_dir();
-    if dir.join("node_modules").join("socket.io").exists() && dir.join("node_modules").join("ws").exists() {
+    let nm = dir.join("node_modules");
+    if ["socket.io", "ws", "@trufflesuite/uws-js-unofficial"].iter().all(|p| nm.join(p).exists()) {
         return Ok(());
     }
     eprintln!("loadtest: installing peer servers' npm packages (npm ci in {dir:?})");
@@ -210,9 +235,14 @@ pub fn start(kind: ServerKind, opts: &ServerOpts) -> Result<Running, String> {
                 log,
             })
         }
-        ServerKind::Ws | ServerKind::Socketio => {
+        ServerKind::Nchan => start_nchan(opts, log, logf, logf2),
+        ServerKind::Ws | ServerKind::Socketio | ServerKind::Uws => {
             ensure_node_modules()?;
-            let script = peers_dir().join(if kind == ServerKind::Ws { "ws-server.js" } else { "socketio-server.js" });
+            let script = peers_dir().join(match kind {
+                ServerKind::Ws => "ws-server.js",
+                ServerKind::Socketio => "socketio-server.js",
+                _ => "uws-server.js",
+            });
             let port = free_port();
             let mut cmd = Command::new("node");
             cmd.arg(&script)
@@ -237,6 +267,132 @@ pub fn start(kind: ServerKind, opts: &ServerOpts) -> Result<Running, String> {
             })
         }
     }
+}
+
+/// Debian's path of the nchan module (package `libnginx-mod-nchan`).
+pub const NCHAN_MODULE: &str = "/usr/lib/nginx/modules/ngx_nchan_module.so";
+
+/// The nginx configuration of the nchan peer: one worker, in the foreground, everything it
+/// writes (pid, error log, temp files) under `dir`, listening on `127.0.0.1:port`.
+///
+/// Locations (channel id = the last path segment, the generator's topic `t<k>`):
+/// - `/sub/<id>`: WebSocket subscribers (`nchan_subscriber websocket`);
+/// - `/pub/<id>`: WebSocket publishers (`nchan_publisher websocket`): pipelined like every
+///   other peer's publishers, where an HTTP `POST` keeps one request in flight per connection
+///   (nchan answers each WebSocket publish with a short channel-info frame, which the generator
+///   discards);
+/// - `/ps/<id>`: `nchan_pubsub websocket`, for clients that publish and subscribe (chat). nchan
+///   has no "no echo" option, so these also get their own messages back; the generator discards
+///   them (not counted as deliveries);
+/// - `/sse/<id>`: EventSource subscribers (`nchan_subscriber eventsource`), for `compare sse`;
+///   no chunked encoding, so the body is the plain event stream.
+///
+/// Buffering, so that nothing is dropped under the fan-out: live subscribers get every message
+/// as it is published (the message buffer is for subscribers that connect or resume later); a
+/// message queued on a slow subscriber's connection stays referenced until it is written. The
+/// buffer is kept at nchan's default length (10 messages) with a 60 s expiry, the shared memory
+/// raised to 256 MiB (default 128 MiB) so that publishing never fails for lack of it, no
+/// subscriber timeout, no pings (the generator sends none to any peer), `send_timeout` raised so
+/// a subscriber that is behind is not closed, and new subscribers start at the newest message
+/// (a reconnecting subscriber does not get earlier ones again).
+pub fn nchan_conf(dir: &Path, port: u16, worker_connections: u64, module: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "# Written by loadtest (servers::nchan_conf) for one run; started as\n\
+         # nginx -p {d} -c {d}/nginx.conf\n\
+         load_module {module};\n\
+         worker_processes 1;\n\
+         daemon off;\n\
+         pid {d}/nginx.pid;\n\
+         error_log {d}/error.log warn;\n\
+         events {{\n    worker_connections {worker_connections};\n    multi_accept on;\n}}\n\
+         http {{\n\
+         \x20   access_log off;\n\
+         \x20   client_body_temp_path {d}/tmp-body;\n\
+         \x20   proxy_temp_path {d}/tmp-proxy;\n\
+         \x20   send_timeout 600s;\n\
+         \x20   nchan_shared_memory_size 256m;\n\
+         \x20   nchan_message_buffer_length 10;\n\
+         \x20   nchan_message_timeout 60s;\n\
+         \x20   nchan_subscriber_timeout 0;\n\
+         \x20   server {{\n\
+         \x20       listen 127.0.0.1:{port} backlog=4096;\n\
+         \x20       location ~ ^/sub/([^/]+)$ {{ nchan_subscriber websocket; nchan_channel_id $1; nchan_subscriber_first_message newest; }}\n\
+         \x20       location ~ ^/pub/([^/]+)$ {{ nchan_publisher websocket; nchan_channel_id $1; }}\n\
+         \x20       location ~ ^/ps/([^/]+)$ {{ nchan_pubsub websocket; nchan_channel_id $1; nchan_subscriber_first_message newest; }}\n\
+         \x20       location ~ ^/sse/([^/]+)$ {{ nchan_subscriber eventsource; nchan_channel_id $1; nchan_subscriber_first_message newest; chunked_transfer_encoding off; }}\n\
+         \x20   }}\n\
+         }}\n",
+        module = module.display()
+    )
+}
+
+/// Starts nginx with [`nchan_conf`] (master and one worker, pinned as a whole). The returned
+/// `pid` is the worker's (it holds the connections: RSS and CPU figures are its own); stopping
+/// signals the master, which stops the worker.
+fn start_nchan(opts: &ServerOpts, log: PathBuf, logf: std::fs::File, logf2: std::fs::File) -> Result<Running, String> {
+    let module = Path::new(NCHAN_MODULE);
+    if !module.exists() {
+        return Err(format!(
+            "{} not found (install it: apt-get install -y nginx-light libnginx-mod-nchan)",
+            module.display()
+        ));
+    }
+    let dir = opts.log_dir.join("nchan");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let port = free_port();
+    // One fd per connection, below the open-files limit nginx inherits from us.
+    let nofile = sys::raise_nofile();
+    let conns = nofile.saturating_sub(64).clamp(1024, 65_536);
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, nchan_conf(&dir, port, conns, module)).map_err(|e| format!("{}: {e}", conf.display()))?;
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-p").arg(&dir).arg("-c").arg(&conf).stdin(Stdio::null()).stdout(logf).stderr(logf2);
+    pinned(&mut cmd, opts.cpu);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("nginx: {e} (install it: apt-get install -y nginx-light libnginx-mod-nchan)"))?;
+    let fail = |child: &mut Child, e: String| {
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(format!("nchan: {e}; log:\n{}\n{}", tail(&log), tail(&dir.join("error.log"))))
+    };
+    if let Err(e) = wait_port(port, &mut child, Duration::from_secs(10)) {
+        return fail(&mut child, e);
+    }
+    let master = child.id();
+    let t0 = Instant::now();
+    let worker = loop {
+        if let Some(w) = child_pids(master).into_iter().next() {
+            break w;
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            return fail(&mut child, "no worker process".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Running {
+        kind: ServerKind::Nchan,
+        addr: SocketAddrV4::new([127, 0, 0, 1].into(), port),
+        pid: worker,
+        child: Some(child),
+        log,
+    })
+}
+
+/// Pids of the processes whose parent is `parent` (from `/proc/*/stat`).
+fn child_pids(parent: u32) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // pid (comm) state ppid …: comm may hold spaces, so split after its ')'.
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                == Some(parent)
+        })
+        .collect()
 }
 
 fn conf_ws_port(conf: &Path) -> Option<u16> {
@@ -301,6 +457,17 @@ impl Running {
                 .sum::<Option<f64>>()
         };
         Some((get("corecast_frames_sent_total")?, get("corecast_sends_total")?))
+    }
+
+    /// Stops the server and starts a fresh one of the same kind with `opts` (its address may
+    /// change); a server started elsewhere (`--addr`) is left as it is.
+    pub fn restart(&mut self, opts: &ServerOpts) -> Result<(), String> {
+        if self.child.is_none() {
+            return Ok(());
+        }
+        self.stop();
+        *self = start(self.kind, opts)?;
+        Ok(())
     }
 
     /// SIGKILL (no clean shutdown) and reap.
@@ -390,9 +557,196 @@ fn dechunk(mut b: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddrV4, TcpStream};
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    use super::{start, ServerKind, ServerOpts};
+    use crate::wire::{self, Proto};
+
     #[test]
     fn nats_conf_websocket_port() {
         let p = super::conf_ws_port(&super::peers_dir().join("nats.conf"));
         assert_eq!(p, Some(8223));
+    }
+
+    #[test]
+    fn nchan_conf_is_one_private_foreground_worker() {
+        let dir = std::path::Path::new("/tmp/run-x/nchan");
+        let c = super::nchan_conf(dir, 41234, 19_000, std::path::Path::new(super::NCHAN_MODULE));
+        for line in [
+            "load_module /usr/lib/nginx/modules/ngx_nchan_module.so;",
+            "worker_processes 1;",
+            "daemon off;",
+            "pid /tmp/run-x/nchan/nginx.pid;",
+            "error_log /tmp/run-x/nchan/error.log warn;",
+            "worker_connections 19000;",
+            "listen 127.0.0.1:41234 backlog=4096;",
+            "client_body_temp_path /tmp/run-x/nchan/tmp-body;",
+            "nchan_message_buffer_length 10;",
+            "nchan_subscriber_timeout 0;",
+        ] {
+            assert!(c.lines().any(|l| l.trim() == line), "missing `{line}` in:\n{c}");
+        }
+        // load_module must come before any block; every location maps its last segment to the channel.
+        assert!(c.find("load_module").unwrap() < c.find("events {").unwrap());
+        for (loc, kind) in [
+            ("sub", "nchan_subscriber websocket;"),
+            ("pub", "nchan_publisher websocket;"),
+            ("ps", "nchan_pubsub websocket;"),
+            ("sse", "nchan_subscriber eventsource;"),
+        ] {
+            let l = c.lines().find(|l| l.contains(&format!("location ~ ^/{loc}/"))).unwrap();
+            assert!(l.contains(kind) && l.contains("nchan_channel_id $1;"), "{l}");
+        }
+        assert_eq!(c.matches('{').count(), c.matches('}').count());
+        assert_eq!(wire::nchan_path(3, true, false), "/sub/t3");
+        assert_eq!(wire::nchan_path(3, false, true), "/pub/t3");
+        assert_eq!(wire::nchan_path(3, true, true), "/ps/t3");
+    }
+
+    fn log_dir(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("loadtest-test-{name}-{}", std::process::id()))
+    }
+
+    fn opts(name: &str) -> ServerOpts {
+        ServerOpts { cpu: None, corecast_bin: None, corecast_args: Vec::new(), log_dir: log_dir(name) }
+    }
+
+    /// A blocking WebSocket client: connect, upgrade (101 checked); returns the socket and the
+    /// bytes received after the response head.
+    fn ws_connect(addr: SocketAddrV4, req: &[u8]) -> (TcpStream, Vec<u8>) {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s.write_all(req).unwrap();
+        let mut buf = Vec::new();
+        let t0 = Instant::now();
+        loop {
+            if let Some(end) = memchr::memmem::find(&buf, b"\r\n\r\n") {
+                assert!(buf.starts_with(b"HTTP/1.1 101"), "upgrade refused: {}", String::from_utf8_lossy(&buf));
+                return (s, buf[end + 4..].to_vec());
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "no upgrade response");
+            read_some(&mut s, &mut buf);
+        }
+    }
+
+    fn read_some(s: &mut TcpStream, buf: &mut Vec<u8>) {
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) => panic!("closed by the server"),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+
+    /// Text/binary messages in `buf` (whole frames only; consumed).
+    fn messages(buf: &mut Vec<u8>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        while let Some(h) = wire::parse_frame_head(&buf[pos..]) {
+            let end = pos + h.header_len + h.payload_len;
+            if end > buf.len() {
+                break;
+            }
+            if matches!(h.opcode, wire::OP_TEXT | wire::OP_BINARY) {
+                out.push(buf[pos + h.header_len..end].to_vec());
+            }
+            pos = end;
+        }
+        buf.drain(..pos);
+        out
+    }
+
+    fn publish(s: &mut TcpStream, payload: &[u8]) {
+        let mut f = Vec::new();
+        wire::push_client_frame(&mut f, wire::OP_TEXT, payload, [7, 1, 2, 9]);
+        s.write_all(&f).unwrap();
+    }
+
+    /// Publishes `payload` on `publisher` every 200 ms (a subscription may take effect a little
+    /// after its 101) until `got` returns true for what the subscribers received, for at most
+    /// 10 s.
+    fn publish_until(publisher: &mut TcpStream, payload: &[u8], mut got: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        let mut next = Instant::now();
+        while !got() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the message never arrived");
+            if Instant::now() >= next {
+                publish(publisher, payload);
+                next = Instant::now() + Duration::from_millis(200);
+            }
+        }
+    }
+
+    /// nchan (nginx + libnginx-mod-nchan) started as `compare` starts it: a WebSocket
+    /// subscriber and an EventSource subscriber both get a message a WebSocket publisher sends.
+    /// Fails (does not skip) when nginx or the module is not installed.
+    #[test]
+    fn nchan_peer_delivers_to_websocket_and_sse_subscribers() {
+        let o = opts("nchan");
+        let srv = start(ServerKind::Nchan, &o).unwrap_or_else(|e| {
+            panic!("nchan peer did not start (needs: apt-get install -y nginx-light libnginx-mod-nchan): {e}")
+        });
+        assert_ne!(srv.pid, 0);
+        assert!(srv.rss_kib().is_some(), "the worker's pid {} has no RSS", srv.pid);
+        let host = srv.addr.to_string();
+        let (mut sub, mut sbuf) =
+            ws_connect(srv.addr, &wire::client_upgrade_request(Proto::Nchan, 0, &host, true, false));
+        let mut sse = TcpStream::connect(srv.addr).unwrap();
+        sse.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        sse.write_all(&wire::sse_request(Proto::Nchan, 0, &host)).unwrap();
+        let (mut publ, _) = ws_connect(srv.addr, &wire::client_upgrade_request(Proto::Nchan, 0, &host, false, true));
+        let mut payload = Vec::new();
+        wire::push_payload(&mut payload, 1, 2, 3, 100);
+        let (mut ws_got, mut sse_got) = (false, false);
+        let mut ebuf = Vec::new();
+        publish_until(&mut publ, &payload, || {
+            read_some(&mut sub, &mut sbuf);
+            ws_got |= messages(&mut sbuf).iter().any(|m| m == &payload);
+            read_some(&mut sse, &mut ebuf);
+            wire::sse_data_lines(&ebuf, |d| sse_got |= d == &payload[..]);
+            ws_got && sse_got
+        });
+        let head = String::from_utf8_lossy(&ebuf);
+        assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/event-stream"), "{head}");
+        assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+        drop(srv);
+        let _ = std::fs::remove_dir_all(log_dir("nchan"));
+    }
+
+    /// The uWebSockets.js peer started as `compare` starts it (native binary, not the package's
+    /// JavaScript fallback): "joined" on connect, a message goes to the other subscriber of
+    /// the room. Fails (does not skip) when Node or the npm packages cannot be had.
+    #[test]
+    fn uws_peer_joins_and_broadcasts() {
+        let o = opts("uws");
+        let srv = start(ServerKind::Uws, &o).unwrap_or_else(|e| panic!("uws peer did not start: {e}"));
+        let log = std::fs::read_to_string(&srv.log).unwrap_or_default();
+        assert!(!log.contains("allback"), "uWS fell back to its JavaScript implementation: {log}");
+        let host = srv.addr.to_string();
+        let req = wire::client_upgrade_request(Proto::Ws, 0, &host, true, false);
+        let (mut sub, mut sbuf) = ws_connect(srv.addr, &req);
+        let (mut publ, mut pbuf) = ws_connect(srv.addr, &req);
+        for (s, b) in [(&mut sub, &mut sbuf), (&mut publ, &mut pbuf)] {
+            let t0 = Instant::now();
+            let mut got = Vec::new();
+            while got.is_empty() {
+                assert!(t0.elapsed() < Duration::from_secs(10), "no \"joined\"");
+                read_some(s, b);
+                got = messages(b);
+            }
+            assert_eq!(got[0], b"joined");
+        }
+        let mut payload = Vec::new();
+        wire::push_payload(&mut payload, 1, 2, 3, 100);
+        publish_until(&mut publ, &payload, || {
+            read_some(&mut sub, &mut sbuf);
+            messages(&mut sbuf).iter().any(|m| m == &payload)
+        });
+        drop(srv);
+        let _ = std::fs::remove_dir_all(log_dir("uws"));
     }
 }

@@ -18,6 +18,9 @@ pub enum Proto {
     Ws,
     /// Socket.IO v4 peer (`peers/socketio-server.js`): Engine.IO v4 packets over WebSocket.
     Socketio,
+    /// nchan (nginx module): raw payloads; the channel is in the path, which also says whether
+    /// the connection subscribes, publishes or both (see [`nchan_path`]); no join message.
+    Nchan,
     /// The raw-socket baseline sender: a 101 and then pre-encoded frames.
     Raw,
 }
@@ -238,17 +241,41 @@ pub fn upgrade_path(proto: Proto, topic: u32) -> String {
         Proto::Nats => "/".into(),
         Proto::Ws => format!("/?room=t{topic}"),
         Proto::Socketio => "/socket.io/?EIO=4&transport=websocket".into(),
+        Proto::Nchan => nchan_path(topic, true, false),
         Proto::Raw => "/".into(),
     }
 }
 
+/// nchan's location for a client of topic `k` (`servers::nchan_conf`): `/sub/t<k>` to
+/// subscribe, `/pub/t<k>` to publish, `/ps/t<k>` to do both on one connection.
+pub fn nchan_path(k: u32, sub: bool, publ: bool) -> String {
+    let loc = match (sub, publ) {
+        (true, true) => "ps",
+        (false, true) => "pub",
+        _ => "sub",
+    };
+    format!("/{loc}/t{k}")
+}
+
+/// The upgrade request of a client that subscribes (`sub`) and/or publishes (`publ`): the
+/// same as [`upgrade_request`] except for nchan, whose location depends on the role.
+pub fn client_upgrade_request(proto: Proto, topic: u32, host: &str, sub: bool, publ: bool) -> Vec<u8> {
+    if proto == Proto::Nchan {
+        return upgrade_request_to(&nchan_path(topic, sub, publ), host);
+    }
+    upgrade_request(proto, topic, host)
+}
+
 /// The complete HTTP upgrade request.
 pub fn upgrade_request(proto: Proto, topic: u32, host: &str) -> Vec<u8> {
+    upgrade_request_to(&upgrade_path(proto, topic), host)
+}
+
+fn upgrade_request_to(path: &str, host: &str) -> Vec<u8> {
     format!(
-        "GET {} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         User-Agent: corecast-loadtest\r\n\r\n",
-        upgrade_path(proto, topic)
+         User-Agent: corecast-loadtest\r\n\r\n"
     )
     .into_bytes()
 }
@@ -356,10 +383,15 @@ pub fn presence_diff_keys(m: &[u8], mut f: impl FnMut(bool, &str)) -> bool {
 }
 
 /// The Server-Sent Events request of an SSE subscriber to topic `k` (corecast:
-/// `GET /realtime/v1/sse?topic=t<k>`, answered `200 text/event-stream`, no length).
-pub fn sse_request(k: u32, host: &str) -> Vec<u8> {
+/// `GET /realtime/v1/sse?topic=t<k>`; nchan: `GET /sse/t<k>`; answered `200
+/// text/event-stream`, no length).
+pub fn sse_request(proto: Proto, k: u32, host: &str) -> Vec<u8> {
+    let path = match proto {
+        Proto::Nchan => format!("/sse/t{k}"),
+        _ => format!("/realtime/v1/sse?topic=t{k}&apikey=loadtest"),
+    };
     format!(
-        "GET /realtime/v1/sse?topic=t{k}&apikey=loadtest HTTP/1.1\r\nHost: {host}\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\n\
          Accept: text/event-stream\r\nUser-Agent: corecast-loadtest\r\n\r\n"
     )
     .into_bytes()
@@ -416,7 +448,7 @@ pub fn push_publish_body(
             push_payload(out, seq, t_ns, publisher, size);
             out.extend_from_slice(b"\r\n");
         }
-        Proto::Ws | Proto::Raw => push_payload(out, seq, t_ns, publisher, size),
+        Proto::Ws | Proto::Nchan | Proto::Raw => push_payload(out, seq, t_ns, publisher, size),
         Proto::Socketio => {
             out.extend_from_slice(b"42[\"m\",");
             push_payload(out, seq, t_ns, publisher, size);

@@ -63,6 +63,9 @@ pub struct WorkerSpec {
     /// instead of WebSocket connections; publishers are unchanged.
     #[serde(default)]
     pub sse_subscribers: bool,
+    /// Connect-storm's upgrade-only pass: a client counts as set up at the 101, sends no join.
+    #[serde(default)]
+    pub upgrade_only: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -133,6 +136,9 @@ pub enum Ev {
         secs: f64,
         hist: Vec<(u64, u64)>,
         errors: Vec<String>,
+        /// Connect → 101 times (µs) of the WebSocket clients, whatever the join after it.
+        #[serde(default)]
+        upgrade_hist: Vec<(u64, u64)>,
     },
     Tick {
         phase: u32,
@@ -259,6 +265,7 @@ struct Worker {
     joined: u64,
     failed: u64,
     connect_hist: Histogram<u64>,
+    upgrade_hist: Histogram<u64>,
     connect_t0: u64,
     connected_sent: bool,
     errors: Vec<String>,
@@ -348,7 +355,7 @@ impl Worker {
                 next_hb: u64::MAX,
                 pub_idx: u32::MAX,
                 rest_inflight: 0,
-                sse: r.sub && spec.sse_subscribers && spec.proto == Proto::Phoenix,
+                sse: r.sub && spec.sse_subscribers && matches!(spec.proto, Proto::Phoenix | Proto::Nchan),
                 pres: spec.layout.presence_role(id),
             });
         }
@@ -367,6 +374,7 @@ impl Worker {
             joined: 0,
             failed: 0,
             connect_hist: new_hist(),
+            upgrade_hist: new_hist(),
             connect_t0: 0,
             connected_sent: false,
             errors: Vec::new(),
@@ -533,6 +541,7 @@ impl Worker {
         self.joined = 0;
         self.failed = 0;
         self.connect_hist.reset();
+        self.upgrade_hist.reset();
         self.connected_sent = false;
         let now = sys::now_ns();
         self.connect_t0 = now;
@@ -549,6 +558,7 @@ impl Worker {
             failed: self.failed,
             secs: (now - self.connect_t0) as f64 / 1e9,
             hist: hist_pairs(&self.connect_hist),
+            upgrade_hist: hist_pairs(&self.upgrade_hist),
             errors: std::mem::take(&mut self.errors),
         });
     }
@@ -950,9 +960,10 @@ impl Worker {
             return;
         }
         let req = if self.conns[ci].sse {
-            wire::sse_request(self.conns[ci].topic, &self.host)
+            wire::sse_request(self.spec.proto, self.conns[ci].topic, &self.host)
         } else {
-            wire::upgrade_request(self.spec.proto, self.conns[ci].topic, &self.host)
+            let c = &self.conns[ci];
+            wire::client_upgrade_request(self.spec.proto, c.topic, &self.host, c.sub, c.publ)
         };
         let c = &mut self.conns[ci];
         c.state = St::Upgrading;
@@ -1090,6 +1101,8 @@ impl Worker {
             }
             pos = end + 4;
             self.conns[ci].state = St::Joining;
+            let us = ((now - self.conns[ci].t0) / 1000).max(1);
+            let _ = self.upgrade_hist.record(us.min(3_600_000_000));
             self.after_upgrade(ci, now);
             if self.conns[ci].state == St::Closed {
                 return data.len();
@@ -1196,6 +1209,10 @@ impl Worker {
     }
 
     fn after_upgrade(&mut self, ci: usize, now: u64) {
+        if self.spec.upgrade_only {
+            self.joined(ci, now);
+            return;
+        }
         match self.spec.proto {
             Proto::Phoenix if self.conns[ci].pres != PresRole::None => {
                 let id = self.conns[ci].id as usize;
@@ -1207,13 +1224,19 @@ impl Worker {
                 let j = wire::phoenix_join(self.conns[ci].topic);
                 self.send_ctl(ci, wire::OP_TEXT, &j);
             }
-            Proto::Raw => self.joined(ci, now),
+            // nchan subscribes with the upgrade itself and sends nothing after it.
+            Proto::Raw | Proto::Nchan => self.joined(ci, now),
             // ws: wait for "joined"; socket.io: wait for the open packet; NATS: wait for INFO.
             Proto::Ws | Proto::Socketio | Proto::Nats => {}
         }
     }
 
     fn on_message(&mut self, ci: usize, m: &[u8], now: u64) {
+        if self.spec.upgrade_only {
+            // Nothing is answered: NATS' INFO and Socket.IO's open packet would start a join.
+            self.other += 1;
+            return;
+        }
         match self.spec.proto {
             Proto::Phoenix => {
                 if self.conns[ci].pres != PresRole::None && self.on_presence_message(ci, m, now) {
@@ -1269,6 +1292,16 @@ impl Worker {
                 _ => self.other += 1,
             },
             Proto::Nats => self.on_nats_bytes(ci, m, now),
+            Proto::Nchan => {
+                // A `/ps/` client (chat) gets its own messages back (nchan has no "no echo"):
+                // not a delivery.
+                let c = &self.conns[ci];
+                if c.sub && c.publ && wire::scan_fields(m).is_some_and(|f| f.publisher % PHASE_STRIDE == c.id) {
+                    self.other += 1;
+                } else {
+                    self.on_data(ci, m, now);
+                }
+            }
             Proto::Raw => self.on_data(ci, m, now),
         }
     }
