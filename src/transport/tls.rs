@@ -133,7 +133,18 @@ fn load_config(cert_path: &Path, key_path: &Path) -> Result<(Arc<ServerConfig>, 
     // clients offering X25519MLKEM768 fall back to X25519. aws-lc-rs has it, at the price of a
     // C build (cmake, NASM) in every build; see the README's dependency notes.
     #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first, and the server's order over the client's: it is as strong as needed,
+    // its key schedule uses SHA-256 (SHA-NI on this kind of CPU; ring's SHA-384 has no
+    // hardware path and was 6.5 % of a handshake's profile), and it encrypts fan-out faster
+    // than AES-256. Clients that offer only other suites still get one of them.
+    provider.cipher_suites.sort_by_key(|s| match s.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | rustls::CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 1,
+        _ => 2,
+    });
+    let provider = Arc::new(provider);
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rejected {
@@ -151,6 +162,7 @@ fn load_config(cert_path: &Path, key_path: &Path) -> Result<(Arc<ServerConfig>, 
         })?;
     // HTTP/1.1 only: WebSocket upgrades and SSE are HTTP/1.1 here.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ignore_client_order = true;
     Ok((Arc::new(config), info))
 }
 
