@@ -31,6 +31,8 @@ pub struct FleetOpts {
     /// Clients count as set up at the WebSocket 101 and send no join (connect-storm's
     /// upgrade-only pass).
     pub upgrade_only: bool,
+    /// Speak TLS, trusting this certificate (`--tls`, corecast only).
+    pub tls_ca: Option<std::path::PathBuf>,
     pub quiet: bool,
 }
 
@@ -157,6 +159,7 @@ impl Fleet {
                 rest_publish: o.rest_publish,
                 sse_subscribers: o.sse_subscribers,
                 upgrade_only: o.upgrade_only,
+                tls_ca: o.tls_ca.clone(),
             };
             let mut cmd = Command::new(&exe);
             cmd.arg("worker").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());

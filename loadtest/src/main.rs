@@ -29,6 +29,7 @@ mod scenarios;
 mod servers;
 mod soak;
 mod sys;
+mod tls_cert;
 mod wire;
 mod worker;
 

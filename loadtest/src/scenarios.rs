@@ -251,6 +251,11 @@ pub struct RunArgs {
     /// corecast binary (default: <workspace>/target/release/corecast).
     #[arg(long)]
     pub corecast_bin: Option<PathBuf>,
+    /// TLS (corecast only): the server gets a fresh self-signed certificate (`--tls-cert`,
+    /// `--tls-key`, made with `openssl`) and every client connection makes a full TLS handshake
+    /// and speaks wss/https. Peers are run without TLS; compare a `--tls` run with a plain one.
+    #[arg(long)]
+    pub tls: bool,
     /// Extra argument passed to corecast (repeatable), e.g. --corecast-arg=--max-queue-bytes=8388608.
     #[arg(long = "corecast-arg", allow_hyphen_values = true)]
     pub corecast_args: Vec<String>,
@@ -292,17 +297,19 @@ impl RunArgs {
             rest_publish: self.publish == PublishVia::Rest && server == ServerKind::Corecast,
             sse_subscribers: false,
             upgrade_only: false,
+            tls_ca: (self.tls && server == ServerKind::Corecast).then(|| tls_files().0),
             quiet: self.quiet,
         }
     }
 
     pub fn server_opts(&self, log_dir: PathBuf) -> ServerOpts {
-        ServerOpts {
-            cpu: self.cpu(self.server_cpu),
-            corecast_bin: self.corecast_bin.clone(),
-            corecast_args: self.corecast_args.clone(),
-            log_dir,
+        let mut corecast_args = self.corecast_args.clone();
+        if self.tls {
+            let (cert, key) = tls_files();
+            corecast_args.push(format!("--tls-cert={}", cert.display()));
+            corecast_args.push(format!("--tls-key={}", key.display()));
         }
+        ServerOpts { cpu: self.cpu(self.server_cpu), corecast_bin: self.corecast_bin.clone(), corecast_args, log_dir }
     }
 
     /// [`RunArgs::server_opts`] plus the corecast flags scenario `sc` needs, unless given with
@@ -858,4 +865,19 @@ pub fn quick_baseline(args: &RunArgs, sc: ScenarioKind) -> Option<BaselineResult
             None
         }
     }
+}
+
+/// The certificate and key of this process's `--tls` runs (made once, in a temporary
+/// directory); exits with a message when `openssl` is missing.
+pub fn tls_files() -> (PathBuf, PathBuf) {
+    static FILES: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    FILES
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("loadtest-tls-{}", std::process::id()));
+            crate::tls_cert::make(&dir).unwrap_or_else(|e| {
+                eprintln!("--tls: {e}");
+                std::process::exit(2)
+            })
+        })
+        .clone()
 }

@@ -203,6 +203,10 @@ pub fn start(kind: ServerKind, opts: &ServerOpts) -> Result<Running, String> {
             }
             let pid = child.id();
             let mut r = Running { kind, addr, pid, child: Some(child), log };
+            if line.contains("https://") {
+                // TLS (`--tls`): the ready line is the check; this plain client cannot ask.
+                return Ok(r);
+            }
             match http_get(addr, "/health") {
                 Ok((200, _)) => Ok(r),
                 other => {

@@ -22,6 +22,7 @@ use crate::sys::{self, Epoll};
 use crate::wire::{self, Proto};
 
 pub mod presence;
+pub mod tls;
 
 /// Latencies are recorded in microseconds, 1 µs .. 1 hour, 3 significant digits.
 pub fn new_hist() -> Histogram<u64> {
@@ -63,6 +64,9 @@ pub struct WorkerSpec {
     /// instead of WebSocket connections; publishers are unchanged.
     #[serde(default)]
     pub sse_subscribers: bool,
+    /// Speak TLS, trusting exactly the certificates in this PEM file (`--tls`).
+    #[serde(default)]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Connect-storm's upgrade-only pass: a client counts as set up at the 101, sends no join.
     #[serde(default)]
     pub upgrade_only: bool,
@@ -221,6 +225,8 @@ struct Conn {
     sse: bool,
     /// Role in a presence room.
     pres: PresRole,
+    /// The TLS session (`--tls`).
+    tls: Option<Box<rustls::ClientConnection>>,
 }
 
 struct Pub {
@@ -252,6 +258,8 @@ const SCRATCH: usize = 1 << 20;
 
 struct Worker {
     spec: WorkerSpec,
+    /// `--tls`: the client configuration every connection's session starts from.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     host: String,
     ep: Epoll,
     conns: Vec<Conn>,
@@ -357,11 +365,17 @@ impl Worker {
                 rest_inflight: 0,
                 sse: r.sub && spec.sse_subscribers && matches!(spec.proto, Proto::Phoenix | Proto::Nchan),
                 pres: spec.layout.presence_role(id),
+                tls: None,
             });
         }
         let host = spec.addr.to_string();
+        let tls = match &spec.tls_ca {
+            Some(ca) => Some(tls::client_config(ca).map_err(io::Error::other)?),
+            None => None,
+        };
         let seed = sys::now_ns() ^ ((spec.index as u64 + 1) << 40) | 1;
         Ok(Worker {
+            tls,
             host,
             ep,
             conns,
@@ -496,7 +510,18 @@ impl Worker {
             };
             match sys::connect_nonblocking(src, self.spec.addr) {
                 Ok(fd) => {
+                    let session = match &self.tls {
+                        Some(cfg) => match tls::session(cfg, *self.spec.addr.ip()) {
+                            Ok(s) => Some(s),
+                            Err(e) => {
+                                self.note_error(format!("tls session: {e}"));
+                                None
+                            }
+                        },
+                        None => None,
+                    };
                     let c = &mut self.conns[ci];
+                    c.tls = session;
                     c.fd = fd;
                     c.state = St::Connecting;
                     c.t0 = now;
@@ -589,6 +614,7 @@ impl Worker {
         c.state = St::Closed;
         c.wbuf.clear();
         c.wpos = 0;
+        c.tls = None;
     }
 
     fn fail(&mut self, ci: usize, why: &str) {
@@ -898,6 +924,14 @@ fn queue_send(ep: &Epoll, ci: usize, c: &mut Conn, data: &[u8]) -> io::Result<()
     if c.fd < 0 {
         return Ok(());
     }
+    if let Some(t) = c.tls.as_mut() {
+        if !tls::send(t, c.fd, data)? && !c.want_out {
+            c.want_out = true;
+            let _ =
+                ep.modify(c.fd, (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32, ci as u64);
+        }
+        return Ok(());
+    }
     if c.wbuf.len() > c.wpos {
         c.wbuf.extend_from_slice(data);
         return Ok(());
@@ -988,6 +1022,14 @@ impl Worker {
 
     fn flush(&mut self, ci: usize) {
         let c = &mut self.conns[ci];
+        if let Some(t) = c.tls.as_mut() {
+            match tls::flush(t, c.fd) {
+                Ok(true) => self.set_out(ci, false),
+                Ok(false) => self.set_out(ci, true),
+                Err(e) => self.fail(ci, &format!("send: {e}")),
+            }
+            return;
+        }
         while c.wpos < c.wbuf.len() {
             match sys::send(c.fd, &c.wbuf[c.wpos..]) {
                 Ok(n) => c.wpos += n,
@@ -1033,14 +1075,21 @@ impl Worker {
             if fd < 0 {
                 break;
             }
-            match sys::recv(fd, &mut scratch[off..]) {
+            let tls = self.conns[ci].tls.is_some();
+            let got = match self.conns[ci].tls.as_mut() {
+                Some(t) => tls::recv(t, fd, &mut scratch[off..]),
+                None => sys::recv(fd, &mut scratch[off..]),
+            };
+            match got {
                 Ok(0) => {
                     self.fail(ci, "closed by server");
                     break;
                 }
                 Ok(n) => {
                     let total = off + n;
-                    let full = total == scratch.len();
+                    // A short TLS read does not mean the socket is drained: read on until
+                    // WouldBlock (edge-triggered epoll gives no second event).
+                    let full = total == scratch.len() || tls;
                     let now = sys::now_ns();
                     let used = self.process(ci, &scratch[..total], now);
                     if self.conns[ci].state == St::Closed {
@@ -1071,6 +1120,10 @@ impl Worker {
             }
         }
         self.scratch = scratch;
+        // Handshake records the socket did not take yet.
+        if self.conns[ci].tls.as_ref().is_some_and(|t| t.wants_write()) {
+            self.flush(ci);
+        }
     }
 
     /// Consume what can be consumed of `data` (bytes received on `ci`); returns the count.
