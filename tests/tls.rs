@@ -79,8 +79,7 @@ fn tls_connect(addr: SocketAddr, ca_pem: &str) -> rustls::StreamOwned<rustls::Cl
     for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(corecast::transport::tls::crypto_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()

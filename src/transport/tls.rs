@@ -129,6 +129,31 @@ fn load_config(cert_path: &Path, key_path: &Path) -> Result<(Arc<ServerConfig>, 
     };
     let info = check_validity(cert_path, leaf, std::time::SystemTime::now())?;
     let info = CertInfo { chain: chain.len(), ..info };
+    let provider = Arc::new(crypto_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rejected {
+            cert: cert_path.to_owned(),
+            key: key_path.to_owned(),
+            message: e.to_string(),
+        })?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => {
+                TlsError::KeyMismatch { cert: cert_path.to_owned(), key: key_path.to_owned() }
+            }
+            e => TlsError::Rejected { cert: cert_path.to_owned(), key: key_path.to_owned(), message: e.to_string() },
+        })?;
+    // HTTP/1.1 only: WebSocket upgrades and SSE are HTTP/1.1 here.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ignore_client_order = true;
+    Ok((Arc::new(config), info))
+}
+
+/// The crypto corecast's TLS uses: rustls' *ring* provider with AES-128-GCM and X25519 first
+/// (why, below). Public so that tests and tools build clients that negotiate what browsers do.
+pub fn crypto_provider() -> rustls::crypto::CryptoProvider {
     // ring has no post-quantum key exchange (rustls deprecates its provider for that reason):
     // clients offering X25519MLKEM768 fall back to X25519. aws-lc-rs has it, at the price of a
     // C build (cmake, NASM) in every build; see the README's dependency notes.
@@ -153,26 +178,7 @@ fn load_config(cert_path: &Path, key_path: &Path) -> Result<(Arc<ServerConfig>, 
         rustls::NamedGroup::secp256r1 => 1,
         _ => 2,
     });
-    let provider = Arc::new(provider);
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Rejected {
-            cert: cert_path.to_owned(),
-            key: key_path.to_owned(),
-            message: e.to_string(),
-        })?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => {
-                TlsError::KeyMismatch { cert: cert_path.to_owned(), key: key_path.to_owned() }
-            }
-            e => TlsError::Rejected { cert: cert_path.to_owned(), key: key_path.to_owned(), message: e.to_string() },
-        })?;
-    // HTTP/1.1 only: WebSocket upgrades and SSE are HTTP/1.1 here.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config.ignore_client_order = true;
-    Ok((Arc::new(config), info))
+    provider
 }
 
 /// Checks the leaf certificate's validity period against `now`.

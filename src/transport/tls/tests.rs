@@ -43,9 +43,7 @@ fn client_for(f: &Files) -> rustls::ClientConnection {
     for c in &f.ca {
         roots.add(c.clone()).unwrap();
     }
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(crypto_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
