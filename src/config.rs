@@ -25,11 +25,11 @@ pub struct RawConfig {
 
     /// TLS certificate chain (PEM, leaf first). With --tls-key the port serves only TLS:
     /// HTTPS, WSS and SSE. Reloaded on SIGHUP (open connections keep theirs).
-    #[arg(long, env = "CORECAST_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "CORECAST_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
 
     /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1) for --tls-cert.
-    #[arg(long, env = "CORECAST_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "CORECAST_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
 
     /// Number of shards (one pinned executor each). Default: one per CPU, one fewer when the
@@ -461,6 +461,15 @@ mod tests {
         assert_eq!(c.shards, 4);
         assert_eq!(c.limits.max_channels_per_connection, 100);
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn tls_flags_go_together() {
+        assert_eq!(raw(&["--tls-cert", "c.pem"]).validate(&[0]).unwrap_err(), ConfigError::TlsHalf);
+        assert_eq!(raw(&["--tls-key", "k.pem"]).validate(&[0]).unwrap_err(), ConfigError::TlsHalf);
+        let c = raw(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).validate(&[0]).unwrap();
+        assert_eq!(c.tls, Some(("c.pem".into(), "k.pem".into())));
+        assert_eq!(raw(&[]).validate(&[0]).unwrap().tls, None);
     }
 
     #[test]
