@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use corecast::config::RawConfig;
 
+/// mimalloc, except in a `--features system-alloc` build: that one uses the C allocator, so that
+/// heap profilers which hook `malloc` (heaptrack) see every allocation (tuning only).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

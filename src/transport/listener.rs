@@ -8,6 +8,16 @@
 //! of the new connections to sockets nobody accepts from, and reset them. So before binding,
 //! the address is claimed once without `SO_REUSEPORT`: while anything listens there, that
 //! fails, and corecast waits a moment for a dying process to let go, then refuses to start.
+//!
+//! Two options set here save every connection work at accept time:
+//! - `TCP_NODELAY` on the listener: Linux copies it into each accepted socket, so no
+//!   `setsockopt` per connection.
+//! - `TCP_DEFER_ACCEPT`: a connection is handed to `accept` once its first bytes (the HTTP
+//!   request, the TLS ClientHello) have arrived, so the first read succeeds at once instead of
+//!   failing with `EAGAIN` and arming a readiness poll. Every protocol on the port speaks
+//!   first from the client side. A client silent for longer than [`DEFER_ACCEPT_SECS`] is
+//!   accepted anyway (the kernel then completes the handshake without data), so nothing that
+//!   connects early and sends late (a browser's preconnect) is lost.
 
 use std::io;
 use std::net::SocketAddr;
@@ -18,6 +28,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 /// Listen backlog requested (the kernel caps it at `net.core.somaxconn`).
 pub const BACKLOG: i32 = 4096;
+
+/// How long the kernel holds a connection that has sent nothing before handing it over.
+pub const DEFER_ACCEPT_SECS: libc::c_int = 5;
 
 /// Binds `n` listening sockets to `addr` with `SO_REUSEPORT`; returns their fds and the bound
 /// address (with the real port when `addr` had port 0).
@@ -32,6 +45,8 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> io::Result<(Vec<RawFd>, Soc
         s.set_reuse_address(true)?;
         s.set_reuse_port(true)?;
         s.bind(&bound.into())?;
+        s.set_nodelay(true)?;
+        set_defer_accept(&s, DEFER_ACCEPT_SECS)?;
         s.listen(BACKLOG)?;
         if bound.port() == 0 {
             bound = s.local_addr()?.as_socket().ok_or_else(|| io::Error::other("not an IP socket"))?;
@@ -39,6 +54,26 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> io::Result<(Vec<RawFd>, Soc
         fds.push(s.into_raw_fd());
     }
     Ok((fds, bound))
+}
+
+/// Sets `TCP_DEFER_ACCEPT` (seconds) on a listening socket.
+fn set_defer_accept(s: &Socket, secs: libc::c_int) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a setsockopt of an int on a socket this function borrows.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// How long start-up waits for a port still held by other listeners.
@@ -76,6 +111,24 @@ fn wait_until_free(addr: SocketAddr, limit: Duration) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::io::FromRawFd;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_arrive_with_their_request() {
+        let (fds, bound) = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        // SAFETY: the fd was returned by bind_reuseport and is owned here.
+        let listener = unsafe { std::net::TcpListener::from_raw_fd(fds[0]) };
+        let mut client = std::net::TcpStream::connect(bound).unwrap();
+        client.write_all(b"GET /health HTTP/1.1\r\n\r\n").unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY is inherited from the listener");
+        // Deferred accept: the request is already there when accept returns.
+        accepted.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        let n = accepted.read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"GET /health HTTP/1.1\r\n\r\n");
+    }
 
     #[test]
     fn refuses_a_port_another_listener_holds() {
