@@ -2,13 +2,12 @@
 //! one pinned glommio executor per shard, and on SIGINT/SIGTERM stop accepting, close every
 //! WebSocket with 1001 and return once connections are gone (or a deadline passes).
 
-use std::os::unix::io::{FromRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::auth::Verifier;
@@ -22,6 +21,7 @@ use crate::shard::stats::ShardStats;
 use crate::shard::{close_slot, conn, Durable, Kind, Shard};
 use crate::store::log::{self, Record, RecoveredTopic};
 use crate::transport::listener::bind_reuseport;
+use crate::transport::poller::Poller;
 use crate::transport::tls::Acceptor;
 
 /// How long shutdown waits for connections to close after sending 1001.
@@ -44,6 +44,8 @@ pub enum BootError {
     Cluster(String),
     #[error("cannot serve TLS: {0}")]
     Tls(crate::transport::tls::TlsError),
+    #[error("cannot create an epoll instance: {0}")]
+    Poller(std::io::Error),
     #[error("cannot use the data directory {dir}: {message}")]
     DataDir { dir: String, message: String },
 }
@@ -100,6 +102,8 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
     };
     let (fds, addr) =
         bind_reuseport(cfg.listen, cfg.shards).map_err(|source| BootError::Listen { addr: cfg.listen, source })?;
+    let mut pollers =
+        (0..cfg.shards).map(|_| Poller::new()).collect::<std::io::Result<Vec<_>>>().map_err(BootError::Poller)?;
     let stop = Arc::new(AtomicBool::new(false));
     install_signals(stop.clone(), tls.clone())?;
     let verifier = Arc::new(Verifier::new(cfg.jwt_secret.as_deref()));
@@ -185,6 +189,7 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
             (cfg.clone(), verifier.clone(), stats.clone(), stop.clone(), ready_tx.clone());
         let (ingest, durable, cluster, tls) = (ingest.clone(), durable.clone(), cluster.clone(), tls.clone());
         let recovered = std::mem::take(&mut recovered[id]);
+        let poller = pollers.remove(0);
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{id}"))
             .io_memory(256 << 10)
@@ -193,7 +198,7 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
             // runnable tasks when the timer fires right before a scheduling round (fixed only in
             // the unreleased fork); shards yield on elapsed time themselves (`Shard::relax`).
             .spawn(move || {
-                let services = Services { ingest, durable, cluster, tls };
+                let services = Services { ingest, durable, cluster, tls, poller };
                 shard_main(id, cfg, verifier, stats, ends, fd, stop, ready_tx, inbox, services, recovered)
             })
             .map_err(|e| BootError::Executor { shard: id, cpu, message: e.to_string() })?;
@@ -271,6 +276,7 @@ struct Services {
     durable: Durable,
     cluster: Option<crate::cluster::ClusterHandle>,
     tls: Option<Arc<Acceptor>>,
+    poller: Poller,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -288,14 +294,16 @@ async fn shard_main(
     recovered: Vec<(Topic, RecoveredTopic)>,
 ) {
     let mesh = ends.connect().await;
-    let Services { ingest, durable, cluster, tls } = services;
-    let shard = Rc::new(Shard::new(id, cfg, verifier, stats, ingest, durable, cluster).with_tls(tls));
+    let Services { ingest, durable, cluster, tls, poller } = services;
+    let shard =
+        Rc::new(Shard::new(id, cfg, verifier, stats, ingest, durable, cluster).with_tls(tls).with_poller(poller));
     for (topic, rt) in recovered {
         shard.restore_topic(topic, rt);
     }
     glommio::spawn_local(shard.clone().log_loop()).detach();
     glommio::spawn_local(shard.clone().inbox_loop(inbox)).detach();
     glommio::spawn_local(shard.clone().flush_loop()).detach();
+    glommio::spawn_local(shard.clone().readiness_loop()).detach();
     glommio::spawn_local(shard.clone().presence_flush_loop()).detach();
     for (peer, tx) in mesh.senders.into_iter().enumerate() {
         if let Some(tx) = tx {
@@ -307,26 +315,55 @@ async fn shard_main(
     }
     glommio::spawn_local(sweep_loop(shard.clone(), stop)).detach();
     // SAFETY: `fd` is a listening socket created by `bind_reuseport` for this shard alone.
-    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    let listener = unsafe { OwnedFd::from_raw_fd(fd) };
     let _ = ready.send(());
-    accept_loop(&shard, &listener).await;
+    accept_loop(&shard, listener.as_raw_fd()).await;
     drop(listener);
     drain(&shard).await;
 }
 
-async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener) {
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shard.shutdown.wait().await;
-            None
-        })
-        .await;
-        match accepted {
-            None => return,
-            Some(Ok(stream)) => {
-                glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
+/// Accepts connections until shutdown: as many as are waiting each time the (non-blocking)
+/// listener becomes readable, with `accept4` (the new socket non-blocking and close-on-exec
+/// in the same call).
+async fn accept_loop(shard: &Rc<Shard>, listener: RawFd) {
+    while !shard.shutdown.fired() {
+        // SAFETY: accept4 on this shard's listening socket, without the peer's address.
+        let fd = unsafe {
+            libc::accept4(
+                listener,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: a new socket that nothing else owns.
+            let stream = unsafe { OwnedFd::from_raw_fd(fd) };
+            glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
+            glommio::yield_if_needed().await;
+            continue;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => {
+                let woke =
+                    futures_lite::future::or(async { Some(glommio::net::wait_readable(listener).await) }, async {
+                        shard.shutdown.wait().await;
+                        None
+                    })
+                    .await;
+                match woke {
+                    None => return,
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!(shard = shard.id, error = %e, "cannot wait for connections");
+                        glommio::timer::sleep(Duration::from_millis(20)).await;
+                    }
+                }
             }
-            Some(Err(e)) => {
+            // The connection went away before it was accepted; the next one may be fine.
+            Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO) => {}
+            _ => {
                 // EMFILE/ENFILE and friends: back off instead of spinning.
                 tracing::warn!(shard = shard.id, error = %e, "accept failed");
                 glommio::timer::sleep(Duration::from_millis(20)).await;

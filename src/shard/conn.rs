@@ -3,22 +3,20 @@
 //! found the socket full; closes the connection when asked.
 //!
 //! Reads go into the shard's shared scratch buffer and are processed before the next
-//! `.await`, so an idle connection holds no read buffer. glommio's `poll_read` does a direct
-//! `recv` into the given buffer and only registers a readiness poll, which is what makes that
-//! sharing sound.
+//! `.await`, so an idle connection holds no read buffer. Reads and writes are direct
+//! non-blocking system calls; when one would block, the task sleeps until the shard's poller
+//! ([`crate::transport::poller`]) reports an edge for the socket, so an idle connection holds
+//! no pending I/O request either.
 //!
 //! Cancel safety: dropping the task drops the socket; [`serve`] always unregisters the
-//! connection from the shard first, so no frame is ever written to a recycled fd.
+//! connection from the shard first, so no frame is ever written to a recycled fd (and a
+//! readiness event for an old connection finds another generation in its slot and is dropped).
 
 use std::io;
-use std::os::unix::io::AsRawFd;
-use std::pin::Pin;
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
 
 use crate::channel::registry::ConnId;
 use crate::protocol::http::{self, parse_request};
@@ -27,8 +25,8 @@ use crate::protocol::phoenix::Session;
 use crate::protocol::ws::frame::{frame, OpCode};
 use crate::protocol::ws::{CloseCode, WsConn, WsEvent};
 use crate::shard::rest::{self, Outcome};
-use crate::shard::{Closing, Kind, Shard, Slot, WsState};
-use crate::transport::{tls, Flush};
+use crate::shard::{token, Closing, Kind, Shard, Slot, WsState};
+use crate::transport::{poller, tls, Flush};
 
 use super::stats::ShardStats;
 
@@ -52,10 +50,16 @@ pub fn now() -> Now {
 }
 
 /// Serves one accepted connection until it ends.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+pub async fn serve(shard: Rc<Shard>, fd: OwnedFd) {
+    let raw = fd.as_raw_fd();
     // TCP_NODELAY comes from the listener (`transport::listener`).
-    let id = shard.register(stream.as_raw_fd());
+    let id = shard.register(raw);
     ShardStats::add(&shard.my_stats().accepted, 1);
+    if let Err(e) = shard.poller().add(raw, token(id)) {
+        tracing::warn!(error = %e, "cannot watch a connection");
+        shard.unregister(id);
+        return;
+    }
     if let Some(acceptor) = &shard.tls {
         match tls::Session::new(acceptor.config()) {
             Ok(session) => {
@@ -68,12 +72,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             }
         }
     }
-    let end = drive(&shard, id, &mut stream).await;
+    let end = drive(&shard, id).await;
     if end == Some(Closing::Graceful) {
         // From here only `linger` writes; the flusher skips closing connections.
         shard.with_slot(id, |s| s.closing = Some(Closing::Graceful));
         let _ = glommio::timer::timeout(LINGER, async {
-            linger(&shard, id, &mut stream).await;
+            linger(&shard, id).await;
             Ok(())
         })
         .await;
@@ -81,37 +85,46 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         // (say, the body of a refused request) for a moment. Closing with unread input would
         // make the kernel answer with a reset that can destroy the response just sent.
         shard.unregister(id);
-        let _ = stream.shutdown(std::net::Shutdown::Write).await;
+        // SAFETY: a shutdown of this connection's own socket.
+        unsafe { libc::shutdown(raw, libc::SHUT_WR) };
         let _ = glommio::timer::timeout(DRAIN_UNREAD, async {
-            // On the heap: an array here would sit in every connection's future.
-            let mut sink = vec![0u8; 4096];
-            let mut total = 0usize;
-            while total < 4 << 20 {
-                match futures_lite::AsyncReadExt::read(&mut stream, &mut sink).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => total += n,
-                }
-            }
+            drain_unread(&shard, raw).await;
             Ok(())
         })
         .await;
     } else {
         shard.unregister(id);
     }
-    // Dropping the stream closes the socket (a FIN, or a reset where input is unread): a
-    // `shutdown` first would be one more system call per connection for nothing.
+    // Dropping `fd` closes the socket (a FIN, or a reset where input is unread) and ends its
+    // epoll registration: a `shutdown` first would be one more system call for nothing.
+    drop(fd);
 }
 
 /// How long a closed connection's unread input is drained before the socket is closed.
 const DRAIN_UNREAD: Duration = Duration::from_millis(500);
 
+/// Reads and discards input until the peer closes (at most 4 MiB). The connection is no longer
+/// registered, so no readiness edge reaches it: this looks again every few milliseconds, which
+/// only a peer that keeps sending after the response ever waits for.
+async fn drain_unread(shard: &Shard, fd: RawFd) {
+    let mut total = 0usize;
+    while total < 4 << 20 {
+        let r = poller::recv(fd, &mut shard.scratch.borrow_mut()[..]);
+        match r {
+            Ok(Some(0)) | Err(_) => return,
+            Ok(Some(n)) => total += n,
+            Ok(None) => glommio::timer::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// Writes out what is queued (used after a graceful close was requested); a TLS connection
 /// ends with `close_notify`.
-async fn linger(shard: &Shard, id: ConnId, stream: &mut TcpStream) {
+async fn linger(shard: &Shard, id: ConnId) {
     futures_lite::future::poll_fn(|cx| {
         shard
             .with_slot(id, |slot| loop {
-                match poll_out(shard, slot, stream, cx) {
+                match poll_out(shard, slot, cx) {
                     Poll::Ready(Ok(())) => match &mut slot.tls {
                         Some(t) if !t.closed() => t.close_notify(),
                         _ => return Poll::Ready(()),
@@ -125,48 +138,43 @@ async fn linger(shard: &Shard, id: ConnId, stream: &mut TcpStream) {
     .await
 }
 
+/// Keeps `cx`'s waker on `slot`, for the shard to wake on readiness and requests.
+fn keep_waker(slot: &mut Slot, cx: &std::task::Context<'_>) {
+    match &slot.waker {
+        Some(w) if w.will_wake(cx.waker()) => {}
+        _ => slot.waker = Some(cx.waker().clone()),
+    }
+}
+
 /// Writes everything queued on `slot`, encrypting it first on a TLS connection; `Pending`
-/// (with writability registered on `stream`) while the socket buffer is full.
-fn poll_out(
-    shard: &Shard,
-    slot: &mut Slot,
-    stream: &mut TcpStream,
-    cx: &mut std::task::Context<'_>,
-) -> Poll<io::Result<()>> {
+/// (until an output edge wakes the task) while the socket buffer is full.
+fn poll_out(shard: &Shard, slot: &mut Slot, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+    if !slot.writable {
+        keep_waker(slot, cx);
+        return Poll::Pending;
+    }
     let before = slot.outbox.counters();
-    let r = match &mut slot.tls {
-        Some(t) => t.poll_flush(&mut slot.outbox, Pin::new(&mut *stream), cx),
-        None => loop {
-            let Some(front) = slot.outbox.front() else { break Poll::Ready(Ok(())) };
-            match Pin::new(&mut *stream).poll_write(cx, front) {
-                Poll::Ready(Ok(0)) => break Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    slot.outbox.wrote(n);
-                    match slot.outbox.flush(slot.fd) {
-                        Ok(Flush::Drained) => break Poll::Ready(Ok(())),
-                        // Full again: the next `poll_write` registers for writability.
-                        Ok(Flush::Blocked) => {}
-                        Err(e) => break Poll::Ready(Err(e)),
-                    }
-                }
-                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
-                Poll::Pending => break Poll::Pending,
-            }
-        },
-    };
+    let r = slot.flush();
     let after = slot.outbox.counters();
     let st = shard.my_stats();
     ShardStats::add(&st.frames_sent, after.0 - before.0);
     ShardStats::add(&st.sends, after.1 - before.1);
-    r
+    match r {
+        Ok(Flush::Drained) => Poll::Ready(Ok(())),
+        Ok(Flush::Blocked) => {
+            keep_waker(slot, cx);
+            Poll::Pending
+        }
+        Err(e) => Poll::Ready(Err(e)),
+    }
 }
 
 /// Runs the connection; returns how it should be closed (`None`: the peer is gone).
-async fn drive(shard: &Rc<Shard>, id: ConnId, stream: &mut TcpStream) -> Option<Closing> {
+async fn drive(shard: &Rc<Shard>, id: ConnId) -> Option<Closing> {
     let mut pending: Vec<u8> = Vec::new();
     // HTTP phase: requests (keep-alive, pipelined) until an upgrade or the end.
     let leftover = 'http: loop {
-        match wait(shard, id, stream).await {
+        match wait(shard, id).await {
             Wake::Read(n) => pending.extend_from_slice(&shard.scratch.borrow()[..n]),
             Wake::HttpReady => {}
             Wake::Eof | Wake::Failed => return None,
@@ -182,7 +190,7 @@ async fn drive(shard: &Rc<Shard>, id: ConnId, stream: &mut TcpStream) -> Option<
                     // The stream only flows out; whatever the client sends is ignored.
                     drop(pending);
                     loop {
-                        match wait(shard, id, stream).await {
+                        match wait(shard, id).await {
                             Wake::Read(_) | Wake::HttpReady => {}
                             Wake::Eof | Wake::Failed => return None,
                             Wake::Close(c) => return Some(c),
@@ -192,7 +200,7 @@ async fn drive(shard: &Rc<Shard>, id: ConnId, stream: &mut TcpStream) -> Option<
                 Step::Deferred { keep_alive } => {
                     // Another shard answers; later requests wait so responses stay in order.
                     loop {
-                        match wait(shard, id, stream).await {
+                        match wait(shard, id).await {
                             Wake::Read(n) => pending.extend_from_slice(&shard.scratch.borrow()[..n]),
                             Wake::HttpReady => break,
                             Wake::Eof | Wake::Failed => return None,
@@ -218,7 +226,7 @@ async fn drive(shard: &Rc<Shard>, id: ConnId, stream: &mut TcpStream) -> Option<
         if shard.congested() {
             shard.wait_uncongested().await;
         }
-        match wait(shard, id, stream).await {
+        match wait(shard, id).await {
             Wake::Read(n) => {
                 let mut scratch = shard.scratch.borrow_mut();
                 let alive = ws_input(shard, id, &mut scratch[..n]);
@@ -382,12 +390,12 @@ pub fn echo_code(code: u16) -> CloseCode {
     }
 }
 
-/// Waits until the socket is readable (reading into the shard's scratch buffer; plaintext on
-/// a TLS connection), the shard asks this connection to close, or the socket fails. While the
-/// outbox is blocked, it also waits for writability and writes.
-async fn wait(shard: &Shard, id: ConnId, stream: &mut TcpStream) -> Wake {
+/// Waits until the socket has input (read into the shard's scratch buffer; plaintext on a
+/// TLS connection), the shard asks this connection to close, or the socket fails. While the
+/// outbox is blocked, it also writes whenever the socket has room again.
+async fn wait(shard: &Shard, id: ConnId) -> Wake {
     futures_lite::future::poll_fn(|cx| loop {
-        let tls = {
+        let (fd, tls) = {
             let mut conns = shard.conns.borrow_mut();
             let Some(slot) = conns.get_mut(id.index as usize).filter(|s| s.generation == id.generation) else {
                 return Poll::Ready(Wake::Failed);
@@ -399,7 +407,7 @@ async fn wait(shard: &Shard, id: ConnId, stream: &mut TcpStream) -> Wake {
                 return Poll::Ready(Wake::HttpReady);
             }
             if slot.blocked {
-                match poll_out(shard, slot, stream, cx) {
+                match poll_out(shard, slot, cx) {
                     Poll::Ready(Ok(())) => slot.blocked = false,
                     Poll::Ready(Err(_)) => return Poll::Ready(Wake::Failed),
                     Poll::Pending => {}
@@ -416,19 +424,28 @@ async fn wait(shard: &Shard, id: ConnId, stream: &mut TcpStream) -> Wake {
                     }
                 }
             }
-            match &slot.waker {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => slot.waker = Some(cx.waker().clone()),
+            if !slot.readable {
+                keep_waker(slot, cx);
+                return Poll::Pending;
             }
-            slot.tls.is_some()
+            (slot.fd, slot.tls.is_some())
         };
         let mut scratch = shard.scratch.borrow_mut();
-        let n = match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
-            Poll::Ready(Ok(0)) => return Poll::Ready(Wake::Eof),
-            Poll::Ready(Ok(n)) => n,
-            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Poll::Ready(Err(_)) => return Poll::Ready(Wake::Failed),
-            Poll::Pending => return Poll::Pending,
+        let n = match poller::recv(fd, &mut scratch[..]) {
+            Ok(Some(0)) => return Poll::Ready(Wake::Eof),
+            Ok(Some(n)) => {
+                if n < scratch.len() {
+                    // A short read took everything there was; the next input is a new edge.
+                    // Not after the peer's FIN, which no later edge would report again.
+                    shard.with_slot(id, |s| s.readable = s.hup);
+                }
+                n
+            }
+            Ok(None) => {
+                shard.with_slot(id, |s| s.readable = false);
+                continue;
+            }
+            Err(_) => return Poll::Ready(Wake::Failed),
         };
         if !tls {
             return Poll::Ready(Wake::Read(n));

@@ -49,6 +49,7 @@ use crate::protocol::phoenix::session::{Action, SessionCtx, Subscription};
 use crate::protocol::phoenix::{Session, Topic, Vsn};
 use crate::protocol::ws::frame::close_frame;
 use crate::protocol::ws::{CloseCode, WsConn};
+use crate::transport::poller::{self, Poller, Ready};
 use crate::transport::{Flush, Outbox};
 
 use self::stats::ShardStats;
@@ -232,17 +233,34 @@ pub struct Slot {
     pub deferred_response: Option<Bytes>,
     /// The TLS session, on a TLS listener: frames are encrypted on their way out.
     pub tls: Option<Box<crate::transport::tls::Session>>,
+    /// Readiness (see [`crate::transport::poller`]): a read may find input. Cleared by the
+    /// connection task when a read comes back empty-handed or short, set by input edges.
+    pub readable: bool,
+    /// The peer closed its side or the socket failed: reads never block again.
+    pub hup: bool,
+    /// A write may find buffer space. Cleared when a flush finds the socket full, set by
+    /// output edges.
+    pub writable: bool,
 }
 
 impl Slot {
     /// Writes what is queued without blocking, many frames per `sendmsg` (encrypted first on
     /// a TLS connection).
     pub fn flush(&mut self) -> std::io::Result<crate::transport::Flush> {
-        match &mut self.tls {
+        let r = match &mut self.tls {
             Some(t) => t.flush(&mut self.outbox, self.fd),
             None => self.outbox.flush(self.fd),
+        };
+        if let Ok(Flush::Blocked) = r {
+            self.writable = false;
         }
+        r
     }
+}
+
+/// The poller token of a connection: its slab index and generation.
+pub fn token(id: ConnId) -> u64 {
+    (u64::from(id.generation) << 32) | u64::from(id.index)
 }
 
 /// Wakers waiting for an event, woken all at once. A waiter that is dropped before the event
@@ -422,6 +440,8 @@ pub struct Shard {
     last_yield: Cell<Instant>,
     /// The listener's TLS configuration, when it serves TLS.
     pub tls: Option<Arc<crate::transport::tls::Acceptor>>,
+    /// Readiness of this shard's sockets (a serving shard has one; the simulator's do not).
+    poller: Option<Poller>,
 }
 
 /// Where a shard's persisted messages and checkpoints go.
@@ -502,7 +522,83 @@ impl Shard {
             next_generation: Cell::new(0),
             last_yield: Cell::new(Instant::now()),
             tls: None,
+            poller: None,
             cfg,
+        }
+    }
+
+    /// This shard serves sockets, watched by `poller`.
+    pub fn with_poller(mut self, poller: Poller) -> Self {
+        self.poller = Some(poller);
+        self
+    }
+
+    /// The shard's poller.
+    ///
+    /// # Panics
+    /// On a shard built without one (the simulator's), which never serves a socket.
+    pub fn poller(&self) -> &Poller {
+        self.poller.as_ref().expect("a serving shard has a poller")
+    }
+
+    /// Applies a readiness event to its connection and wakes the connection's task when it
+    /// may be waiting for it.
+    pub fn on_ready(&self, token: u64, ready: Ready) {
+        let (index, generation) = (token as u32, (token >> 32) as u32);
+        let waker = {
+            let mut conns = self.conns.borrow_mut();
+            let Some(slot) = conns.get_mut(index as usize).filter(|s| s.generation == generation) else {
+                return;
+            };
+            // The task sleeps on input only once `readable` is false, and on output only while
+            // `blocked`: other edges just record the state.
+            let mut wake = false;
+            if ready.hup && !slot.hup {
+                slot.hup = true;
+                slot.readable = true;
+                wake = true;
+            }
+            if ready.read && !slot.readable {
+                slot.readable = true;
+                wake = true;
+            }
+            if ready.write && !slot.writable {
+                slot.writable = true;
+                wake |= slot.blocked;
+            }
+            if wake {
+                slot.waker.take()
+            } else {
+                None
+            }
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Waits for socket readiness and hands it to the connections, many events per wake-up.
+    pub async fn readiness_loop(self: Rc<Self>) {
+        let mut events = poller::event_buffer();
+        let fd = self.poller().fd();
+        loop {
+            if let Err(e) = glommio::net::wait_readable(fd).await {
+                tracing::error!(shard = self.id, error = %e, "cannot wait for socket readiness");
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            loop {
+                let n = match self.poller().take(&mut events, |t, r| self.on_ready(t, r)) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::error!(shard = self.id, error = %e, "epoll_wait failed");
+                        break;
+                    }
+                };
+                if n < poller::BATCH {
+                    break;
+                }
+                self.relax().await;
+            }
         }
     }
 
@@ -536,6 +632,11 @@ impl Shard {
             awaiting_acks: 0,
             deferred_response: None,
             tls: None,
+            // A new connection is read at once (its request is usually there already: the
+            // listener defers accepts until input arrives) and is writable.
+            readable: true,
+            hup: false,
+            writable: true,
         }) as u32;
         ShardStats::gauge(&self.my_stats().connections, 1);
         ConnId { index, generation }

@@ -47,6 +47,8 @@ pub fn bind_reuseport(addr: SocketAddr, n: usize) -> io::Result<(Vec<RawFd>, Soc
         s.bind(&bound.into())?;
         s.set_nodelay(true)?;
         set_defer_accept(&s, DEFER_ACCEPT_SECS)?;
+        // The shard accepts until EAGAIN, then waits for readability (`shard::boot`).
+        s.set_nonblocking(true)?;
         s.listen(BACKLOG)?;
         if bound.port() == 0 {
             bound = s.local_addr()?.as_socket().ok_or_else(|| io::Error::other("not an IP socket"))?;
@@ -119,6 +121,7 @@ mod tests {
         let (fds, bound) = bind_reuseport("127.0.0.1:0".parse().unwrap(), 1).unwrap();
         // SAFETY: the fd was returned by bind_reuseport and is owned here.
         let listener = unsafe { std::net::TcpListener::from_raw_fd(fds[0]) };
+        listener.set_nonblocking(false).unwrap();
         let mut client = std::net::TcpStream::connect(bound).unwrap();
         client.write_all(b"GET /health HTTP/1.1\r\n\r\n").unwrap();
         let (mut accepted, _) = listener.accept().unwrap();

@@ -23,11 +23,8 @@
 use std::io::{self, Read, Write};
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 
-use futures_lite::AsyncWrite;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
@@ -375,24 +372,6 @@ impl Session {
         }
     }
 
-    /// [`Session::flush`] for the connection task: writes through the glommio stream, which
-    /// registers for writability when the socket is full.
-    pub fn poll_flush<S: AsyncWrite + Unpin>(
-        &mut self,
-        outbox: &mut Outbox,
-        stream: Pin<&mut S>,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        let mut w = PollWriter { stream, cx, sends: 0 };
-        let r = self.pump(outbox, &mut w);
-        outbox.count_sends(w.sends);
-        match r {
-            Ok(()) => Poll::Ready(Ok(())),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
-            Err(e) => Poll::Ready(Err(e)),
-        }
-    }
-
     /// Encrypts frames until rustls' buffer is full or the outbox empty, writes the records
     /// (many per `sendmsg`), and again, until both are empty or `w` blocks.
     fn pump(&mut self, outbox: &mut Outbox, w: &mut dyn Write) -> io::Result<()> {
@@ -442,30 +421,6 @@ impl Write for FdWriter {
         }
         self.sends += 1;
         Ok(r as usize)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Writes through a glommio stream's `poll_write`: `Pending` (writability registered) shows
-/// as `WouldBlock`.
-struct PollWriter<'a, 'b, S> {
-    stream: Pin<&'a mut S>,
-    cx: &'a mut Context<'b>,
-    sends: u64,
-}
-
-impl<S: AsyncWrite> Write for PollWriter<'_, '_, S> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self.stream.as_mut().poll_write(self.cx, buf) {
-            Poll::Ready(r) => {
-                self.sends += 1;
-                r
-            }
-            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
-        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
