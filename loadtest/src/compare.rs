@@ -30,6 +30,7 @@ struct Row {
     published: u64,
     connect_per_sec: f64,
     connect_failed: u64,
+    connect_ok: u64,
     /// Per connection: connect → joined, and connect → 101 within it.
     connect_p50_ms: f64,
     connect_p99_ms: f64,
@@ -41,6 +42,7 @@ struct Row {
     upgrade_only_p99_ms: Option<f64>,
     upgrade_only_failed: Option<u64>,
     rss_per_conn_kib: Option<f64>,
+    anon_per_conn_kib: Option<f64>,
     frames_per_send: Option<f64>,
     p99_over_floor: Option<f64>,
     server_cpu_secs: Option<f64>,
@@ -93,6 +95,7 @@ fn row(r: &RunResult) -> Row {
         published: p.map_or(0, |p| p.published),
         connect_per_sec: c.map_or(0.0, |c| c.per_sec),
         connect_failed: c.map_or(0, |c| c.failed),
+        connect_ok: c.map_or(0, |c| c.ok),
         connect_p50_ms: c.map_or(0.0, |c| c.p50_ms),
         connect_p99_ms: c.map_or(0.0, |c| c.p99_ms),
         connect_upgrade_p50_ms: c.map_or(0.0, |c| c.upgrade_p50_ms),
@@ -102,6 +105,7 @@ fn row(r: &RunResult) -> Row {
         upgrade_only_p99_ms: r.upgrade_only.as_ref().map(|u| u.upgrade_p99_ms),
         upgrade_only_failed: r.upgrade_only.as_ref().map(|u| u.failed),
         rss_per_conn_kib: r.rss_per_conn_kib,
+        anon_per_conn_kib: r.anon_per_conn_kib,
         frames_per_send: r.frames_per_send,
         p99_over_floor: r.p99_over_floor,
         server_cpu_secs: r.server_cpu_secs,
@@ -299,7 +303,7 @@ fn connect_table(rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<12} {:>10} {:>7} {:>8} {:>8} {:>12} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9}  note",
+        "{:<12} {:>10} {:>7} {:>8} {:>8} {:>12} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>9} {:>11}  note",
         "server",
         "upgrade/s",
         "×cc",
@@ -312,7 +316,9 @@ fn connect_table(rows: &[Row]) -> String {
         "join p50",
         "join p99",
         "failed",
-        "KiB/conn"
+        "KiB/conn",
+        "anon KiB",
+        "srv µs/conn"
     );
     let cc = rows.iter().find(|r| r.server.starts_with("corecast") && r.ok);
     let ratio = |v: f64, c: Option<f64>| c.filter(|c| *c > 0.0).map_or("–".to_string(), |c| format!("{:.2}", v / c));
@@ -320,7 +326,7 @@ fn connect_table(rows: &[Row]) -> String {
         let up = r.upgrade_only_per_sec.unwrap_or(0.0);
         let _ = writeln!(
             s,
-            "{:<12} {:>10} {:>7} {:>8.2} {:>8.2} {:>12} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>9}  {}",
+            "{:<12} {:>10} {:>7} {:>8.2} {:>8.2} {:>12} {:>7} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>9} {:>9} {:>11}  {}",
             r.server,
             si(up),
             if r.ok { ratio(up, cc.and_then(|c| c.upgrade_only_per_sec)) } else { "–".into() },
@@ -334,6 +340,10 @@ fn connect_table(rows: &[Row]) -> String {
             r.connect_p99_ms,
             r.connect_failed + r.upgrade_only_failed.unwrap_or(0),
             r.rss_per_conn_kib.map_or("–".to_string(), |v| format!("{v:.2}")),
+            r.anon_per_conn_kib.map_or("–".to_string(), |v| format!("{v:.2}")),
+            r.server_cpu_secs
+                .filter(|_| r.connect_ok > 0)
+                .map_or("–".to_string(), |c| format!("{:.1}", c * 1e6 / r.connect_ok as f64)),
             note(r)
         );
     }
@@ -343,7 +353,9 @@ fn connect_table(rows: &[Row]) -> String {
          upg+join/s = connect + upgrade + the protocol's join (corecast: phx_join → phx_reply; nats: \
          CONNECT+SUB+PING → PONG; Socket.IO: 40 → join → joined; ws, uws: the server's \"joined\"; nchan \
          has no join: joined at the 101), with its connect → 101 (101 p50/p99) and connect → joined \
-         (join p50/p99) per connection; ×cc = ÷ corecast's"
+         (join p50/p99) per connection; ×cc = ÷ corecast's; KiB/conn = server RSS growth per joined \
+         connection, anon KiB = the same for anonymous memory only (RssAnon: without code pages); \
+         srv µs/conn = server CPU time of the join pass ÷ connections (the kernel's TCP work included)"
     );
     s
 }
@@ -355,7 +367,7 @@ fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> 
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<12} {:>13} {:>7} {:>9} {:>9} {:>7} {:>9} {:>10} {:>9} {:>8} {:>9}  note",
+        "{:<12} {:>13} {:>7} {:>9} {:>9} {:>7} {:>9} {:>10} {:>9} {:>9} {:>8} {:>9}  note",
         "server",
         "deliveries/s",
         "×cc",
@@ -365,6 +377,7 @@ fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> 
         "lost",
         "conn/s",
         "KiB/conn",
+        "anon KiB",
         "fr/send",
         "p99/floor"
     );
@@ -373,7 +386,7 @@ fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> 
         let f = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}"));
         let _ = writeln!(
             s,
-            "{:<12} {:>13} {:>7} {:>9.2} {:>9.2} {:>7} {:>9} {:>10} {:>9} {:>8} {:>9}  {}",
+            "{:<12} {:>13} {:>7} {:>9.2} {:>9.2} {:>7} {:>9} {:>10} {:>9} {:>9} {:>8} {:>9}  {}",
             r.server,
             si(r.deliveries_per_sec),
             f(r.deliveries_vs_corecast),
@@ -383,6 +396,7 @@ fn table_text(sc: ScenarioKind, rows: &[Row], base: Option<&BaselineResult>) -> 
             r.lost,
             si(r.connect_per_sec),
             f(r.rss_per_conn_kib),
+            f(r.anon_per_conn_kib),
             f(r.frames_per_send),
             f(r.p99_over_floor),
             note

@@ -176,10 +176,13 @@ fn print_summary(r: &scenarios::RunResult) {
     }
     if let Some(v) = r.rss_per_conn_kib {
         println!(
-            "  server RSS: {} → {} KiB, {:.2} KiB per connection",
+            "  server RSS: {} → {} KiB, {:.2} KiB per connection (anonymous: {} → {} KiB, {} KiB per connection)",
             r.rss_before_kib.unwrap_or(0),
             r.rss_after_kib.unwrap_or(0),
-            v
+            v,
+            r.anon_before_kib.unwrap_or(0),
+            r.anon_after_kib.unwrap_or(0),
+            r.anon_per_conn_kib.map_or("–".into(), |v| format!("{v:.2}"))
         );
     }
     if let Some(p) = r.headline_phase() {

@@ -272,6 +272,13 @@ pub fn run_md(r: &RunResult, m: &Machine, charts: &[String]) -> String {
         r.rss_end_kib.map_or("–".into(), |v| v.to_string())
     );
     let _ = writeln!(s, "| server RSS per connection (KiB) | **{}** |", opt(r.rss_per_conn_kib, 2));
+    let _ = writeln!(
+        s,
+        "| anonymous RSS before / after connect (KiB); per connection | {} / {}; **{}** |",
+        r.anon_before_kib.map_or("–".into(), |v| v.to_string()),
+        r.anon_after_kib.map_or("–".into(), |v| v.to_string()),
+        opt(r.anon_per_conn_kib, 2)
+    );
     if let Some(p) = r.headline_phase() {
         let _ = writeln!(
             s,

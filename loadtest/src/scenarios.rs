@@ -428,6 +428,11 @@ pub struct RunResult {
     pub rss_end_kib: Option<u64>,
     /// (RSS after connecting − before) ÷ connections, KiB.
     pub rss_per_conn_kib: Option<f64>,
+    /// The same for anonymous memory only (`RssAnon`: what connections allocate, without the
+    /// code pages that a first run of a path faults in), KiB.
+    pub anon_before_kib: Option<u64>,
+    pub anon_after_kib: Option<u64>,
+    pub anon_per_conn_kib: Option<f64>,
     pub phases: Vec<PhaseOutcome>,
     /// Index in `phases` of the phase the summary quotes (the best passing sweep step).
     pub headline: Option<usize>,
@@ -467,6 +472,9 @@ impl RunResult {
             rss_after_kib: None,
             rss_end_kib: None,
             rss_per_conn_kib: None,
+            anon_before_kib: None,
+            anon_after_kib: None,
+            anon_per_conn_kib: None,
             phases: Vec::new(),
             headline: None,
             sweep: None,
@@ -583,6 +591,7 @@ fn body(
     let layout = args.layout(sc);
     let payload = args.payload_for(sc);
     r.rss_before_kib = srv.rss_kib();
+    r.anon_before_kib = srv.anon_kib();
     let cpu_before = srv.cpu_secs();
     let wait_before = srv.run_wait_secs();
     let mut fleet_opts = args.fleet_opts(srv.kind);
@@ -625,8 +634,12 @@ fn body(
     // Let the server settle (allocators, lazy buffers) before reading its memory.
     std::thread::sleep(Duration::from_millis(500));
     r.rss_after_kib = srv.rss_kib();
+    r.anon_after_kib = srv.anon_kib();
     if let (Some(a), Some(b)) = (r.rss_before_kib, r.rss_after_kib) {
         r.rss_per_conn_kib = Some((b as f64 - a as f64) / ok_conns as f64);
+    }
+    if let (Some(a), Some(b)) = (r.anon_before_kib, r.anon_after_kib) {
+        r.anon_per_conn_kib = Some((b as f64 - a as f64) / ok_conns as f64);
     }
     let drain = Duration::from_secs_f64(args.drain_secs);
     let counters0 = srv.send_counters();

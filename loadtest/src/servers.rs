@@ -429,6 +429,15 @@ impl Running {
         }
     }
 
+    /// Anonymous resident memory (see [`sys::anon_kib`]).
+    pub fn anon_kib(&self) -> Option<u64> {
+        if self.pid == 0 {
+            None
+        } else {
+            sys::anon_kib(self.pid)
+        }
+    }
+
     pub fn cpu_secs(&self) -> Option<f64> {
         if self.pid == 0 {
             return None;

@@ -315,6 +315,14 @@ impl Drop for Epoll {
 }
 
 /// `VmRSS` of a process in KiB, from `/proc/<pid>/status`.
+/// Anonymous resident memory of a process (`RssAnon`: heap, stacks), KiB. Unlike `VmRSS` it
+/// leaves out the executable's and libraries' pages, whose residency depends on the page
+/// cache and on which code paths ran, not on how many connections the process holds.
+pub fn anon_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("RssAnon:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
+}
+
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())

@@ -215,13 +215,13 @@ async fn drive(shard: &Rc<Shard>, id: ConnId) -> Option<Closing> {
         }
     };
     drop(pending);
-    // WebSocket phase.
-    if !leftover.is_empty() {
-        let mut buf = leftover;
-        if !ws_input(shard, id, &mut buf) {
-            return Some(Closing::Graceful);
-        }
+    // WebSocket phase. The request's buffer goes before the first wait: kept in this future,
+    // its capacity (the size of the upgrade request) would cost every idle connection.
+    let mut buf = leftover;
+    if !buf.is_empty() && !ws_input(shard, id, &mut buf) {
+        return Some(Closing::Graceful);
     }
+    drop(buf);
     loop {
         if shard.congested() {
             shard.wait_uncongested().await;
