@@ -447,7 +447,10 @@ impl Shard {
                 self.log_closed.fire();
                 return;
             }
-            if w.current_pos() > compact_at {
+            // Never at shutdown: the snapshot holds messages only, so compacting after the
+            // checkpoints were written would delete them, and the restart would take the clean
+            // shutdown for a crash (a new epoch for every topic). The next start compacts.
+            if !self.log_stop.fired() && w.current_pos() > compact_at {
                 // Rewrite the live durable set into a fresh segment, then drop the old ones.
                 seq += 1;
                 match open_segment(&dir, generation, seq, self.id).await {
