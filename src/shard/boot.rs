@@ -63,6 +63,17 @@ fn hint(message: &str) -> &'static str {
 /// Runs the server until SIGINT/SIGTERM; calls `ready` with the bound address once every
 /// shard accepts.
 pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> Result<(), BootError> {
+    // First, while this is the only thread: every connection is a descriptor.
+    match crate::transport::fds::prepare() {
+        Ok(b) if b.soft > b.soft_before => tracing::info!(
+            from = b.soft_before,
+            to = b.soft,
+            table = b.table,
+            "open files: raised the soft limit to the hard limit (one descriptor per connection)"
+        ),
+        Ok(b) => tracing::info!(limit = b.soft, table = b.table, "open files (one descriptor per connection)"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
     let (node, source) = crate::node::resolve(cfg.node_id.as_deref(), &cfg.data_dir)
         .map_err(|message| BootError::DataDir { dir: cfg.data_dir.display().to_string(), message })?;
     match source {

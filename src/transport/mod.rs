@@ -1,8 +1,10 @@
 //! Socket I/O adapters, knowing nothing of protocols or shards: the per-connection
-//! [`outbox::Outbox`] flushed with one vectored `sendmsg`, listener setup, socket readiness
+//! [`outbox::Outbox`] flushed with one vectored `sendmsg`, the descriptor budget ([`fds`]),
+//! listener setup, socket readiness
 //! ([`poller`]: one epoll instance per shard), and TLS
 //! ([`tls`]: certificates, reloads, the per-connection session).
 
+pub mod fds;
 pub mod listener;
 pub mod outbox;
 pub mod poller;
