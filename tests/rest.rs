@@ -240,3 +240,77 @@ fn oversize_payloads_are_refused_without_closing() {
     assert_eq!(st, 413);
     assert!(String::from_utf8_lossy(&b).contains("payload_size_exceeded"));
 }
+
+/// A client whose receive buffer is 4 KiB: the server's sends block after a few kilobytes.
+fn connect_small_window(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(v4) = addr else { panic!("IPv4 test address") };
+    // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let size: libc::c_int = 4096;
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&size as *const libc::c_int).cast(), len);
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+            sin_zero: [0; 8],
+        };
+        let r = libc::connect(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// A `Connection: close` response far bigger than the socket buffers, to a client that starts
+/// reading late: the closing connection goes on writing as the client makes room (each output
+/// edge wakes it), and the whole response arrives before the close.
+#[test]
+fn a_closing_response_bigger_than_the_socket_buffers_arrives_whole() {
+    use std::io::{Read, Write};
+    let srv = Server::start(&[]);
+    let big = "x".repeat(1000);
+    for batch in 0..10 {
+        let messages: Vec<_> = (0..100)
+            .map(|i| json!({"topic": "big", "event": "m", "payload": {"n": batch * 100 + i, "pad": big}, "persist": true}))
+            .collect();
+        let (st, _, _) = http(
+            srv.addr,
+            "POST",
+            "/realtime/v1/api/broadcast",
+            &[],
+            json!({ "messages": messages }).to_string().as_bytes(),
+        );
+        assert_eq!(st, 202);
+    }
+    let path = "/realtime/v1/api/channels/big/messages?limit=1000";
+    for _ in 0..200 {
+        let (_, _, body) = http(srv.addr, "GET", path, &[], b"");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if v["messages"].as_array().map_or(0, Vec::len) == 1000 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut s = connect_small_window(srv.addr);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    // The server fills the socket buffers and waits for room.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let end = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("response head") + 4;
+    let head = String::from_utf8_lossy(&resp[..end]).to_ascii_lowercase();
+    let length: usize =
+        head.lines().find_map(|l| l.strip_prefix("content-length:")).expect("content-length").trim().parse().unwrap();
+    assert!(length > 1_000_000, "a response of {length} bytes");
+    assert_eq!(resp.len() - end, length, "the whole body before the close");
+    let v: serde_json::Value = serde_json::from_slice(&resp[end..]).unwrap();
+    assert_eq!(v["messages"].as_array().map(Vec::len), Some(1000));
+}

@@ -150,6 +150,8 @@ fn keep_waker(slot: &mut Slot, cx: &std::task::Context<'_>) {
 /// (until an output edge wakes the task) while the socket buffer is full.
 fn poll_out(shard: &Shard, slot: &mut Slot, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
     if !slot.writable {
+        // `blocked`: the output edge wakes this task (`Shard::on_ready`).
+        slot.blocked = true;
         keep_waker(slot, cx);
         return Poll::Pending;
     }
@@ -162,6 +164,7 @@ fn poll_out(shard: &Shard, slot: &mut Slot, cx: &mut std::task::Context<'_>) -> 
     match r {
         Ok(Flush::Drained) => Poll::Ready(Ok(())),
         Ok(Flush::Blocked) => {
+            slot.blocked = true;
             keep_waker(slot, cx);
             Poll::Pending
         }
