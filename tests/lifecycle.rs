@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::util::{Client, Msg, Server};
+use crate::util::{http, Client, Msg, Server};
 
 #[test]
 fn sigterm_closes_websockets_with_1001_and_exits_0() {
@@ -123,4 +123,78 @@ fn epochs_and_message_ids_differ_between_starts_as_pid1() {
         unique.dedup();
         assert_eq!(unique.len(), list.len(), "repeated across PID-1 starts: {list:?}");
     }
+}
+
+/// Started at a soft open-files limit of 256 (hard 4,096), as systemd starts services at
+/// 1,024: the server raises its soft limit to the hard one, so 600 connections held open at
+/// once are all served (at the soft limit, accepts past it would fail with EMFILE).
+#[test]
+fn a_low_soft_open_files_limit_is_raised_to_the_hard_limit() {
+    use std::io::{Read, Write};
+    let srv = Server::start_with_open_files(256, 4096, &[]);
+    let mut held = Vec::new();
+    for i in 0..600 {
+        let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap_or_else(|e| panic!("connection {i}: no response: {e}"));
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 200"), "connection {i}: {head}");
+        held.push(s);
+    }
+    // Every held connection is still served.
+    for (i, s) in held.iter_mut().enumerate().step_by(50) {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "connection {i} again");
+    }
+}
+
+/// At the connection cap (the open-files limit, 80 here with two shards, less a reserve),
+/// connections past it are refused at once with a `503` and `Retry-After` instead of waiting
+/// in the listen queue, the refusals are counted in `/metrics`, and once connections close
+/// the server takes new ones again.
+#[test]
+fn out_of_descriptors_new_connections_get_a_503() {
+    use std::io::{Read, Write};
+    let srv = Server::start_with_open_files(80, 80, &[]);
+    let (mut held, mut refused, mut hung) = (Vec::new(), 0, 0);
+    for _ in 0..150 {
+        if refused >= 10 {
+            break;
+        }
+        let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 1024];
+        match s.read(&mut buf) {
+            Ok(n) if buf[..n].starts_with(b"HTTP/1.1 200") => held.push(s),
+            Ok(n) => {
+                let resp = String::from_utf8_lossy(&buf[..n]).into_owned();
+                assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+                assert!(resp.contains("\r\nRetry-After: 1\r\n"), "{resp}");
+                assert!(
+                    resp.ends_with(r#"{"error":"the server is at its connection limit (open files); retry later"}"#),
+                    "{resp}"
+                );
+                refused += 1;
+            }
+            Err(_) => hung += 1,
+        }
+    }
+    assert!(held.len() >= 40, "served {} before the limit", held.len());
+    assert_eq!((refused, hung), (10, 0), "refused at once, none left waiting");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, _, body) = http(srv.addr, "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200);
+    let body = String::from_utf8_lossy(&body);
+    let counted: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("corecast_connections_refused_no_fds_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(counted >= refused as f64, "metrics count {counted} refusals, the test saw {refused}");
 }

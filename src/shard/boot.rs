@@ -69,9 +69,15 @@ pub fn run(mut cfg: Config, ready: impl FnOnce(std::net::SocketAddr, &str)) -> R
             from = b.soft_before,
             to = b.soft,
             table = b.table,
+            connections = b.cap,
             "open files: raised the soft limit to the hard limit (one descriptor per connection)"
         ),
-        Ok(b) => tracing::info!(limit = b.soft, table = b.table, "open files (one descriptor per connection)"),
+        Ok(b) => tracing::info!(
+            limit = b.soft,
+            table = b.table,
+            connections = b.cap,
+            "open files (one descriptor per connection)"
+        ),
         Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
     }
     let (node, source) = crate::node::resolve(cfg.node_id.as_deref(), &cfg.data_dir)
@@ -336,7 +342,15 @@ async fn shard_main(
 /// Accepts connections until shutdown: as many as are waiting each time the (non-blocking)
 /// listener becomes readable, with `accept4` (the new socket non-blocking and close-on-exec
 /// in the same call).
+///
+/// Past the connection cap ([`crate::transport::fds::admit`]: the open-files limit less a
+/// reserve for everything else), a connection is accepted only to be answered `503` with
+/// `Retry-After` and closed: clients get a clear refusal at once instead of waiting in the
+/// listen queue, `/metrics` counts them, and the log says so at most every
+/// [`REFUSAL_LOG_EVERY`]. The reserve keeps descriptors free for that, so `EMFILE` is not the
+/// way the limit shows.
 async fn accept_loop(shard: &Rc<Shard>, listener: RawFd) {
+    let mut refusals = Refusals::default();
     while !shard.shutdown.fired() {
         // SAFETY: accept4 on this shard's listening socket, without the peer's address.
         let fd = unsafe {
@@ -350,7 +364,16 @@ async fn accept_loop(shard: &Rc<Shard>, listener: RawFd) {
         if fd >= 0 {
             // SAFETY: a new socket that nothing else owns.
             let stream = unsafe { OwnedFd::from_raw_fd(fd) };
-            glommio::spawn_local(conn::serve(shard.clone(), stream)).detach();
+            match crate::transport::fds::admit() {
+                Some(slot) => {
+                    glommio::spawn_local(conn::serve(shard.clone(), stream, slot)).detach();
+                }
+                None => {
+                    refuse(stream, shard.tls.is_none());
+                    ShardStats::add(&shard.my_stats().refused_no_fds, 1);
+                    refusals.refused(shard.id);
+                }
+            }
             glommio::yield_if_needed().await;
             continue;
         }
@@ -375,11 +398,75 @@ async fn accept_loop(shard: &Rc<Shard>, listener: RawFd) {
             // The connection went away before it was accepted; the next one may be fine.
             Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO) => {}
             _ => {
-                // EMFILE/ENFILE and friends: back off instead of spinning.
-                tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                // EMFILE/ENFILE (the reserve ran out after all) and friends: back off
+                // instead of spinning.
+                refusals.failed(shard.id, &e);
                 glommio::timer::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+}
+
+/// How often the accept loop logs refusals and failures (with the count since the last line).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate-limited logging for the accept loop.
+#[derive(Default)]
+struct Refusals {
+    last: Option<Instant>,
+    refused: u64,
+    failed: u64,
+}
+
+impl Refusals {
+    fn due(&mut self) -> bool {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_EVERY) {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+
+    fn refused(&mut self, shard: usize) {
+        self.refused += 1;
+        if self.due() {
+            tracing::warn!(
+                shard,
+                refused = std::mem::take(&mut self.refused),
+                cap = crate::transport::fds::cap(),
+                "at the connection cap (the open-files limit less a reserve): refusing connections with 503; raise the hard open-files limit"
+            );
+        }
+    }
+
+    fn failed(&mut self, shard: usize, e: &std::io::Error) {
+        self.failed += 1;
+        if self.due() {
+            tracing::warn!(shard, error = %e, failures = std::mem::take(&mut self.failed), "accept failed");
+        }
+    }
+}
+
+/// Answers a connection past the cap with `503` (on a plain HTTP listener; a TLS one just
+/// closes) and closes it.
+fn refuse(fd: OwnedFd, http: bool) {
+    if !http {
+        return;
+    }
+    const RESPONSE: &str = concat!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n",
+        "Connection: close\r\nContent-Length: 75\r\n\r\n",
+        "{\"error\":\"the server is at its connection limit (open files); retry later\"}"
+    );
+    // The request is usually there (`TCP_DEFER_ACCEPT`): read it first, since closing with
+    // unread input sends a reset that can destroy the response. Best effort, never blocking: a
+    // fresh socket's buffer takes the response whole.
+    let mut buf = [0u8; 4096];
+    // SAFETY: recv into and send from live buffers, on the socket just accepted.
+    unsafe {
+        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT);
+        libc::send(fd.as_raw_fd(), RESPONSE.as_ptr().cast(), RESPONSE.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
     }
 }
 

@@ -50,7 +50,8 @@ pub fn now() -> Now {
 }
 
 /// Serves one accepted connection until it ends.
-pub async fn serve(shard: Rc<Shard>, fd: OwnedFd) {
+/// `admitted` holds its place under the connection cap until the socket is closed.
+pub async fn serve(shard: Rc<Shard>, fd: OwnedFd, admitted: crate::transport::fds::Admitted) {
     let raw = fd.as_raw_fd();
     // TCP_NODELAY comes from the listener (`transport::listener`).
     let id = shard.register(raw);
@@ -98,6 +99,7 @@ pub async fn serve(shard: Rc<Shard>, fd: OwnedFd) {
     // Dropping `fd` closes the socket (a FIN, or a reset where input is unread) and ends its
     // epoll registration: a `shutdown` first would be one more system call for nothing.
     drop(fd);
+    drop(admitted);
 }
 
 /// How long a closed connection's unread input is drained before the socket is closed.

@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 pub struct ShardStats {
     pub connections: AtomicI64,
     pub accepted: AtomicU64,
+    /// Connections refused with a 503 because the process was out of descriptors.
+    pub refused_no_fds: AtomicU64,
     pub websockets: AtomicI64,
     pub sse_streams: AtomicI64,
     pub subscriptions: AtomicI64,
@@ -70,11 +72,17 @@ pub fn render(
         out,
         "# HELP corecast_cluster_members Live cluster members (nodes whose lease holds), this one included\n# TYPE corecast_cluster_members gauge\ncorecast_cluster_members {members}"
     );
-    let rows: [Row; 18] = [
+    let rows: [Row; 19] = [
         ("corecast_connections", "gauge", "Open TCP connections", |s| s.connections.load(Ordering::Relaxed) as f64),
         ("corecast_connections_accepted_total", "counter", "Connections accepted", |s| {
             s.accepted.load(Ordering::Relaxed) as f64
         }),
+        (
+            "corecast_connections_refused_no_fds_total",
+            "counter",
+            "Connections answered 503 and closed because the open-files limit was reached",
+            |s| s.refused_no_fds.load(Ordering::Relaxed) as f64,
+        ),
         ("corecast_websockets", "gauge", "Open WebSocket sessions", |s| s.websockets.load(Ordering::Relaxed) as f64),
         ("corecast_sse_streams", "gauge", "Open Server-Sent Events streams", |s| {
             s.sse_streams.load(Ordering::Relaxed) as f64

@@ -11,8 +11,49 @@
 //! storm. A single-threaded server (nginx) never waits; a thread-per-core one must size the
 //! table while it is still single-threaded. The table never shrinks; it costs 8 bytes of
 //! kernel memory per slot (1 MiB at [`TABLE`]).
+//!
+//! It also keeps the connection cap: the soft limit less a reserve ([`reserve`]) for the
+//! descriptors everything else needs (rings, log segments, database and cluster sockets) and
+//! for answering connections past the cap with a refusal. [`admit`] counts connections across
+//! shards.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Connections open now (admitted and not yet closed), all shards.
+static OPEN: AtomicU64 = AtomicU64::new(0);
+/// The connection cap; unlimited until [`prepare`] sets it.
+static CAP: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Descriptors kept out of the connection cap at an open-files limit of `limit`: 32 plus
+/// 1/64 of the limit, at most 256.
+pub fn reserve(limit: u64) -> u64 {
+    (32 + limit / 64).min(256)
+}
+
+/// The connection cap now.
+pub fn cap() -> u64 {
+    CAP.load(Ordering::Relaxed)
+}
+
+/// A connection's place under the cap, given back when dropped (after its socket is closed).
+#[derive(Debug)]
+pub struct Admitted(());
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A place for one more connection, or `None` at the cap.
+pub fn admit() -> Option<Admitted> {
+    if OPEN.fetch_add(1, Ordering::Relaxed) >= CAP.load(Ordering::Relaxed) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    Some(Admitted(()))
+}
 
 /// Descriptor-table slots reserved at start-up (fewer when the open-files limit is lower).
 /// Past it the table still grows on demand, with one grace-period wait per doubling.
@@ -29,6 +70,8 @@ pub struct Budget {
     pub hard: u64,
     /// Descriptor-table slots now available without growing it.
     pub table: u64,
+    /// Connections admitted at once ([`admit`]).
+    pub cap: u64,
 }
 
 /// Raises the soft open-files limit to the hard limit and grows the descriptor table. Call
@@ -49,7 +92,9 @@ pub fn prepare() -> io::Result<Budget> {
         }
     }
     let table = grow_table(lim.rlim_cur.min(TABLE));
-    Ok(Budget { soft_before, soft: lim.rlim_cur, hard: lim.rlim_max, table })
+    let cap = lim.rlim_cur.saturating_sub(reserve(lim.rlim_cur)).max(1);
+    CAP.store(cap, Ordering::Relaxed);
+    Ok(Budget { soft_before, soft: lim.rlim_cur, hard: lim.rlim_max, table, cap })
 }
 
 /// Makes the descriptor table at least `slots` long: a descriptor is duplicated onto the
@@ -92,5 +137,26 @@ mod tests {
         assert!(fd < 1000, "a new descriptor is the lowest free one, not {fd}");
         // Growing again is harmless.
         assert_eq!(prepare().unwrap().table, b.table);
+        assert_eq!(b.cap, b.soft - reserve(b.soft));
+    }
+
+    #[test]
+    fn the_reserve_grows_with_the_limit_up_to_256() {
+        assert_eq!(reserve(80), 33);
+        assert_eq!(reserve(1024), 48);
+        assert_eq!(reserve(20_000), 256);
+        assert_eq!(reserve(1 << 20), 256);
+    }
+
+    /// Admission counts places and gives them back on drop (the cap is process-wide state
+    /// that `prepare` sets to the test process's limit less the reserve).
+    #[test]
+    fn admitted_places_are_given_back() {
+        let before = OPEN.load(Ordering::Relaxed);
+        let a = admit().expect("a place");
+        let b = admit().expect("another");
+        assert!(OPEN.load(Ordering::Relaxed) >= before + 2);
+        drop((a, b));
+        assert!(OPEN.load(Ordering::Relaxed) <= before + 2);
     }
 }

@@ -119,6 +119,13 @@ impl Server {
         )
     }
 
+    /// Starts the binary with an open-files limit of `soft` (and `hard`), as `prlimit` sets it:
+    /// the way systemd starts services (soft 1,024).
+    pub fn start_with_open_files(soft: u64, hard: u64, args: &[&str]) -> Server {
+        let nofile = format!("--nofile={soft}:{hard}");
+        Self::launch_wrapped(&["prlimit", &nofile], "127.0.0.1:0", &temp_dir("nofile"), args, &[])
+    }
+
     /// Like [`Server::launch`], run under `wrapper` (a command prefix; empty for none).
     fn launch_wrapped(
         wrapper: &[&str],
