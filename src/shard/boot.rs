@@ -454,18 +454,20 @@ fn refuse(fd: OwnedFd, http: bool) {
     if !http {
         return;
     }
-    const RESPONSE: &str = concat!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n",
-        "Connection: close\r\nContent-Length: 75\r\n\r\n",
-        "{\"error\":\"the server is at its connection limit (open files); retry later\"}"
-    );
+    static RESPONSE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let body = r#"{"error":"the server is at its connection limit (open files); retry later"}"#;
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n\
+             Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    });
     // The request is usually there (`TCP_DEFER_ACCEPT`): read it first, since closing with
     // unread input sends a reset that can destroy the response. Best effort, never blocking: a
     // fresh socket's buffer takes the response whole.
-    let mut buf = [0u8; 4096];
-    // SAFETY: recv into and send from live buffers, on the socket just accepted.
+    let _ = crate::transport::poller::recv(fd.as_raw_fd(), &mut [0u8; 4096]);
+    // SAFETY: send from a live buffer on the socket just accepted.
     unsafe {
-        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT);
         libc::send(fd.as_raw_fd(), RESPONSE.as_ptr().cast(), RESPONSE.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
     }
 }
