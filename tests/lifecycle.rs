@@ -157,7 +157,7 @@ fn a_low_soft_open_files_limit_is_raised_to_the_hard_limit() {
 /// in the listen queue, the refusals are counted in `/metrics`, and once connections close
 /// the server takes new ones again.
 #[test]
-fn out_of_descriptors_new_connections_get_a_503() {
+fn past_the_connection_cap_new_connections_get_a_503() {
     use std::io::{Read, Write};
     let srv = Server::start_with_open_files(80, 80, &[]);
     let (mut held, mut refused, mut hung) = (Vec::new(), 0, 0);

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 pub struct ShardStats {
     pub connections: AtomicI64,
     pub accepted: AtomicU64,
-    /// Connections refused with a 503 because the process was out of descriptors.
+    /// Connections refused with a 503 at the connection cap (the open-files limit less a
+    /// reserve, `transport::fds`).
     pub refused_no_fds: AtomicU64,
     pub websockets: AtomicI64,
     pub sse_streams: AtomicI64,
@@ -80,7 +81,7 @@ pub fn render(
         (
             "corecast_connections_refused_no_fds_total",
             "counter",
-            "Connections answered 503 and closed because the open-files limit was reached",
+            "Connections answered 503 and closed at the connection cap (the open-files limit less a reserve)",
             |s| s.refused_no_fds.load(Ordering::Relaxed) as f64,
         ),
         ("corecast_websockets", "gauge", "Open WebSocket sessions", |s| s.websockets.load(Ordering::Relaxed) as f64),
