@@ -314,3 +314,42 @@ fn a_closing_response_bigger_than_the_socket_buffers_arrives_whole() {
     let v: serde_json::Value = serde_json::from_slice(&resp[end..]).unwrap();
     assert_eq!(v["messages"].as_array().map(Vec::len), Some(1000));
 }
+
+/// A client that leaves Nagle's algorithm on and writes a request's head and body separately
+/// holds the body until the head is acknowledged. The server must acknowledge a partial
+/// request at once: with its delayed ACK (which Linux uses once a connection has had a quick
+/// reply, and corecast from the start) every such request would wait for the delayed-ACK
+/// timer, never less than 40 ms (`TCP_ATO_MIN`). So this counts requests that took that long:
+/// with the stall every one does, whatever the machine's load; without it almost none.
+#[test]
+fn a_request_written_in_pieces_is_not_held_for_a_delayed_ack() {
+    use std::io::{Read, Write};
+    let srv = Server::start(&[]);
+    let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+    assert!(!s.nodelay().unwrap(), "the client keeps Nagle's algorithm on");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let body = br#"{"messages":[{"topic":"pieces","event":"e","payload":{}}]}"#;
+    let head = format!(
+        "POST /realtime/v1/api/broadcast HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let rounds = 20;
+    let mut slow = 0;
+    for _ in 0..rounds {
+        let t = std::time::Instant::now();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut resp = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !resp.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).unwrap();
+            assert!(n > 0, "closed");
+            resp.extend_from_slice(&chunk[..n]);
+        }
+        assert!(resp.starts_with(b"HTTP/1.1 202"), "{}", String::from_utf8_lossy(&resp));
+        if t.elapsed() >= Duration::from_millis(40) {
+            slow += 1;
+        }
+    }
+    assert!(slow < rounds / 2, "{slow} of {rounds} requests waited for a delayed ACK");
+}

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::util::{Client, Msg, Server};
+use std::io::Write;
+
+use crate::util::{masked_frame, Client, Msg, Raw, Server};
 
 fn ok_join(reply: &Value) {
     assert_eq!(reply[3], "phx_reply", "{reply}");
@@ -213,4 +215,37 @@ fn many_subscribers_on_both_shards_each_get_every_message_in_order() {
             assert_eq!(m[4]["meta"]["offset"], i + 1);
         }
     }
+}
+
+/// The WebSocket side of `rest::a_request_written_in_pieces_is_not_held_for_a_delayed_ack`:
+/// a client with Nagle's algorithm on that writes a frame's header and payload separately
+/// sends the payload only once the header is acknowledged, which a delayed ACK would hold
+/// for at least 40 ms per message (this counts the messages that took that long).
+#[test]
+fn a_frame_written_in_pieces_is_not_held_for_a_delayed_ack() {
+    let srv = Server::start(&[]);
+    let mut raw = Raw::upgrade(srv.addr, "apikey=x&vsn=1.0.0");
+    assert!(!raw.s.nodelay().unwrap(), "the client keeps Nagle's algorithm on");
+    let join = r#"{"topic":"realtime:pieces","event":"phx_join","payload":{"config":{"broadcast":{"self":false,"ack":true}}},"ref":"1"}"#;
+    raw.frame(true, 1, join.as_bytes());
+    let (_, reply) = raw.read_frame().expect("join reply");
+    assert!(String::from_utf8_lossy(&reply).contains(r#""status":"ok""#), "{}", String::from_utf8_lossy(&reply));
+    let rounds = 20;
+    let mut slow = 0;
+    for i in 0..rounds {
+        let msg = format!(
+            r#"{{"topic":"realtime:pieces","event":"broadcast","payload":{{"type":"broadcast","event":"e","payload":{{"i":{i}}}}},"ref":"{}"}}"#,
+            i + 2
+        );
+        let f = masked_frame(true, 1, msg.as_bytes());
+        let t = std::time::Instant::now();
+        raw.s.write_all(&f[..6]).unwrap();
+        raw.s.write_all(&f[6..]).unwrap();
+        let (_, ack) = raw.read_frame().expect("broadcast ack");
+        assert!(String::from_utf8_lossy(&ack).contains("phx_reply"), "{}", String::from_utf8_lossy(&ack));
+        if t.elapsed() >= Duration::from_millis(40) {
+            slow += 1;
+        }
+    }
+    assert!(slow < rounds / 2, "{slow} of {rounds} messages waited for a delayed ACK");
 }

@@ -26,7 +26,7 @@ use crate::protocol::ws::frame::{frame, OpCode};
 use crate::protocol::ws::{CloseCode, WsConn, WsEvent};
 use crate::shard::rest::{self, Outcome};
 use crate::shard::{token, Closing, Kind, Shard, Slot, WsState};
-use crate::transport::{poller, tls, Flush};
+use crate::transport::{listener, poller, tls, Flush};
 
 use super::stats::ShardStats;
 
@@ -187,7 +187,17 @@ async fn drive(shard: &Rc<Shard>, id: ConnId) -> Option<Closing> {
         }
         loop {
             match http_step(shard, id, &mut pending) {
-                Step::NeedMore => break,
+                Step::NeedMore => {
+                    if !pending.is_empty() {
+                        // The client is still sending this request: acknowledge what came,
+                        // so its next small write is not held back waiting for our ACK.
+                        let fd = shard.with_slot(id, |s| s.fd);
+                        if let Some(fd) = fd {
+                            listener::ack_now(fd);
+                        }
+                    }
+                    break;
+                }
                 Step::Continue => continue,
                 Step::Close => return Some(Closing::Graceful),
                 Step::Upgraded => break 'http std::mem::take(&mut pending),
@@ -341,6 +351,7 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8]) -> bool {
     };
     let mut messages = 0u64;
     let mut peer_closed = None;
+    let mut partial_fd = None;
     let result = {
         let mut conns = shard.conns.borrow_mut();
         let Some(slot) = conns.get_mut(id.index as usize).filter(|s| s.generation == id.generation) else {
@@ -351,7 +362,7 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8]) -> bool {
             return false;
         };
         let WsState { ws, session } = &mut **state;
-        ws.handle_input(data, limits, |ev| match ev {
+        let result = ws.handle_input(data, limits, |ev| match ev {
             WsEvent::Text(t) => {
                 messages += 1;
                 session.handle_text(now, t, &shard.ctx, actions);
@@ -363,8 +374,18 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8]) -> bool {
             WsEvent::Ping(p) => actions.push(Action::Send(frame(OpCode::Pong, p))),
             WsEvent::Pong => {}
             WsEvent::Close { code, .. } => peer_closed = Some(code),
-        })
+        });
+        if ws.mid_message() {
+            partial_fd = Some(slot.fd);
+        }
+        result
     };
+    if let Some(fd) = partial_fd {
+        // Part of a frame is still on its way: acknowledge what came, so a client whose small
+        // writes wait for our ACK (Nagle's algorithm) sends the rest now, not after the
+        // kernel's delayed-ACK timer (`transport::listener`).
+        listener::ack_now(fd);
+    }
     ShardStats::add(&shard.my_stats().messages_in, messages);
     shard.run_actions(id, actions);
     if let Err(e) = result {
