@@ -353,3 +353,49 @@ fn a_request_written_in_pieces_is_not_held_for_a_delayed_ack() {
     }
     assert!(slow < rounds / 2, "{slow} of {rounds} requests waited for a delayed ACK");
 }
+
+/// `Expect: 100-continue` (curl sends it for bodies over 1 MiB, then waits a second for the
+/// answer before sending the body anyway): the server answers `100 Continue` once the head is
+/// acceptable, and refuses an oversize body at once with its final status instead.
+#[test]
+fn expect_100_continue_is_answered_before_the_body() {
+    use std::io::{Read, Write};
+    let srv = Server::start(&[]);
+    let mut sub = Client::connect(&srv.ws_url("2.0.0"));
+    sub.join_v2("expect", "1", json!({}));
+    let read_until = |s: &mut std::net::TcpStream, end: &[u8]| {
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(end) {
+            assert_eq!(s.read(&mut byte).expect("an answer before the read timeout"), 1, "closed");
+            got.push(byte[0]);
+        }
+        String::from_utf8(got).unwrap()
+    };
+    let body = br#"{"messages":[{"topic":"expect","event":"e","payload":{"waited":false}}]}"#;
+    for framing in ["Content-Length", "chunked"] {
+        let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let (header, payload) = if framing == "chunked" {
+            let mut c = format!("{:x}\r\n", body.len()).into_bytes();
+            c.extend_from_slice(body);
+            c.extend_from_slice(b"\r\n0\r\n\r\n");
+            ("Transfer-Encoding: chunked".to_string(), c)
+        } else {
+            (format!("Content-Length: {}", body.len()), body.to_vec())
+        };
+        write!(s, "POST /realtime/v1/api/broadcast HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{header}\r\nExpect: 100-continue\r\n\r\n").unwrap();
+        // The body goes only after the interim answer, as a waiting client sends it.
+        assert_eq!(read_until(&mut s, b"\r\n\r\n"), "HTTP/1.1 100 Continue\r\n\r\n", "{framing}");
+        s.write_all(&payload).unwrap();
+        let head = read_until(&mut s, b"\r\n\r\n");
+        assert!(head.starts_with("HTTP/1.1 202"), "{framing}: {head}");
+        assert_eq!(sub.recv_json()[4]["payload"]["waited"], false, "{framing}");
+    }
+    // Too large: the final status at once, no 100, and the body is never needed.
+    let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "POST /realtime/v1/api/broadcast HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\nExpect: 100-continue\r\n\r\n").unwrap();
+    let head = read_until(&mut s, b"\r\n\r\n");
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+}

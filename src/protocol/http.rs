@@ -62,6 +62,13 @@ impl<'a> Request<'a> {
         }
     }
 
+    /// Whether the client waits for `100 Continue` before sending the body (`Expect:
+    /// 100-continue`; ignored in HTTP/1.0, as RFC 9110 §10.1.1 requires). curl sends it for
+    /// bodies over 1 MiB and waits a second for the answer.
+    pub fn expects_continue(&self) -> bool {
+        self.version == 1 && self.header("expect").is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+    }
+
     /// Whether the client asked to keep the connection open after this request.
     pub fn keep_alive(&self) -> bool {
         match self.header("connection") {
@@ -71,6 +78,9 @@ impl<'a> Request<'a> {
         }
     }
 }
+
+/// The interim response to [`Request::expects_continue`].
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// How a request body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,6 +302,16 @@ pub fn head(out: &mut Vec<u8>, status: u16, keep_alive: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expect_100_continue_only_in_http_1_1() {
+        let expects = |raw: &[u8]| parse_request(raw, 8192).unwrap().unwrap().0.expects_continue();
+        assert!(expects(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"));
+        assert!(expects(b"POST / HTTP/1.1\r\nexpect:  100-Continue \r\n\r\n"));
+        assert!(!expects(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n"));
+        assert!(!expects(b"POST / HTTP/1.1\r\nExpect: something-else\r\n\r\n"));
+        assert!(!expects(b"POST / HTTP/1.1\r\nHost: x\r\n\r\n"));
+    }
 
     #[test]
     fn parses_head_and_query() {

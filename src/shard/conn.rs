@@ -295,13 +295,17 @@ fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
                 }
                 Ok(http::Body::Length(n)) => {
                     if pending.len() < head_len + n {
+                        answer_expect(shard, id, &req, pending.len() == head_len);
                         return Step::NeedMore;
                     }
                     ShardStats::add(&shard.my_stats().http_requests, 1);
                     (rest::handle(shard, id, &req, &pending[head_len..head_len + n]), head_len + n)
                 }
                 Ok(http::Body::Chunked) => match http::decode_chunked(&pending[head_len..], max) {
-                    Ok(None) => return Step::NeedMore,
+                    Ok(None) => {
+                        answer_expect(shard, id, &req, pending.len() == head_len);
+                        return Step::NeedMore;
+                    }
                     Ok(Some((body, used))) => {
                         ShardStats::add(&shard.my_stats().http_requests, 1);
                         (rest::handle(shard, id, &req, &body), head_len + used)
@@ -335,6 +339,16 @@ fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
             ShardStats::gauge(&shard.my_stats().websockets, 1);
             Step::Upgraded
         }
+    }
+}
+
+/// Sends `100 Continue` to a client that waits for it before sending its body, once the head
+/// has passed the checks that could refuse it (its size, its framing) and while no body byte
+/// has come (`no_body_yet`): after that the client is sending anyway, and a request is
+/// parsed again only when more of it arrives, so it is answered once.
+fn answer_expect(shard: &Shard, id: ConnId, req: &http::Request<'_>, no_body_yet: bool) {
+    if no_body_yet && req.expects_continue() {
+        shard.send(id, http::CONTINUE.into());
     }
 }
 
