@@ -23,10 +23,11 @@
 //!   not by a bare ACK of its own first. Linux starts every connection acknowledging at once
 //!   and switches to delayed, piggybacked ACKs after the first quick reply anyway; this only
 //!   moves that switch to the start, and saves one packet (and its processing on both ends)
-//!   per connection. A client that sends its request in pieces could then wait for the
-//!   delayed ACK (Nagle's algorithm holds its next small write until the first is
-//!   acknowledged), so the connection task acknowledges at once ([`ack_now`]) whenever a
-//!   read leaves a request incomplete.
+//!   per connection. A client that sends a request or a WebSocket frame in pieces would wait
+//!   for a delayed ACK between them (Nagle's algorithm holds its next small write until the
+//!   first is acknowledged), on the first request now as on every later one before, so the
+//!   connection task acknowledges at once ([`ack_now`]) whenever a read leaves a request or
+//!   a frame incomplete.
 
 use std::io;
 use std::net::SocketAddr;
