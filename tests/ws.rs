@@ -249,3 +249,41 @@ fn a_frame_written_in_pieces_is_not_held_for_a_delayed_ack() {
     }
     assert!(slow < rounds / 2, "{slow} of {rounds} messages waited for a delayed ACK");
 }
+
+/// A publisher with Nagle's algorithm on that sends messages back to back (each its own
+/// write; broadcasts without `ack`, so nothing comes back to it) holds each message until the
+/// previous one is acknowledged. The publisher here is tungstenite's client with Nagle turned
+/// back on, as tokio-tungstenite's `connect_async` and plain Java or Erlang sockets leave it.
+/// The server acknowledges input nothing answers at once: left to the kernel's delayed ACK,
+/// every message would reach the subscriber at least 40 ms late. This counts the messages that
+/// took that long from the publisher's write to the subscriber.
+#[test]
+fn back_to_back_messages_from_a_nagle_client_are_not_held_for_a_delayed_ack() {
+    let srv = Server::start(&[]);
+    let join = json!({"topic":"realtime:nagle","event":"phx_join","payload":{"config":{"broadcast":{"self":false,"ack":false}}},"ref":"1"});
+    let mut sub = Client::connect(&srv.ws_url("1.0.0"));
+    let mut publisher = Client::connect(&srv.ws_url("1.0.0"));
+    let tungstenite::stream::MaybeTlsStream::Plain(s) = publisher.ws.get_ref() else { unreachable!("plain ws://") };
+    s.set_nodelay(false).unwrap();
+    for c in [&mut sub, &mut publisher] {
+        c.send_json(&join);
+        let reply = c.recv_json();
+        assert_eq!(reply["payload"]["status"], "ok", "{reply}");
+    }
+    let rounds = 20;
+    let start = std::time::Instant::now();
+    let mut sent_at = Vec::new();
+    for i in 0..rounds {
+        sent_at.push(start.elapsed());
+        publisher.send_json(&json!({"topic":"realtime:nagle","event":"broadcast","payload":{"type":"broadcast","event":"e","payload":{"i":i}},"ref":format!("{}", i + 2)}));
+    }
+    let mut slow = 0;
+    for i in 0..rounds {
+        let m = sub.recv_json();
+        assert_eq!(m["payload"]["payload"]["i"], i, "{m}");
+        if start.elapsed() - sent_at[i as usize] >= Duration::from_millis(40) {
+            slow += 1;
+        }
+    }
+    assert!(slow < rounds / 2, "{slow} of {rounds} messages waited for a delayed ACK");
+}

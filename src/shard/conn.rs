@@ -365,7 +365,6 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8]) -> bool {
     };
     let mut messages = 0u64;
     let mut peer_closed = None;
-    let mut partial_fd = None;
     let result = {
         let mut conns = shard.conns.borrow_mut();
         let Some(slot) = conns.get_mut(id.index as usize).filter(|s| s.generation == id.generation) else {
@@ -376,7 +375,7 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8]) -> bool {
             return false;
         };
         let WsState { ws, session } = &mut **state;
-        let result = ws.handle_input(data, limits, |ev| match ev {
+        ws.handle_input(data, limits, |ev| match ev {
             WsEvent::Text(t) => {
                 messages += 1;
                 session.handle_text(now, t, &shard.ctx, actions);
@@ -388,20 +387,18 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8]) -> bool {
             WsEvent::Ping(p) => actions.push(Action::Send(frame(OpCode::Pong, p))),
             WsEvent::Pong => {}
             WsEvent::Close { code, .. } => peer_closed = Some(code),
-        });
-        if ws.mid_message() {
-            partial_fd = Some(slot.fd);
-        }
-        result
+        })
     };
-    if let Some(fd) = partial_fd {
-        // Part of a frame is still on its way: acknowledge what came, so a client whose small
-        // writes wait for our ACK (Nagle's algorithm) sends the rest now, not after the
-        // kernel's delayed-ACK timer (`transport::listener`).
-        listener::ack_now(fd);
-    }
     ShardStats::add(&shard.my_stats().messages_in, messages);
     shard.run_actions(id, actions);
+    // Nothing goes back for this input (a broadcast without `ack`, part of a frame): then the
+    // kernel would acknowledge it only with its delayed-ACK timer, and a client whose next
+    // small write waits for that ACK (Nagle's algorithm, on by default in many WebSocket
+    // libraries) would send it 40 ms late, message after message. Acknowledge now instead; the
+    // ACK would be a packet of its own anyway. A reply on its way carries the ACK itself.
+    if let Some(Some(fd)) = shard.with_slot(id, |s| (s.outbox.is_empty() && s.closing.is_none()).then_some(s.fd)) {
+        listener::ack_now(fd);
+    }
     if let Err(e) = result {
         ShardStats::add(&shard.my_stats().protocol_errors, 1);
         shard.close(id, e.close_code(), &e.to_string());

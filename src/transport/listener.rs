@@ -23,11 +23,12 @@
 //!   not by a bare ACK of its own first. Linux starts every connection acknowledging at once
 //!   and switches to delayed, piggybacked ACKs after the first quick reply anyway; this only
 //!   moves that switch to the start, and saves one packet (and its processing on both ends)
-//!   per connection. A client that sends a request or a WebSocket frame in pieces would wait
-//!   for a delayed ACK between them (Nagle's algorithm holds its next small write until the
-//!   first is acknowledged), on the first request now as on every later one before, so the
-//!   connection task acknowledges at once ([`ack_now`]) whenever a read leaves a request or
-//!   a frame incomplete.
+//!   per connection. Delayed ACKs cost a client with Nagle's algorithm on (which holds its
+//!   next small write until the previous one is acknowledged) 40 ms per write whenever the
+//!   server has nothing to send back: the rest of a request or a frame written in pieces, the
+//!   next message of a publisher whose broadcasts nobody answers. So the connection task
+//!   acknowledges at once ([`ack_now`]) whenever a read leaves a request incomplete, or WebSocket
+//!   input leaves nothing queued to go back (that ACK would be a packet of its own anyway).
 
 use std::io;
 use std::net::SocketAddr;
@@ -76,7 +77,7 @@ fn set_defer_accept(s: &Socket, secs: libc::c_int) -> io::Result<()> {
 }
 
 /// Acknowledges what connection `fd` has received at once and leaves delayed-ACK mode until
-/// the kernel's next quick reply: for a request that arrives in pieces (see the module doc).
+/// the kernel's next quick reply: for input nothing answers soon (see the module doc).
 /// Best effort: a failure only costs the client a delayed ACK.
 pub fn ack_now(fd: RawFd) {
     let _ = set_tcp_int(fd, libc::TCP_QUICKACK, 1);
