@@ -189,12 +189,8 @@ async fn drive(shard: &Rc<Shard>, id: ConnId) -> Option<Closing> {
             match http_step(shard, id, &mut pending) {
                 Step::NeedMore => {
                     if !pending.is_empty() {
-                        // The client is still sending this request: acknowledge what came,
-                        // so its next small write is not held back waiting for our ACK.
-                        let fd = shard.with_slot(id, |s| s.fd);
-                        if let Some(fd) = fd {
-                            listener::ack_now(fd);
-                        }
+                        // The client is still sending this request.
+                        ack_unanswered(shard, id);
                     }
                     break;
                 }
@@ -342,6 +338,17 @@ fn http_step(shard: &Shard, id: ConnId, pending: &mut Vec<u8>) -> Step {
     }
 }
 
+/// Acknowledges the connection's input at once when nothing is queued to go back to it. The
+/// kernel would otherwise acknowledge it only with its delayed-ACK timer, and a client whose
+/// next small write waits for that ACK (Nagle's algorithm: tokio-tungstenite's
+/// `connect_async`, plain Java and Erlang sockets) would send it 40 ms late, write after
+/// write. That ACK would be a packet of its own anyway; a queued reply carries it instead.
+fn ack_unanswered(shard: &Shard, id: ConnId) {
+    if let Some(Some(fd)) = shard.with_slot(id, |s| (s.outbox.is_empty() && s.closing.is_none()).then_some(s.fd)) {
+        listener::ack_now(fd);
+    }
+}
+
 /// Sends `100 Continue` to a client that waits for it before sending its body, once the head
 /// has passed the checks that could refuse it (its size, its framing) and while no body byte
 /// has come (`no_body_yet`): after that the client is sending anyway, and a request is
@@ -391,14 +398,8 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8]) -> bool {
     };
     ShardStats::add(&shard.my_stats().messages_in, messages);
     shard.run_actions(id, actions);
-    // Nothing goes back for this input (a broadcast without `ack`, part of a frame): then the
-    // kernel would acknowledge it only with its delayed-ACK timer, and a client whose next
-    // small write waits for that ACK (Nagle's algorithm, on by default in many WebSocket
-    // libraries) would send it 40 ms late, message after message. Acknowledge now instead; the
-    // ACK would be a packet of its own anyway. A reply on its way carries the ACK itself.
-    if let Some(Some(fd)) = shard.with_slot(id, |s| (s.outbox.is_empty() && s.closing.is_none()).then_some(s.fd)) {
-        listener::ack_now(fd);
-    }
+    // A broadcast without `ack`, part of a frame: input nothing may answer.
+    ack_unanswered(shard, id);
     if let Err(e) = result {
         ShardStats::add(&shard.my_stats().protocol_errors, 1);
         shard.close(id, e.close_code(), &e.to_string());
