@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::util::{http, jwt, unix_now, Client, Msg, Server};
+use crate::util::{http, jwt, read_until, rounds_held_for_a_delayed_ack, unix_now, Client, Msg, Server};
 
 #[test]
 fn batch_and_single_publish_reach_subscribers() {
@@ -323,7 +323,7 @@ fn a_closing_response_bigger_than_the_socket_buffers_arrives_whole() {
 /// with the stall every one does, whatever the machine's load; without it almost none.
 #[test]
 fn a_request_written_in_pieces_is_not_held_for_a_delayed_ack() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let srv = Server::start(&[]);
     let mut s = std::net::TcpStream::connect(srv.addr).unwrap();
     assert!(!s.nodelay().unwrap(), "the client keeps Nagle's algorithm on");
@@ -334,23 +334,12 @@ fn a_request_written_in_pieces_is_not_held_for_a_delayed_ack() {
         body.len()
     );
     let rounds = 20;
-    let mut slow = 0;
-    for _ in 0..rounds {
-        let t = std::time::Instant::now();
+    let slow = rounds_held_for_a_delayed_ack(rounds, |_| {
         s.write_all(head.as_bytes()).unwrap();
         s.write_all(body).unwrap();
-        let mut resp = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !resp.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut chunk).unwrap();
-            assert!(n > 0, "closed");
-            resp.extend_from_slice(&chunk[..n]);
-        }
-        assert!(resp.starts_with(b"HTTP/1.1 202"), "{}", String::from_utf8_lossy(&resp));
-        if t.elapsed() >= Duration::from_millis(40) {
-            slow += 1;
-        }
-    }
+        let resp = read_until(&mut s, b"\r\n\r\n");
+        assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
+    });
     assert!(slow < rounds / 2, "{slow} of {rounds} requests waited for a delayed ACK");
 }
 
@@ -359,19 +348,10 @@ fn a_request_written_in_pieces_is_not_held_for_a_delayed_ack() {
 /// acceptable, and refuses an oversize body at once with its final status instead.
 #[test]
 fn expect_100_continue_is_answered_before_the_body() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let srv = Server::start(&[]);
     let mut sub = Client::connect(&srv.ws_url("2.0.0"));
     sub.join_v2("expect", "1", json!({}));
-    let read_until = |s: &mut std::net::TcpStream, end: &[u8]| {
-        let mut got = Vec::new();
-        let mut byte = [0u8; 1];
-        while !got.ends_with(end) {
-            assert_eq!(s.read(&mut byte).expect("an answer before the read timeout"), 1, "closed");
-            got.push(byte[0]);
-        }
-        String::from_utf8(got).unwrap()
-    };
     let body = br#"{"messages":[{"topic":"expect","event":"e","payload":{"waited":false}}]}"#;
     for framing in ["Content-Length", "chunked"] {
         let mut s = std::net::TcpStream::connect(srv.addr).unwrap();

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use std::io::Write;
 
-use crate::util::{masked_frame, Client, Msg, Raw, Server};
+use crate::util::{masked_frame, rounds_held_for_a_delayed_ack, Client, Msg, Raw, Server, DELAYED_ACK};
 
 fn ok_join(reply: &Value) {
     assert_eq!(reply[3], "phx_reply", "{reply}");
@@ -231,22 +231,21 @@ fn a_frame_written_in_pieces_is_not_held_for_a_delayed_ack() {
     let (_, reply) = raw.read_frame().expect("join reply");
     assert!(String::from_utf8_lossy(&reply).contains(r#""status":"ok""#), "{}", String::from_utf8_lossy(&reply));
     let rounds = 20;
-    let mut slow = 0;
-    for i in 0..rounds {
-        let msg = format!(
-            r#"{{"topic":"realtime:pieces","event":"broadcast","payload":{{"type":"broadcast","event":"e","payload":{{"i":{i}}}}},"ref":"{}"}}"#,
-            i + 2
-        );
-        let f = masked_frame(true, 1, msg.as_bytes());
-        let t = std::time::Instant::now();
-        raw.s.write_all(&f[..6]).unwrap();
-        raw.s.write_all(&f[6..]).unwrap();
+    let frames: Vec<Vec<u8>> = (0..rounds)
+        .map(|i| {
+            let msg = format!(
+                r#"{{"topic":"realtime:pieces","event":"broadcast","payload":{{"type":"broadcast","event":"e","payload":{{"i":{i}}}}},"ref":"{}"}}"#,
+                i + 2
+            );
+            masked_frame(true, 1, msg.as_bytes())
+        })
+        .collect();
+    let slow = rounds_held_for_a_delayed_ack(rounds, |i| {
+        raw.s.write_all(&frames[i][..6]).unwrap();
+        raw.s.write_all(&frames[i][6..]).unwrap();
         let (_, ack) = raw.read_frame().expect("broadcast ack");
         assert!(String::from_utf8_lossy(&ack).contains("phx_reply"), "{}", String::from_utf8_lossy(&ack));
-        if t.elapsed() >= Duration::from_millis(40) {
-            slow += 1;
-        }
-    }
+    });
     assert!(slow < rounds / 2, "{slow} of {rounds} messages waited for a delayed ACK");
 }
 
@@ -281,7 +280,7 @@ fn back_to_back_messages_from_a_nagle_client_are_not_held_for_a_delayed_ack() {
     for i in 0..rounds {
         let m = sub.recv_json();
         assert_eq!(m["payload"]["payload"]["i"], i, "{m}");
-        if start.elapsed() - sent_at[i as usize] >= Duration::from_millis(40) {
+        if start.elapsed() - sent_at[i as usize] >= DELAYED_ACK {
             slow += 1;
         }
     }

@@ -409,6 +409,34 @@ impl Raw {
     }
 }
 
+/// Reads from `s` up to and including `end` (one byte at a time, so nothing after it is
+/// taken), e.g. an HTTP response head; panics on a close or the read timeout.
+pub fn read_until(s: &mut impl Read, end: &[u8]) -> String {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(end) {
+        assert_eq!(s.read(&mut byte).expect("more before the read timeout"), 1, "closed");
+        got.push(byte[0]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// The delayed-ACK floor: a write held for the peer's delayed ACK waits at least this long
+/// (Linux's `TCP_ATO_MIN`).
+pub const DELAYED_ACK: Duration = Duration::from_millis(40);
+
+/// Runs `round` for 0..`rounds` and counts the rounds that took at least [`DELAYED_ACK`]: a
+/// stall on delayed ACKs makes every round that slow, whatever the machine's load.
+pub fn rounds_held_for_a_delayed_ack(rounds: usize, mut round: impl FnMut(usize)) -> usize {
+    (0..rounds)
+        .filter(|&i| {
+            let t = Instant::now();
+            round(i);
+            t.elapsed() >= DELAYED_ACK
+        })
+        .count()
+}
+
 /// A masked client frame.
 pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [0x12, 0x34, 0x56, 0x78];
