@@ -398,8 +398,6 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8]) -> bool {
     };
     ShardStats::add(&shard.my_stats().messages_in, messages);
     shard.run_actions(id, actions);
-    // A broadcast without `ack`, part of a frame: input nothing may answer.
-    ack_unanswered(shard, id);
     if let Err(e) = result {
         ShardStats::add(&shard.my_stats().protocol_errors, 1);
         shard.close(id, e.close_code(), &e.to_string());
@@ -411,6 +409,9 @@ fn ws_input(shard: &Shard, id: ConnId, data: &mut [u8]) -> bool {
         shard.close(id, reply, "");
         return false;
     }
+    // A broadcast without `ack`, part of a frame: input nothing may answer. (Not for a
+    // connection that is closing: nothing more is read from it.)
+    ack_unanswered(shard, id);
     shard.with_slot(id, |s| s.closing.is_none()).unwrap_or(false)
 }
 
